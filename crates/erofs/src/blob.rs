@@ -1,0 +1,351 @@
+//! Content-addressed data blobs and the chunk dictionary of a build.
+//!
+//! Each chunk of file data is stored once per build (keyed by the sha256 of
+//! its block-padded bytes), appended block-aligned to the current blob.
+//! Chunks already present in blobs of earlier images (`--reuse-blobs`) are
+//! referenced in place, never written again. All-zero chunks become holes.
+
+use crate::chunktable::ChunkEntry;
+use crate::error::BuildError;
+use crate::tree::{ChunkRef, Data, Tree};
+use sha2::{Digest, Sha256};
+use std::collections::{HashMap, HashSet};
+use std::fs::File;
+use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+pub const BLOCK_SIZE: u64 = 4096;
+
+enum Body {
+    /// A blob of an earlier image: only referenced.
+    Reused,
+    /// A blob this build writes; `None` until its first chunk arrives.
+    New {
+        file: Option<(tempfile::NamedTempFile, BufWriter<File>)>,
+    },
+}
+
+struct Draft {
+    body: Body,
+    /// Hex sha256 for reused blobs; computed at `finish` for new ones.
+    tag: Option<String>,
+    blocks: u32,
+    entries: Vec<ChunkEntry>,
+}
+
+/// A blob as the finished image references it.
+#[derive(Clone, Debug)]
+pub struct FinalBlob {
+    pub tag: String,
+    pub blocks: u32,
+    /// Whether this build wrote it (false: reused from an earlier image).
+    pub written: bool,
+    pub entries: Vec<ChunkEntry>,
+}
+
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct StoreStats {
+    /// File bytes seen (logical sizes of all chunks, holes included).
+    pub bytes_in: u64,
+    /// Bytes written to new blobs (block-padded).
+    pub bytes_written: u64,
+    pub chunks: u64,
+    pub chunks_deduped: u64,
+    pub chunks_reused: u64,
+    pub holes: u64,
+}
+
+pub struct ChunkStore {
+    chunk_size: u64,
+    blob_dir: PathBuf,
+    blobs: Vec<Draft>,
+    current: Option<u32>,
+    dict: HashMap<[u8; 32], (u32, u32)>,
+    scratch: Vec<u8>,
+    pub stats: StoreStats,
+}
+
+/// Maps build-local chunk references to (device id, block address).
+pub struct Placement {
+    map: HashMap<(u32, u32), (u16, u32)>,
+}
+
+impl Placement {
+    pub fn get(&self, r: ChunkRef) -> (u16, u32) {
+        self.map[&(r.blob, r.blkaddr)]
+    }
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> BuildError + '_ {
+    move |source| BuildError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+impl ChunkStore {
+    pub fn new(blob_dir: &Path, chunk_size: u64) -> Result<Self, BuildError> {
+        if !chunk_size.is_power_of_two() || !(BLOCK_SIZE..=1 << 30).contains(&chunk_size) {
+            return Err(BuildError::Invalid(format!(
+                "chunk size {chunk_size} must be a power of two from 4096 to 1 GiB"
+            )));
+        }
+        std::fs::create_dir_all(blob_dir).map_err(io_err(blob_dir))?;
+        Ok(ChunkStore {
+            chunk_size,
+            blob_dir: blob_dir.to_path_buf(),
+            blobs: Vec::new(),
+            current: None,
+            dict: HashMap::new(),
+            scratch: Vec::new(),
+            stats: StoreStats::default(),
+        })
+    }
+
+    pub fn chunk_size(&self) -> u64 {
+        self.chunk_size
+    }
+
+    /// Make the chunks of an existing blob available for reuse.
+    pub fn add_dictionary(&mut self, tag: &str, blocks: u32, entries: &[ChunkEntry]) {
+        if self.blobs.iter().any(|b| b.tag.as_deref() == Some(tag)) {
+            return;
+        }
+        let idx = self.blobs.len() as u32;
+        for e in entries {
+            self.dict
+                .entry(e.digest)
+                .or_insert((idx, e.blkaddr.get()));
+        }
+        self.blobs.push(Draft {
+            body: Body::Reused,
+            tag: Some(tag.to_string()),
+            blocks,
+            entries: entries.to_vec(),
+        });
+    }
+
+    /// Start a new blob for the chunks that follow (one blob per layer).
+    pub fn next_blob(&mut self) {
+        self.current = None;
+    }
+
+    /// Store one chunk (at most `chunk_size` bytes; only a file's last chunk
+    /// may be shorter). Returns `None` for an all-zero chunk: a hole.
+    pub fn add_chunk(&mut self, data: &[u8]) -> Result<Option<ChunkRef>, BuildError> {
+        debug_assert!(data.len() as u64 <= self.chunk_size && !data.is_empty());
+        self.stats.bytes_in += data.len() as u64;
+        self.stats.chunks += 1;
+        if data.iter().all(|&b| b == 0) {
+            self.stats.holes += 1;
+            return Ok(None);
+        }
+        let padded_len = (data.len() as u64).div_ceil(BLOCK_SIZE) * BLOCK_SIZE;
+        let padded: &[u8] = if padded_len as usize == data.len() {
+            data
+        } else {
+            self.scratch.clear();
+            self.scratch.extend_from_slice(data);
+            self.scratch.resize(padded_len as usize, 0);
+            &self.scratch
+        };
+        let digest: [u8; 32] = Sha256::digest(padded).into();
+        if let Some(&(blob, blkaddr)) = self.dict.get(&digest) {
+            if matches!(self.blobs[blob as usize].body, Body::Reused) {
+                self.stats.chunks_reused += 1;
+            } else {
+                self.stats.chunks_deduped += 1;
+            }
+            return Ok(Some(ChunkRef { blob, blkaddr }));
+        }
+        let blob = match self.current {
+            Some(b) => b,
+            None => {
+                self.blobs.push(Draft {
+                    body: Body::New { file: None },
+                    tag: None,
+                    blocks: 0,
+                    entries: Vec::new(),
+                });
+                let b = self.blobs.len() as u32 - 1;
+                self.current = Some(b);
+                b
+            }
+        };
+        let draft = &mut self.blobs[blob as usize];
+        let nblocks = (padded_len / BLOCK_SIZE) as u32;
+        let blkaddr = draft.blocks;
+        draft.blocks = blkaddr
+            .checked_add(nblocks)
+            .filter(|&b| b < u32::MAX)
+            .ok_or_else(|| BuildError::Limit("a data blob exceeds 2^32 blocks".into()))?;
+        let Body::New { file } = &mut draft.body else {
+            unreachable!("current blob is always new")
+        };
+        if file.is_none() {
+            let tmp = tempfile::Builder::new()
+                .prefix(".blob-")
+                .tempfile_in(&self.blob_dir)
+                .map_err(io_err(&self.blob_dir))?;
+            let w = BufWriter::with_capacity(1 << 20, tmp.reopen().map_err(io_err(tmp.path()))?);
+            *file = Some((tmp, w));
+        }
+        let (tmp, w) = file.as_mut().unwrap();
+        w.write_all(padded).map_err(io_err(tmp.path()))?;
+        self.stats.bytes_written += padded_len;
+        draft.entries.push(ChunkEntry {
+            blkaddr: blkaddr.into(),
+            nblocks: nblocks.into(),
+            digest,
+        });
+        self.dict.insert(digest, (blob, blkaddr));
+        Ok(Some(ChunkRef { blob, blkaddr }))
+    }
+
+    /// Close every blob: drop chunks nothing references (unless `keep_dead`,
+    /// which keeps per-layer blobs identical across images), name each new
+    /// blob by its sha256 in the blob directory, and assign device ids in
+    /// blob order to the blobs the tree references.
+    pub fn finish(
+        mut self,
+        tree: &Tree,
+        keep_dead: bool,
+    ) -> Result<(Vec<FinalBlob>, Placement), BuildError> {
+        // Only nodes reachable from the root count: the others were hidden
+        // or replaced by later layers.
+        let mut used: Vec<HashSet<u32>> = vec![HashSet::new(); self.blobs.len()];
+        for id in tree.reachable() {
+            if let Data::File { chunks, .. } = &tree.nodes[id].data {
+                for c in chunks.iter().flatten() {
+                    used[c.blob as usize].insert(c.blkaddr);
+                }
+            }
+        }
+        let mut out = Vec::new();
+        let mut map = HashMap::new();
+        for (idx, draft) in std::mem::take(&mut self.blobs).into_iter().enumerate() {
+            let used = &used[idx];
+            let written_file = matches!(draft.body, Body::New { file: Some(_) });
+            if used.is_empty() && !(keep_dead && written_file) {
+                if let Body::New { file: Some((tmp, _)) } = draft.body {
+                    drop(tmp); // nothing survived: the temp file goes away
+                }
+                continue;
+            }
+            let device_id = u16::try_from(out.len() + 1)
+                .ok()
+                .filter(|&d| d < u16::MAX)
+                .ok_or_else(|| BuildError::Limit("too many data blobs".into()))?;
+            let blob = match draft.body {
+                Body::Reused => {
+                    let entries: Vec<ChunkEntry> = draft
+                        .entries
+                        .into_iter()
+                        .filter(|e| used.contains(&e.blkaddr.get()))
+                        .collect();
+                    for e in &entries {
+                        let b = e.blkaddr.get();
+                        map.insert((idx as u32, b), (device_id, b));
+                    }
+                    FinalBlob {
+                        tag: draft.tag.unwrap(),
+                        blocks: draft.blocks,
+                        written: false,
+                        entries,
+                    }
+                }
+                Body::New { file } => {
+                    let (tmp, w) = file.expect("new blobs with chunks have a file");
+                    let f = w.into_inner().map_err(|e| BuildError::Io {
+                        path: tmp.path().to_path_buf(),
+                        source: e.into_error(),
+                    })?;
+                    let keep_all =
+                        keep_dead || draft.entries.iter().all(|e| used.contains(&e.blkaddr.get()));
+                    let (tmp, entries, blocks) = if keep_all {
+                        let pairs = draft.entries.into_iter().map(|e| (e.blkaddr.get(), e));
+                        (tmp, pairs.collect(), draft.blocks)
+                    } else {
+                        self.compact(f, tmp, draft.entries, used)?
+                    };
+                    for (old, e) in &entries {
+                        map.insert((idx as u32, *old), (device_id, e.blkaddr.get()));
+                    }
+                    let entries: Vec<ChunkEntry> = entries.into_iter().map(|(_, e)| e).collect();
+                    let tag = hash_file(tmp.as_file(), tmp.path())?;
+                    let final_path = self.blob_dir.join(&tag);
+                    if !final_path.exists() {
+                        tmp.persist(&final_path).map_err(|e| BuildError::Io {
+                            path: final_path.clone(),
+                            source: e.error,
+                        })?;
+                    }
+                    FinalBlob {
+                        tag,
+                        blocks,
+                        written: true,
+                        entries,
+                    }
+                }
+            };
+            out.push(blob);
+        }
+        Ok((out, Placement { map }))
+    }
+
+    /// Copy only the chunks in `used` to a new blob file, keeping their order.
+    /// Returns (old blkaddr, new entry) pairs.
+    #[allow(clippy::type_complexity)]
+    fn compact(
+        &self,
+        mut f: File,
+        old: tempfile::NamedTempFile,
+        entries: Vec<ChunkEntry>,
+        used: &HashSet<u32>,
+    ) -> Result<(tempfile::NamedTempFile, Vec<(u32, ChunkEntry)>, u32), BuildError> {
+        let tmp = tempfile::Builder::new()
+            .prefix(".blob-")
+            .tempfile_in(&self.blob_dir)
+            .map_err(io_err(&self.blob_dir))?;
+        let mut w = BufWriter::with_capacity(1 << 20, tmp.reopen().map_err(io_err(tmp.path()))?);
+        let mut out = Vec::new();
+        let mut next = 0u32;
+        let mut buf = Vec::new();
+        for e in entries {
+            let b = e.blkaddr.get();
+            if !used.contains(&b) {
+                continue;
+            }
+            buf.resize(e.nblocks.get() as usize * BLOCK_SIZE as usize, 0);
+            f.seek(SeekFrom::Start(u64::from(b) * BLOCK_SIZE))
+                .and_then(|_| f.read_exact(&mut buf))
+                .map_err(io_err(old.path()))?;
+            w.write_all(&buf).map_err(io_err(tmp.path()))?;
+            out.push((
+                b,
+                ChunkEntry {
+                    blkaddr: next.into(),
+                    ..e
+                },
+            ));
+            next += e.nblocks.get();
+        }
+        w.flush().map_err(io_err(tmp.path()))?;
+        Ok((tmp, out, next))
+    }
+}
+
+/// sha256 of a whole file, lowercase hex.
+fn hash_file(mut f: &File, path: &Path) -> Result<String, BuildError> {
+    f.seek(SeekFrom::Start(0)).map_err(io_err(path))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).map_err(io_err(path))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(hex::encode(h.finalize()))
+}

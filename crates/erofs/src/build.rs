@@ -1,0 +1,171 @@
+//! `build`: sources → tree + blobs → bootstrap, written atomically.
+
+use crate::blob::{ChunkStore, FinalBlob, StoreStats};
+use crate::error::BuildError;
+use crate::ingest::{apply_dir, apply_tar};
+use crate::reader::Image;
+use crate::tree::Tree;
+use crate::writer::{write_image, WriteOptions};
+use std::path::{Path, PathBuf};
+
+#[derive(Clone, Debug)]
+pub struct BuildOptions {
+    pub chunk_size: u64,
+    /// One blob per source layer, so images sharing base layers share blobs.
+    pub layer_blobs: bool,
+    /// Bootstraps (or directories of them) whose blobs' chunks are reused.
+    pub reuse: Vec<PathBuf>,
+    /// Recorded in the superblock's volume name (at most 16 bytes).
+    pub fsid: Option<String>,
+    /// `SOURCE_DATE_EPOCH`: the superblock time; otherwise derived from the tree.
+    pub source_date_epoch: Option<u64>,
+}
+
+impl Default for BuildOptions {
+    fn default() -> Self {
+        BuildOptions {
+            chunk_size: 1 << 20,
+            layer_blobs: false,
+            reuse: Vec::new(),
+            fsid: None,
+            source_date_epoch: None,
+        }
+    }
+}
+
+#[derive(Debug, serde::Serialize)]
+pub struct BuildReport {
+    pub bootstrap_bytes: u64,
+    pub inodes: u64,
+    pub blobs: Vec<BlobReport>,
+    pub stats: StoreStats,
+}
+
+#[derive(Debug, serde::Serialize)]
+pub struct BlobReport {
+    pub tag: String,
+    pub bytes: u64,
+    pub chunks: usize,
+    pub written: bool,
+}
+
+fn load_reuse(store: &mut ChunkStore, path: &Path) -> Result<(), BuildError> {
+    let reuse_err = |source| BuildError::Reuse {
+        path: path.into(),
+        source,
+    };
+    let io_err = |source| BuildError::Io {
+        path: path.into(),
+        source,
+    };
+    let mut add = |p: &Path, must: bool| -> Result<(), BuildError> {
+        let f = std::fs::File::open(p).map_err(io_err)?;
+        match Image::open(f) {
+            Ok(img) => match &img.chunk_table {
+                Some(t) => {
+                    for (dev, entries) in &t.blobs {
+                        let tag = img.device_tag(*dev).ok_or_else(|| {
+                            reuse_err(crate::Error::ChunkTable(format!("device {dev} has no tag")))
+                        })?;
+                        let blocks = img.devices[usize::from(*dev) - 1].blocks.get();
+                        store.add_dictionary(&tag, blocks, entries);
+                    }
+                    Ok(())
+                }
+                None if must => Err(reuse_err(crate::Error::ChunkTable(
+                    "image has no chunk table (not built by shoal)".into(),
+                ))),
+                None => Ok(()),
+            },
+            Err(e) if must => Err(reuse_err(e)),
+            Err(_) => Ok(()),
+        }
+    };
+    if path.is_dir() {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(path)
+            .map_err(io_err)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.is_file())
+            .collect();
+        files.sort();
+        for f in files {
+            add(&f, false)?;
+        }
+        Ok(())
+    } else {
+        add(path, true)
+    }
+}
+
+/// Build a bootstrap at `output` from `sources` (directories or tar
+/// layers, applied in order), writing new blobs into `blob_dir`.
+pub fn build(
+    sources: &[PathBuf],
+    blob_dir: &Path,
+    output: &Path,
+    opts: &BuildOptions,
+) -> Result<BuildReport, BuildError> {
+    if sources.is_empty() {
+        return Err(BuildError::Invalid("no sources".into()));
+    }
+    let mut store = ChunkStore::new(blob_dir, opts.chunk_size)?;
+    for r in &opts.reuse {
+        load_reuse(&mut store, r)?;
+    }
+    let mut tree = Tree::new();
+    for (layer, src) in sources.iter().enumerate() {
+        if opts.layer_blobs {
+            store.next_blob();
+        }
+        let md = std::fs::metadata(src).map_err(|source| BuildError::Io {
+            path: src.clone(),
+            source,
+        })?;
+        if md.is_dir() {
+            apply_dir(&mut tree, &mut store, layer, src)?;
+        } else {
+            apply_tar(&mut tree, &mut store, layer, src)?;
+        }
+    }
+    let stats = store.stats.clone();
+    let (blobs, placement) = store.finish(&tree, opts.layer_blobs)?;
+    let wopts = WriteOptions {
+        chunk_size: opts.chunk_size,
+        build_time: opts.source_date_epoch.map(|t| (t, 0)),
+        volume_name: opts.fsid.clone().unwrap_or_default().into_bytes(),
+    };
+    let img = write_image(&tree, &blobs, &placement, &wopts)?;
+    write_atomic(output, &img)?;
+    Ok(BuildReport {
+        bootstrap_bytes: img.len() as u64,
+        inodes: tree.reachable().len() as u64,
+        blobs: blobs.iter().map(blob_report).collect(),
+        stats,
+    })
+}
+
+fn blob_report(b: &FinalBlob) -> BlobReport {
+    BlobReport {
+        tag: b.tag.clone(),
+        bytes: u64::from(b.blocks) * 4096,
+        chunks: b.entries.len(),
+        written: b.written,
+    }
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), BuildError> {
+    use std::io::Write;
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let io_err = |source| BuildError::Io {
+        path: path.into(),
+        source,
+    };
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".bootstrap-")
+        .tempfile_in(dir)
+        .map_err(io_err)?;
+    tmp.write_all(bytes).map_err(io_err)?;
+    tmp.as_file().sync_all().map_err(io_err)?;
+    tmp.persist(path).map_err(|e| io_err(e.error))?;
+    Ok(())
+}

@@ -1,0 +1,167 @@
+//! The chunk digest table: shoal's integrity extension (see docs/format.md).
+//!
+//! For every data blob an image references, the table lists each stored
+//! chunk (block address, block count, sha256 of exactly those bytes), so a
+//! lazy reader can verify any chunk it fetches by range, on its own. The
+//! table is appended to the bootstrap after the EROFS blocks, where the
+//! kernel never looks, and found through a fixed-size trailer at the end of
+//! the file; the bootstrap's own digest pins it.
+
+use crate::error::{Error, Result};
+use zerocopy::little_endian::{U16, U32, U64};
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
+
+pub const TABLE_MAGIC: [u8; 8] = *b"SHOALCT1";
+pub const TRAILER_MAGIC: [u8; 8] = *b"SHOALEND";
+
+#[derive(Clone, Copy, Debug, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+pub struct TableHeader {
+    pub magic: [u8; 8],
+    pub nblobs: U32,
+    pub reserved: U32,
+}
+const _: () = assert!(core::mem::size_of::<TableHeader>() == 16);
+
+#[derive(Clone, Copy, Debug, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+pub struct BlobHeader {
+    /// Device slot this list belongs to (1-based, as in chunk indexes).
+    pub device_id: U16,
+    pub reserved: U16,
+    pub nentries: U32,
+}
+const _: () = assert!(core::mem::size_of::<BlobHeader>() == 8);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+pub struct ChunkEntry {
+    pub blkaddr: U32,
+    pub nblocks: U32,
+    pub digest: [u8; 32],
+}
+const _: () = assert!(core::mem::size_of::<ChunkEntry>() == 40);
+
+/// Last 64 bytes of a shoal bootstrap.
+#[derive(Clone, Copy, Debug, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+pub struct Trailer {
+    pub magic: [u8; 8],
+    pub table_offset: U64,
+    pub table_len: U64,
+    pub table_sha256: [u8; 32],
+    pub reserved: [u8; 8],
+}
+const _: () = assert!(core::mem::size_of::<Trailer>() == 64);
+pub const TRAILER_SIZE: u64 = 64;
+
+/// The parsed table: per device id, entries sorted by `blkaddr`, disjoint.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ChunkTable {
+    pub blobs: Vec<(u16, Vec<ChunkEntry>)>,
+}
+
+impl ChunkTable {
+    pub fn entries(&self, device_id: u16) -> Option<&[ChunkEntry]> {
+        self.blobs
+            .iter()
+            .find(|(d, _)| *d == device_id)
+            .map(|(_, e)| e.as_slice())
+    }
+
+    /// The entry covering `blkaddr` on `device_id`.
+    pub fn find(&self, device_id: u16, blkaddr: u32) -> Option<&ChunkEntry> {
+        let e = self.entries(device_id)?;
+        let i = e.partition_point(|c| c.blkaddr.get() <= blkaddr);
+        let c = e.get(i.checked_sub(1)?)?;
+        (u64::from(blkaddr) < u64::from(c.blkaddr.get()) + u64::from(c.nblocks.get())).then_some(c)
+    }
+
+    pub fn total_entries(&self) -> usize {
+        self.blobs.iter().map(|(_, e)| e.len()).sum()
+    }
+
+    /// Serialize: the table bytes followed by the trailer, for appending at
+    /// byte `offset` of the bootstrap.
+    pub fn encode(&self, offset: u64) -> Vec<u8> {
+        use sha2::Digest;
+        let mut out = Vec::new();
+        out.extend_from_slice(
+            TableHeader {
+                magic: TABLE_MAGIC,
+                nblobs: (self.blobs.len() as u32).into(),
+                reserved: 0.into(),
+            }
+            .as_bytes(),
+        );
+        for (dev, entries) in &self.blobs {
+            out.extend_from_slice(
+                BlobHeader {
+                    device_id: (*dev).into(),
+                    reserved: 0.into(),
+                    nentries: (entries.len() as u32).into(),
+                }
+                .as_bytes(),
+            );
+            out.extend_from_slice(entries.as_bytes());
+        }
+        let trailer = Trailer {
+            magic: TRAILER_MAGIC,
+            table_offset: offset.into(),
+            table_len: (out.len() as u64).into(),
+            table_sha256: sha2::Sha256::digest(&out).into(),
+            reserved: [0; 8],
+        };
+        out.extend_from_slice(trailer.as_bytes());
+        out
+    }
+
+    /// Parse and validate table bytes (without the trailer). `blob_blocks`
+    /// gives each device's size in blocks, to bound every entry.
+    pub fn decode(bytes: &[u8], blob_blocks: &[(u16, u32)]) -> Result<Self> {
+        let bad = |m: String| Error::ChunkTable(m);
+        let (hdr, mut rest) =
+            TableHeader::read_from_prefix(bytes).map_err(|_| bad("truncated header".into()))?;
+        if hdr.magic != TABLE_MAGIC {
+            return Err(bad("bad magic".into()));
+        }
+        let mut blobs: Vec<(u16, Vec<ChunkEntry>)> = Vec::new();
+        for i in 0..hdr.nblobs.get() {
+            let (bh, r) = BlobHeader::read_from_prefix(rest)
+                .map_err(|_| bad(format!("truncated blob header {i}")))?;
+            let n = bh.nentries.get() as usize;
+            let dev = bh.device_id.get();
+            let len = n
+                .checked_mul(40)
+                .filter(|&l| l <= r.len())
+                .ok_or_else(|| bad(format!("device {dev}: {n} entries overrun the table")))?;
+            let entries = <[ChunkEntry]>::ref_from_bytes(&r[..len])
+                .map_err(|_| bad(format!("device {dev}: misaligned entries")))?
+                .to_vec();
+            rest = &r[len..];
+            let blocks = blob_blocks
+                .iter()
+                .find(|(d, _)| *d == dev)
+                .map(|(_, b)| u64::from(*b))
+                .ok_or_else(|| bad(format!("device {dev} is not in the device table")))?;
+            if blobs.iter().any(|(d, _)| *d == dev) {
+                return Err(bad(format!("device {dev} listed twice")));
+            }
+            let mut end = 0u64;
+            for e in &entries {
+                let (start, nb) = (u64::from(e.blkaddr.get()), u64::from(e.nblocks.get()));
+                if nb == 0 || start < end || start + nb > blocks {
+                    return Err(bad(format!(
+                        "device {dev}: entry at block {start} (+{nb}) overlaps or exceeds {blocks} blocks"
+                    )));
+                }
+                end = start + nb;
+            }
+            blobs.push((dev, entries));
+        }
+        if !rest.is_empty() {
+            return Err(bad(format!("{} trailing bytes", rest.len())));
+        }
+        Ok(ChunkTable { blobs })
+    }
+}

@@ -1,0 +1,18 @@
+//! The EROFS on-disk format: structures, a reader over any positioned-read
+//! source, and a builder from directories and tar layers. Knows nothing of
+//! caches, remotes or mounts.
+#![forbid(unsafe_code)]
+
+pub mod blob;
+pub mod build;
+pub mod chunktable;
+pub mod error;
+pub mod ingest;
+pub mod ondisk;
+pub mod reader;
+pub mod tree;
+pub mod writer;
+
+pub use build::{build, BuildOptions, BuildReport};
+pub use error::{BuildError, Error, Result};
+pub use reader::{BlobFiles, BlobSource, DirEntry, Extent, Image, Inode, NoBlobs, ReadAt};

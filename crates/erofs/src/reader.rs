@@ -1,0 +1,670 @@
+//! Reader over any positioned-read source. Every offset and length read from
+//! the image is bounds-checked before use, so a hostile image yields an
+//! [`Error`] naming the nid and field, never a panic or a huge allocation.
+
+use crate::chunktable::{ChunkTable, Trailer, TRAILER_MAGIC, TRAILER_SIZE};
+use crate::error::{Error, Result};
+use crate::ondisk::*;
+use crate::tree::{S_IFBLK, S_IFCHR, S_IFDIR, S_IFIFO, S_IFLNK, S_IFMT, S_IFREG, S_IFSOCK};
+use sha2::{Digest, Sha256};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use zerocopy::FromBytes;
+
+/// A positioned-read source: a file, a byte slice, later a cache.
+pub trait ReadAt: Send + Sync {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()>;
+    fn size(&self) -> std::io::Result<u64>;
+}
+
+impl ReadAt for File {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        FileExt::read_exact_at(self, buf, offset)
+    }
+    fn size(&self) -> std::io::Result<u64> {
+        Ok(self.metadata()?.len())
+    }
+}
+
+impl ReadAt for Vec<u8> {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.as_slice().read_exact_at(buf, offset)
+    }
+    fn size(&self) -> std::io::Result<u64> {
+        Ok(self.len() as u64)
+    }
+}
+
+impl ReadAt for &[u8] {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        let start = usize::try_from(offset).unwrap_or(usize::MAX);
+        match start.checked_add(buf.len()).and_then(|end| self.get(start..end)) {
+            Some(src) => {
+                buf.copy_from_slice(src);
+                Ok(())
+            }
+            None => Err(std::io::ErrorKind::UnexpectedEof.into()),
+        }
+    }
+    fn size(&self) -> std::io::Result<u64> {
+        Ok(self.len() as u64)
+    }
+}
+
+/// Where the data blobs (device slots 1..) of an image are read from.
+pub trait BlobSource {
+    fn read_blob(&self, device_id: u16, buf: &mut [u8], offset: u64) -> std::io::Result<()>;
+}
+
+/// No blobs: reading chunk data from a device fails.
+pub struct NoBlobs;
+impl BlobSource for NoBlobs {
+    fn read_blob(&self, device_id: u16, _: &mut [u8], _: u64) -> std::io::Result<()> {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!("no blob source for device {device_id}"),
+        ))
+    }
+}
+
+/// Blobs as files, one per device slot in order.
+pub struct BlobFiles(pub Vec<File>);
+impl BlobSource for BlobFiles {
+    fn read_blob(&self, device_id: u16, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        let f = self.0.get(usize::from(device_id) - 1).ok_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::NotFound, format!("no file for device {device_id}"))
+        })?;
+        FileExt::read_exact_at(f, buf, offset)
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Inode {
+    pub nid: u64,
+    pub extended: bool,
+    pub datalayout: u16,
+    pub mode: u32,
+    pub nlink: u32,
+    pub size: u64,
+    pub uid: u32,
+    pub gid: u32,
+    pub mtime: u64,
+    pub mtime_nsec: u32,
+    pub xattr_icount: u16,
+    pub i_u: u32,
+    /// Byte offset of the inode in the image.
+    pub offset: u64,
+    pub inode_isize: u64,
+    pub xattr_isize: u64,
+}
+
+impl Inode {
+    pub fn file_type(&self) -> u32 {
+        self.mode & S_IFMT
+    }
+    pub fn is_dir(&self) -> bool {
+        self.file_type() == S_IFDIR
+    }
+    /// (major, minor) for device nodes.
+    pub fn rdev(&self) -> (u32, u32) {
+        match self.file_type() {
+            S_IFCHR | S_IFBLK => decode_rdev(self.i_u),
+            _ => (0, 0),
+        }
+    }
+    fn data_offset(&self) -> u64 {
+        self.offset + self.inode_isize + self.xattr_isize
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DirEntry {
+    pub name: Vec<u8>,
+    pub nid: u64,
+    pub file_type: u8,
+}
+
+/// One mapped extent of a file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Extent {
+    /// Zeros.
+    Hole,
+    /// Bytes in the image itself (flat layouts, inline tails).
+    Image { offset: u64 },
+    /// A chunk in a data blob: device slot, block address.
+    Chunk { device_id: u16, blkaddr: u32 },
+}
+
+pub struct Image<R> {
+    src: R,
+    pub sb: SuperBlock,
+    pub devices: Vec<DeviceSlot>,
+    pub chunk_table: Option<ChunkTable>,
+    pub image_size: u64,
+    blksz: u64,
+}
+
+fn io(what: &'static str, offset: u64) -> impl FnOnce(std::io::Error) -> Error {
+    move |source| Error::Io {
+        what,
+        offset,
+        source,
+    }
+}
+
+/// Validate a device tag: empty (untagged, as mkfs.erofs writes) or 64
+/// lowercase hex characters (a shoal blob digest).
+pub fn tag_name(slot: u16, tag: &[u8; 64]) -> Result<Option<String>> {
+    if tag.iter().all(|&b| b == 0) {
+        return Ok(None);
+    }
+    if tag.iter().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(b)) {
+        return Ok(Some(String::from_utf8_lossy(tag).into_owned()));
+    }
+    let end = tag.iter().position(|&b| b == 0).unwrap_or(64);
+    Err(Error::BadTag {
+        slot,
+        tag: String::from_utf8_lossy(&tag[..end]).into_owned(),
+    })
+}
+
+impl<R: ReadAt> Image<R> {
+    pub fn open(src: R) -> Result<Self> {
+        let image_size = src.size().map_err(io("image size", 0))?;
+        let mut sbuf = [0u8; 128];
+        src.read_exact_at(&mut sbuf, EROFS_SUPER_OFFSET)
+            .map_err(io("superblock", EROFS_SUPER_OFFSET))?;
+        let sb = SuperBlock::read_from_bytes(&sbuf).unwrap();
+        if sb.magic.get() != EROFS_SUPER_MAGIC_V1 {
+            return Err(Error::BadMagic(sb.magic.get()));
+        }
+        if !(9..=16).contains(&sb.blkszbits) {
+            return Err(Error::CorruptSuper(format!("block size bits {}", sb.blkszbits)));
+        }
+        let blksz = 1u64 << sb.blkszbits;
+        if sb.feature_compat.get() & EROFS_FEATURE_COMPAT_SB_CHKSUM != 0 {
+            let len = blksz.saturating_sub(EROFS_SUPER_OFFSET).max(128);
+            let mut blk = vec![0u8; len as usize];
+            src.read_exact_at(&mut blk, EROFS_SUPER_OFFSET)
+                .map_err(io("superblock block", EROFS_SUPER_OFFSET))?;
+            blk[4..8].fill(0);
+            let computed = sb_checksum(&blk);
+            if computed != sb.checksum.get() {
+                return Err(Error::BadChecksum {
+                    stored: sb.checksum.get(),
+                    computed,
+                });
+            }
+        }
+        let unknown = sb.feature_incompat.get() & !EROFS_FEATURE_INCOMPAT_SUPPORTED;
+        if unknown != 0 {
+            return Err(Error::Unsupported(format!("incompat features {unknown:#x}")));
+        }
+        let ndev = u64::from(sb.extra_devices.get());
+        let devt = u64::from(sb.devt_slotoff.get()) * EROFS_DEVT_SLOT_SIZE;
+        if ndev > 0 && devt + ndev * EROFS_DEVT_SLOT_SIZE > image_size {
+            return Err(Error::CorruptSuper(format!("{ndev} device slots overrun the image")));
+        }
+        let mut devices = Vec::with_capacity(ndev as usize);
+        for i in 0..ndev {
+            let off = devt + i * EROFS_DEVT_SLOT_SIZE;
+            let mut b = [0u8; 128];
+            src.read_exact_at(&mut b, off).map_err(io("device slot", off))?;
+            let slot = DeviceSlot::read_from_bytes(&b).unwrap();
+            tag_name(i as u16 + 1, &slot.tag)?;
+            devices.push(slot);
+        }
+        let mut img = Image {
+            src,
+            sb,
+            devices,
+            chunk_table: None,
+            image_size,
+            blksz,
+        };
+        img.chunk_table = img.load_chunk_table()?;
+        Ok(img)
+    }
+
+    pub fn block_size(&self) -> u64 {
+        self.blksz
+    }
+
+    pub fn source(&self) -> &R {
+        &self.src
+    }
+
+    /// The blob file name of a device slot (1-based), if tagged.
+    pub fn device_tag(&self, device_id: u16) -> Option<String> {
+        let slot = self.devices.get(usize::from(device_id).checked_sub(1)?)?;
+        tag_name(device_id, &slot.tag).ok().flatten()
+    }
+
+    fn load_chunk_table(&self) -> Result<Option<ChunkTable>> {
+        let fs_end = u64::from(self.sb.blocks.get()) * self.blksz;
+        if self.image_size < fs_end + TRAILER_SIZE {
+            return Ok(None);
+        }
+        let off = self.image_size - TRAILER_SIZE;
+        let mut b = [0u8; TRAILER_SIZE as usize];
+        self.src.read_exact_at(&mut b, off).map_err(io("trailer", off))?;
+        let t = Trailer::read_from_bytes(&b).unwrap();
+        if t.magic != TRAILER_MAGIC {
+            return Ok(None);
+        }
+        let (start, len) = (t.table_offset.get(), t.table_len.get());
+        if start < fs_end || start.checked_add(len) != Some(off) {
+            return Err(Error::ChunkTable(format!("table at {start} (+{len}) is misplaced")));
+        }
+        let mut table = vec![0u8; len as usize];
+        self.src.read_exact_at(&mut table, start).map_err(io("chunk table", start))?;
+        if Sha256::digest(&table).as_slice() != t.table_sha256 {
+            return Err(Error::ChunkTable("digest mismatch".into()));
+        }
+        let blocks: Vec<(u16, u32)> = self
+            .devices
+            .iter()
+            .enumerate()
+            .map(|(i, d)| (i as u16 + 1, d.blocks.get()))
+            .collect();
+        ChunkTable::decode(&table, &blocks).map(Some)
+    }
+
+    pub fn root_nid(&self) -> u64 {
+        u64::from(self.sb.root_nid.get())
+    }
+
+    fn read(&self, what: &'static str, offset: u64, len: u64) -> Result<Vec<u8>> {
+        if offset.checked_add(len).is_none_or(|end| end > self.image_size) {
+            return Err(Error::Io {
+                what,
+                offset,
+                source: std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    format!("{len} bytes beyond the image end ({})", self.image_size),
+                ),
+            });
+        }
+        let mut b = vec![0u8; len as usize];
+        self.src.read_exact_at(&mut b, offset).map_err(io(what, offset))?;
+        Ok(b)
+    }
+
+    pub fn inode(&self, nid: u64) -> Result<Inode> {
+        let offset = nid
+            .checked_mul(32)
+            .and_then(|o| o.checked_add(u64::from(self.sb.meta_blkaddr.get()) * self.blksz))
+            .ok_or_else(|| Error::corrupt(nid, "nid out of range"))?;
+        if offset + 32 > self.image_size {
+            return Err(Error::corrupt(nid, "inode beyond the image end"));
+        }
+        let b = self.read("inode", offset, 32)?;
+        let c = InodeCompact::read_from_bytes(&b).unwrap();
+        let format = c.i_format.get();
+        let extended = format & EROFS_I_VERSION_MASK == EROFS_INODE_LAYOUT_EXTENDED;
+        if format >> 4 != 0 {
+            return Err(Error::corrupt(nid, format!("unknown i_format {format:#x}")));
+        }
+        let datalayout = (format >> EROFS_I_DATALAYOUT_BIT) & EROFS_I_DATALAYOUT_MASK;
+        let mut ino = if extended {
+            let b = self.read("inode", offset, 64)?;
+            let e = InodeExtended::read_from_bytes(&b).unwrap();
+            Inode {
+                nid,
+                extended,
+                datalayout,
+                mode: u32::from(e.i_mode.get()),
+                nlink: e.i_nlink.get(),
+                size: e.i_size.get(),
+                uid: e.i_uid.get(),
+                gid: e.i_gid.get(),
+                mtime: e.i_mtime.get(),
+                mtime_nsec: e.i_mtime_nsec.get(),
+                xattr_icount: e.i_xattr_icount.get(),
+                i_u: e.i_u.get(),
+                offset,
+                inode_isize: 64,
+                xattr_isize: 0,
+            }
+        } else {
+            Inode {
+                nid,
+                extended,
+                datalayout,
+                mode: u32::from(c.i_mode.get()),
+                nlink: u32::from(c.i_nlink.get()),
+                size: u64::from(c.i_size.get()),
+                uid: u32::from(c.i_uid.get()),
+                gid: u32::from(c.i_gid.get()),
+                mtime: self.sb.build_time.get(),
+                mtime_nsec: self.sb.build_time_nsec.get(),
+                xattr_icount: c.i_xattr_icount.get(),
+                i_u: c.i_u.get(),
+                offset,
+                inode_isize: 32,
+                xattr_isize: 0,
+            }
+        };
+        ino.xattr_isize = xattr_ibody_size(ino.xattr_icount);
+        if datalayout > EROFS_INODE_CHUNK_BASED {
+            return Err(Error::corrupt(nid, format!("unknown data layout {datalayout}")));
+        }
+        match ino.file_type() {
+            S_IFREG | S_IFDIR | S_IFLNK | S_IFCHR | S_IFBLK | S_IFIFO | S_IFSOCK => {}
+            t => return Err(Error::corrupt(nid, format!("unknown file type {t:#o}"))),
+        }
+        if ino.data_offset() > self.image_size {
+            return Err(Error::corrupt(nid, "inode body beyond the image end"));
+        }
+        Ok(ino)
+    }
+
+    /// All xattrs of an inode as (full name, value), shared ones included.
+    pub fn xattrs(&self, ino: &Inode) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        if ino.xattr_isize == 0 {
+            return Ok(Vec::new());
+        }
+        if ino.xattr_isize < 12 {
+            return Err(Error::corrupt(ino.nid, "xattr body too small"));
+        }
+        let body = self.read("xattr body", ino.offset + ino.inode_isize, ino.xattr_isize)?;
+        let shared = usize::from(body[4]);
+        let ids_end = 12 + 4 * shared;
+        if ids_end > body.len() {
+            return Err(Error::corrupt(ino.nid, "shared xattr count overruns the xattr body"));
+        }
+        let mut out = Vec::new();
+        let xattr_base = u64::from(self.sb.xattr_blkaddr.get()) * self.blksz;
+        for k in 0..shared {
+            let id = u32::from_le_bytes(body[12 + 4 * k..16 + 4 * k].try_into().unwrap());
+            let at = xattr_base + u64::from(id) * 4;
+            let head = self.read("shared xattr", at, 4)?;
+            let e = XattrEntry::read_from_bytes(&head).unwrap();
+            let len = 4 + u64::from(e.e_name_len) + u64::from(e.e_value_size.get());
+            let raw = self.read("shared xattr", at, len)?;
+            out.push(parse_entry(ino.nid, &raw)?.0);
+        }
+        let mut rest = &body[ids_end..];
+        while rest.len() >= 4 {
+            let ((name, value), used) = parse_entry(ino.nid, rest)?;
+            out.push((name, value));
+            rest = &rest[used.min(rest.len())..];
+        }
+        Ok(out)
+    }
+
+    /// Read `len` bytes of a flat (uncompressed, non-chunked) inode's data,
+    /// i.e. directories, symlinks and erofs-utils' plain files.
+    fn read_flat(&self, ino: &Inode, offset: u64, len: u64) -> Result<Vec<u8>> {
+        let mut out = Vec::with_capacity(len.min(1 << 20) as usize);
+        let mut pos = offset;
+        let end = offset + len;
+        while pos < end {
+            let ext = self.map(ino, pos)?;
+            let chunk_end = match ext.1 {
+                Extent::Image { .. } if ext.0 .1 > pos => ext.0 .1.min(end),
+                _ => return Err(Error::corrupt(ino.nid, "flat data is not mapped in the image")),
+            };
+            let Extent::Image { offset } = ext.1 else { unreachable!() };
+            out.extend(self.read("inode data", offset + (pos - ext.0 .0), chunk_end - pos)?);
+            pos = chunk_end;
+        }
+        Ok(out)
+    }
+
+    /// Map the byte at `pos` of a file: ((extent start, extent end), where).
+    pub fn map(&self, ino: &Inode, pos: u64) -> Result<((u64, u64), Extent)> {
+        let nid = ino.nid;
+        if pos >= ino.size {
+            return Err(Error::corrupt(nid, "read past the end of the file"));
+        }
+        let bs = self.blksz;
+        match ino.datalayout {
+            EROFS_INODE_FLAT_PLAIN | EROFS_INODE_FLAT_INLINE => {
+                let inline = ino.datalayout == EROFS_INODE_FLAT_INLINE;
+                let nblocks = ino.size.div_ceil(bs);
+                let last = nblocks - u64::from(inline);
+                let block_end = last * bs;
+                if pos < block_end {
+                    let start = u64::from(ino.i_u) * bs;
+                    if start.checked_add(block_end).is_none_or(|e| e > self.image_size) {
+                        return Err(Error::corrupt(nid, "data blocks beyond the image end"));
+                    }
+                    Ok(((0, block_end), Extent::Image { offset: start }))
+                } else {
+                    let at = ino.data_offset();
+                    let tail = ino.size - block_end;
+                    if at % bs + tail > bs {
+                        return Err(Error::corrupt(nid, "inline data crosses a block boundary"));
+                    }
+                    Ok(((block_end, ino.size), Extent::Image { offset: at - block_end }))
+                }
+            }
+            EROFS_INODE_CHUNK_BASED => {
+                let fmt = ino.i_u as u16;
+                let chunkbits = u32::from(fmt & EROFS_CHUNK_FORMAT_BLKBITS_MASK) + self.sb.blkszbits as u32;
+                if chunkbits > 40 {
+                    return Err(Error::corrupt(nid, format!("chunk size 2^{chunkbits}")));
+                }
+                let indexes = fmt & EROFS_CHUNK_FORMAT_INDEXES != 0;
+                let unit = if indexes { 8 } else { 4 };
+                let chunknr = pos >> chunkbits;
+                let nchunks = ino.size.div_ceil(1 << chunkbits);
+                let base = ino.data_offset().div_ceil(unit) * unit;
+                if base + nchunks * unit > self.image_size {
+                    return Err(Error::corrupt(nid, "chunk indexes beyond the image end"));
+                }
+                let b = self.read("chunk index", base + chunknr * unit, unit)?;
+                let start = chunknr << chunkbits;
+                let range = (start, (start + (1 << chunkbits)).min(ino.size));
+                let (device_id, blkaddr) = if indexes {
+                    let ci = ChunkIndex::read_from_bytes(&b).unwrap();
+                    (ci.device_id.get(), ci.blkaddr.get())
+                } else {
+                    (0, u32::from_le_bytes(b.try_into().unwrap()))
+                };
+                if blkaddr == EROFS_NULL_ADDR {
+                    return Ok((range, Extent::Hole));
+                }
+                let mask = (usize::from(self.sb.extra_devices.get()) + 1).next_power_of_two() - 1;
+                let device_id = device_id & mask as u16;
+                if usize::from(device_id) > self.devices.len() {
+                    return Err(Error::corrupt(nid, format!("chunk {chunknr}: device {device_id} does not exist")));
+                }
+                let nblocks = (range.1 - range.0).div_ceil(bs);
+                if device_id == 0 {
+                    // Flat multi-device addressing through mapped_blkaddr.
+                    for (i, d) in self.devices.iter().enumerate() {
+                        let m = u64::from(d.mapped_blkaddr.get());
+                        if m != 0 && (m..m + u64::from(d.blocks.get())).contains(&u64::from(blkaddr)) {
+                            return Ok((range, Extent::Chunk {
+                                device_id: i as u16 + 1,
+                                blkaddr: (u64::from(blkaddr) - m) as u32,
+                            }));
+                        }
+                    }
+                    let off = u64::from(blkaddr) * bs;
+                    if off + nblocks * bs > self.image_size.div_ceil(bs) * bs {
+                        return Err(Error::corrupt(nid, format!("chunk {chunknr} beyond the image end")));
+                    }
+                    return Ok((range, Extent::Image { offset: off }));
+                }
+                let dev_blocks = u64::from(self.devices[usize::from(device_id) - 1].blocks.get());
+                if u64::from(blkaddr) + nblocks > dev_blocks {
+                    return Err(Error::corrupt(
+                        nid,
+                        format!("chunk {chunknr}: blocks {blkaddr}+{nblocks} beyond device {device_id} ({dev_blocks} blocks)"),
+                    ));
+                }
+                Ok((range, Extent::Chunk { device_id, blkaddr }))
+            }
+            layout => Err(Error::Compressed { nid, layout }),
+        }
+    }
+
+    pub fn read_link(&self, ino: &Inode) -> Result<Vec<u8>> {
+        if ino.file_type() != S_IFLNK {
+            return Err(Error::corrupt(ino.nid, "not a symlink"));
+        }
+        if ino.size == 0 || ino.size > 4096 {
+            return Err(Error::corrupt(ino.nid, format!("symlink size {}", ino.size)));
+        }
+        self.read_flat(ino, 0, ino.size)
+    }
+
+    pub fn read_dir(&self, ino: &Inode) -> Result<Vec<DirEntry>> {
+        let nid = ino.nid;
+        if !ino.is_dir() {
+            return Err(Error::NotDir(format!("nid {nid}")));
+        }
+        if ino.size > self.image_size {
+            return Err(Error::corrupt(nid, format!("directory size {} exceeds the image", ino.size)));
+        }
+        let data = self.read_flat(ino, 0, ino.size)?;
+        let bs = self.blksz as usize;
+        let mut out = Vec::new();
+        for (bi, blk) in data.chunks(bs).enumerate() {
+            if blk.len() < 12 {
+                return Err(Error::corrupt(nid, format!("dir block {bi} too short")));
+            }
+            let first = usize::from(u16::from_le_bytes([blk[8], blk[9]]));
+            if first < 12 || first >= blk.len() || first % 12 != 0 {
+                return Err(Error::corrupt(nid, format!("dir block {bi}: bad nameoff {first}")));
+            }
+            let n = first / 12;
+            for k in 0..n {
+                let de = Dirent::read_from_bytes(&blk[12 * k..12 * k + 12]).unwrap();
+                let start = usize::from(de.nameoff.get());
+                let end = if k + 1 < n {
+                    usize::from(u16::from_le_bytes([blk[12 * k + 20], blk[12 * k + 21]]))
+                } else {
+                    let tail = &blk[start.min(blk.len())..];
+                    start + tail.iter().position(|&b| b == 0).unwrap_or(tail.len())
+                };
+                if start < first || end <= start || end > blk.len() {
+                    return Err(Error::corrupt(nid, format!("dir block {bi} entry {k}: bad name bounds {start}..{end}")));
+                }
+                let name = &blk[start..end];
+                if name.contains(&b'/') || name.contains(&0) {
+                    return Err(Error::corrupt(nid, format!("dir block {bi} entry {k}: invalid name {:?}", String::from_utf8_lossy(name))));
+                }
+                out.push(DirEntry {
+                    name: name.to_vec(),
+                    nid: de.nid.get(),
+                    file_type: de.file_type,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Resolve a path (no symlinks followed) to its inode.
+    pub fn lookup(&self, path: &str) -> Result<Inode> {
+        let mut cur = self.inode(self.root_nid())?;
+        for comp in path.split('/').filter(|c| !c.is_empty() && *c != ".") {
+            if !cur.is_dir() {
+                return Err(Error::NotDir(path.to_string()));
+            }
+            let e = self
+                .read_dir(&cur)?
+                .into_iter()
+                .find(|e| e.name == comp.as_bytes())
+                .ok_or_else(|| Error::NotFound(path.to_string()))?;
+            cur = self.inode(e.nid)?;
+        }
+        Ok(cur)
+    }
+
+    /// Stream a regular file's bytes to `sink` in extent order, verifying
+    /// every blob chunk against the chunk table when the image has one.
+    /// Holes are passed as `None` with their length.
+    pub fn read_file(
+        &self,
+        ino: &Inode,
+        blobs: &dyn BlobSource,
+        sink: &mut dyn FnMut(Option<&[u8]>, u64) -> std::io::Result<()>,
+    ) -> Result<()> {
+        if ino.file_type() != S_IFREG {
+            return Err(Error::corrupt(ino.nid, "not a regular file"));
+        }
+        let mut pos = 0;
+        while pos < ino.size {
+            let ((start, end), ext) = self.map(ino, pos)?;
+            let len = end - pos;
+            let bytes = match ext {
+                Extent::Hole => None,
+                Extent::Image { offset } => Some(self.read("file data", offset + (pos - start), len)?),
+                Extent::Chunk { device_id, blkaddr } => {
+                    let chunk = self.read_chunk(device_id, blkaddr, end - start, blobs)?;
+                    Some(chunk[(pos - start) as usize..(end - start) as usize].to_vec())
+                }
+            };
+            sink(bytes.as_deref(), len).map_err(io("output", pos))?;
+            pos = end;
+        }
+        Ok(())
+    }
+
+    /// Read (and verify, if the image pins digests) the chunk at `blkaddr`
+    /// of a device; returns at least `len` bytes.
+    pub fn read_chunk(&self, device_id: u16, blkaddr: u32, len: u64, blobs: &dyn BlobSource) -> Result<Vec<u8>> {
+        let bs = self.blksz;
+        let blob_name = || self.device_tag(device_id).unwrap_or_else(|| format!("device {device_id}"));
+        let (read_blocks, digest) = match &self.chunk_table {
+            Some(t) => {
+                let e = t.find(device_id, blkaddr).filter(|e| e.blkaddr.get() == blkaddr).ok_or_else(|| {
+                    Error::Verify {
+                        blob: blob_name(),
+                        blkaddr,
+                        nblocks: 0,
+                        why: "no chunk table entry starts here".into(),
+                    }
+                })?;
+                if u64::from(e.nblocks.get()) * bs < len {
+                    return Err(Error::Verify {
+                        blob: blob_name(),
+                        blkaddr,
+                        nblocks: e.nblocks.get(),
+                        why: format!("chunk table entry shorter than the {len} bytes mapped"),
+                    });
+                }
+                (u64::from(e.nblocks.get()), Some(e.digest))
+            }
+            None => (len.div_ceil(bs), None),
+        };
+        let mut buf = vec![0u8; (read_blocks * bs) as usize];
+        blobs
+            .read_blob(device_id, &mut buf, u64::from(blkaddr) * bs)
+            .map_err(|e| Error::Io {
+                what: "data blob",
+                offset: u64::from(blkaddr) * bs,
+                source: std::io::Error::new(e.kind(), format!("blob {}: {e}", blob_name())),
+            })?;
+        if let Some(d) = digest {
+            if Sha256::digest(&buf).as_slice() != d {
+                return Err(Error::Verify {
+                    blob: blob_name(),
+                    blkaddr,
+                    nblocks: read_blocks as u32,
+                    why: "sha256 mismatch".into(),
+                });
+            }
+        }
+        Ok(buf)
+    }
+}
+
+fn parse_entry(nid: u64, raw: &[u8]) -> Result<((Vec<u8>, Vec<u8>), usize)> {
+    let e = XattrEntry::read_from_prefix(raw)
+        .map_err(|_| Error::corrupt(nid, "truncated xattr entry"))?
+        .0;
+    let nl = usize::from(e.e_name_len);
+    let vl = usize::from(e.e_value_size.get());
+    if 4 + nl + vl > raw.len() {
+        return Err(Error::corrupt(nid, "xattr entry overruns its area"));
+    }
+    let name = xattr_full_name(e.e_name_index, &raw[4..4 + nl])
+        .ok_or_else(|| Error::corrupt(nid, format!("unknown xattr name index {}", e.e_name_index)))?;
+    let value = raw[4 + nl..4 + nl + vl].to_vec();
+    Ok(((name, value), (4 + nl + vl).div_ceil(4) * 4))
+}

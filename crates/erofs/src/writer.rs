@@ -1,0 +1,472 @@
+//! Lay out a [`Tree`] as an EROFS bootstrap: superblock, device table,
+//! inodes with inline xattrs and tails, shared xattrs, directory blocks,
+//! then shoal's chunk digest table. All addresses are from byte 0
+//! (`meta_blkaddr = xattr_blkaddr = 0`), so a nid is simply offset / 32.
+
+use crate::blob::{FinalBlob, Placement, BLOCK_SIZE};
+use crate::chunktable::ChunkTable;
+use crate::error::BuildError;
+use crate::ondisk::*;
+use crate::tree::*;
+use std::collections::{BTreeMap, HashMap};
+use zerocopy::IntoBytes;
+
+const BLK: usize = BLOCK_SIZE as usize;
+const DEVT_OFFSET: usize = 1152;
+
+pub struct WriteOptions {
+    pub chunk_size: u64,
+    /// Superblock time; inodes with exactly this mtime can be compact.
+    /// `None`: the most common mtime in the tree.
+    pub build_time: Option<(u64, u32)>,
+    /// Stored in the superblock's `volume_name` (at most 16 bytes).
+    pub volume_name: Vec<u8>,
+}
+
+struct Layout {
+    nid: u64,
+    extended: bool,
+    xattr_icount: u16,
+    xattr_body: Vec<u8>,
+    datalayout: u16,
+    /// Directory content or symlink target (for regular files: empty).
+    content: Vec<u8>,
+    /// Bytes of `content` kept inline after the inode.
+    tail_inline: usize,
+    raw_blkaddr: u32,
+    nlink: u32,
+}
+
+fn align(x: usize, a: usize) -> usize {
+    x.div_ceil(a) * a
+}
+
+fn file_type(mode: u32) -> u8 {
+    match mode & S_IFMT {
+        S_IFREG => EROFS_FT_REG_FILE,
+        S_IFDIR => EROFS_FT_DIR,
+        S_IFCHR => EROFS_FT_CHRDEV,
+        S_IFBLK => EROFS_FT_BLKDEV,
+        S_IFIFO => EROFS_FT_FIFO,
+        S_IFSOCK => EROFS_FT_SOCK,
+        S_IFLNK => EROFS_FT_SYMLINK,
+        _ => EROFS_FT_UNKNOWN,
+    }
+}
+
+/// Directory blocks: (sorted entries incl. "." and "..", block boundaries).
+/// Returns the content with every dirent's nid left as an index into
+/// `entries`; nids are patched in once inodes are placed.
+fn dir_blocks(entries: &[(&[u8], NodeId, u8)]) -> (Vec<u8>, Vec<(usize, NodeId)>) {
+    let mut out = Vec::new();
+    let mut patches = Vec::new();
+    let mut i = 0;
+    while i < entries.len() {
+        // How many entries fit in this block?
+        let mut used = 0;
+        let mut n = 0;
+        while i + n < entries.len() {
+            let need = 12 + entries[i + n].0.len();
+            if used + need > BLK {
+                break;
+            }
+            used += need;
+            n += 1;
+        }
+        let base = out.len();
+        let mut nameoff = 12 * n;
+        for (k, (name, id, ft)) in entries[i..i + n].iter().enumerate() {
+            let de = Dirent {
+                nid: 0.into(),
+                nameoff: (nameoff as u16).into(),
+                file_type: *ft,
+                reserved: 0,
+            };
+            patches.push((base + 12 * k, *id));
+            out.extend_from_slice(de.as_bytes());
+            nameoff += name.len();
+        }
+        for (name, _, _) in &entries[i..i + n] {
+            out.extend_from_slice(name);
+        }
+        i += n;
+        if i < entries.len() {
+            out.resize(base + BLK, 0);
+        }
+    }
+    (out, patches)
+}
+
+/// Build the inline xattr body (header, shared ids, entries).
+fn xattr_body(
+    xattrs: &BTreeMap<Vec<u8>, Vec<u8>>,
+    shared: &HashMap<(&[u8], &[u8]), u32>,
+) -> Result<(u16, Vec<u8>), BuildError> {
+    if xattrs.is_empty() {
+        return Ok((0, Vec::new()));
+    }
+    let mut ids = Vec::new();
+    let mut inline = Vec::new();
+    for (name, value) in xattrs {
+        match shared.get(&(name.as_slice(), value.as_slice())) {
+            Some(&id) if ids.len() < 255 => ids.push(id),
+            _ => {
+                let (index, suffix) = xattr_split_name(name).ok_or_else(|| {
+                    BuildError::Invalid(format!(
+                        "xattr {:?} has a prefix EROFS cannot store",
+                        String::from_utf8_lossy(name)
+                    ))
+                })?;
+                encode_xattr_entry(&mut inline, index, suffix, value)?;
+            }
+        }
+    }
+    let mut body = XattrIbodyHeader {
+        h_name_filter: 0.into(),
+        h_shared_count: ids.len() as u8,
+        h_reserved2: [0; 7],
+    }
+    .as_bytes()
+    .to_vec();
+    for id in ids {
+        body.extend_from_slice(&id.to_le_bytes());
+    }
+    body.extend_from_slice(&inline);
+    let icount = (body.len() - 12) / 4 + 1;
+    let icount = u16::try_from(icount)
+        .map_err(|_| BuildError::Limit("xattrs of one inode exceed 256 KiB".into()))?;
+    Ok((icount, body))
+}
+
+fn encode_xattr_entry(
+    out: &mut Vec<u8>,
+    index: u8,
+    suffix: &[u8],
+    value: &[u8],
+) -> Result<(), BuildError> {
+    let name_len = u8::try_from(suffix.len())
+        .map_err(|_| BuildError::Limit("xattr name longer than 255 bytes".into()))?;
+    let value_size = u16::try_from(value.len())
+        .map_err(|_| BuildError::Limit("xattr value larger than 64 KiB".into()))?;
+    let start = out.len();
+    out.extend_from_slice(
+        XattrEntry {
+            e_name_len: name_len,
+            e_name_index: index,
+            e_value_size: value_size.into(),
+        }
+        .as_bytes(),
+    );
+    out.extend_from_slice(suffix);
+    out.extend_from_slice(value);
+    out.resize(start + align(out.len() - start, 4), 0);
+    Ok(())
+}
+
+/// Write the bootstrap for `tree`. Returns the image bytes (EROFS blocks,
+/// then the chunk table and its trailer).
+pub fn write_image(
+    tree: &Tree,
+    blobs: &[FinalBlob],
+    placement: &Placement,
+    opts: &WriteOptions,
+) -> Result<Vec<u8>, BuildError> {
+    let order = tree.reachable();
+    let pos: HashMap<NodeId, usize> = order.iter().enumerate().map(|(i, &id)| (id, i)).collect();
+    let nodes = &tree.nodes;
+
+    // Link counts: one per directory entry; directories 2 + subdirectories.
+    let mut nlink = vec![0u32; order.len()];
+    let mut parent = vec![tree.root; order.len()];
+    for &id in &order {
+        if let Data::Dir(children) = &nodes[id].data {
+            nlink[pos[&id]] += 2;
+            for &c in children.values() {
+                if matches!(nodes[c].data, Data::Dir(_)) {
+                    nlink[pos[&id]] += 1;
+                    parent[pos[&c]] = id;
+                } else {
+                    nlink[pos[&c]] += 1;
+                }
+            }
+        }
+    }
+    if let Some(n) = nlink.iter().find(|&&n| n == u32::MAX) {
+        return Err(BuildError::Limit(format!("link count {n}")));
+    }
+
+    // Superblock time: the most common mtime unless given.
+    let build_time = opts.build_time.unwrap_or_else(|| {
+        let mut counts: HashMap<(i64, u32), usize> = HashMap::new();
+        for &id in &order {
+            *counts.entry((nodes[id].meta.mtime, nodes[id].meta.mtime_nsec)).or_default() += 1;
+        }
+        counts
+            .into_iter()
+            .filter(|((t, _), _)| *t >= 0)
+            .max_by(|a, b| a.1.cmp(&b.1).then(b.0.cmp(&a.0)))
+            .map(|((t, n), _)| (t as u64, n))
+            .unwrap_or((0, 0))
+    });
+
+    // Shared xattrs: any (name, value) pair on two or more inodes.
+    let mut xcount: BTreeMap<(&[u8], &[u8]), usize> = BTreeMap::new();
+    for &id in &order {
+        for (k, v) in &nodes[id].meta.xattrs {
+            *xcount.entry((k.as_slice(), v.as_slice())).or_default() += 1;
+        }
+    }
+    let mut shared_area = Vec::new();
+    let mut shared_list = Vec::new();
+    for ((k, v), n) in xcount {
+        if n >= 2 && xattr_split_name(k).is_some() {
+            shared_list.push((k, v, shared_area.len()));
+            let (index, suffix) = xattr_split_name(k).unwrap();
+            encode_xattr_entry(&mut shared_area, index, suffix, v)?;
+        }
+    }
+
+    // Pass 1: per-inode layout, nid placement.
+    let ndev = blobs.len();
+    let devt_end = DEVT_OFFSET + 128 * ndev;
+    let mut cursor = align(devt_end, 32);
+    // Ids relative to the shared area: the same sizes as the final ids.
+    let shared_rel: HashMap<(&[u8], &[u8]), u32> = shared_list
+        .iter()
+        .map(|(k, v, off)| ((*k, *v), (*off / 4) as u32))
+        .collect();
+    let mut layouts: Vec<Layout> = Vec::with_capacity(order.len());
+    let mut dir_patches: Vec<Vec<(usize, NodeId)>> = Vec::with_capacity(order.len());
+    for (i, &id) in order.iter().enumerate() {
+        let node = &nodes[id];
+        let m = &node.meta;
+        let (icount, xbody) = xattr_body(&m.xattrs, &shared_rel)?;
+        let (content, patches) = match &node.data {
+            Data::Dir(children) => {
+                let mut entries: Vec<(&[u8], NodeId, u8)> = Vec::with_capacity(children.len() + 2);
+                entries.push((b".", id, EROFS_FT_DIR));
+                entries.push((b"..", parent[i], EROFS_FT_DIR));
+                for (name, &c) in children {
+                    entries.push((name, c, file_type(nodes[c].meta.mode)));
+                }
+                entries.sort_by(|a, b| a.0.cmp(b.0));
+                dir_blocks(&entries)
+            }
+            Data::Symlink(t) => (t.clone(), Vec::new()),
+            _ => (Vec::new(), Vec::new()),
+        };
+        dir_patches.push(patches);
+        let size = match &node.data {
+            Data::File { size, .. } => *size,
+            _ => content.len() as u64,
+        };
+        let extended = m.uid > 0xffff
+            || m.gid > 0xffff
+            || nlink[i] > 0xffff
+            || size > u64::from(u32::MAX)
+            || (m.mtime, m.mtime_nsec) != (build_time.0 as i64, build_time.1);
+        let isize = if extended { 64 } else { 32 };
+        let head = isize + xattr_ibody_size(icount) as usize;
+        let (datalayout, tail, extra) = match &node.data {
+            Data::Dir(_) | Data::Symlink(_) => {
+                let tail = content.len() % BLK;
+                if tail > 0 && head + tail <= BLK {
+                    (EROFS_INODE_FLAT_INLINE, tail, tail)
+                } else {
+                    (EROFS_INODE_FLAT_PLAIN, 0, 0)
+                }
+            }
+            Data::File { size, chunks } if *size > 0 => {
+                (EROFS_INODE_CHUNK_BASED, 0, align(head, 8) - head + 8 * chunks.len())
+            }
+            _ => (EROFS_INODE_FLAT_PLAIN, 0, 0),
+        };
+        if tail > 0 && cursor % BLK + head + tail > BLK {
+            cursor = align(cursor, BLK);
+        }
+        layouts.push(Layout {
+            nid: (cursor / 32) as u64,
+            extended,
+            xattr_icount: icount,
+            xattr_body: xbody,
+            datalayout,
+            content,
+            tail_inline: tail,
+            raw_blkaddr: EROFS_NULL_ADDR,
+            nlink: nlink[i],
+        });
+        cursor = align(cursor + head + extra, 32);
+    }
+    if layouts[0].nid > u64::from(u16::MAX) {
+        return Err(BuildError::Limit("root inode beyond nid 65535".into()));
+    }
+
+    // Shared xattr area, then data blocks.
+    let shared_start = align(cursor, 4);
+    let shared: HashMap<(&[u8], &[u8]), u32> = shared_list
+        .iter()
+        .map(|(k, v, off)| ((*k, *v), ((shared_start + off) / 4) as u32))
+        .collect();
+    let meta_end = shared_start + shared_area.len();
+    let mut data_blk = align(meta_end, BLK) / BLK;
+    for (i, &id) in order.iter().enumerate() {
+        let l = &mut layouts[i];
+        if !shared.is_empty() && !nodes[id].meta.xattrs.is_empty() {
+            let (icount, body) = xattr_body(&nodes[id].meta.xattrs, &shared)?;
+            debug_assert_eq!(icount, l.xattr_icount);
+            l.xattr_icount = icount;
+            l.xattr_body = body;
+        }
+        let full = l.content.len() - l.tail_inline;
+        if full > 0 {
+            l.raw_blkaddr = u32::try_from(data_blk)
+                .map_err(|_| BuildError::Limit("bootstrap exceeds 2^32 blocks".into()))?;
+            data_blk += full.div_ceil(BLK);
+        }
+    }
+    let total_blocks = u32::try_from(data_blk)
+        .map_err(|_| BuildError::Limit("bootstrap exceeds 2^32 blocks".into()))?;
+
+    // Pass 2: serialize.
+    let mut img = vec![0u8; data_blk * BLK];
+    let nid_of: HashMap<NodeId, u64> = order.iter().zip(&layouts).map(|(&id, l)| (id, l.nid)).collect();
+    for (i, &id) in order.iter().enumerate() {
+        let node = &nodes[id];
+        let l = &mut layouts[i];
+        for &(off, target) in &dir_patches[i] {
+            l.content[off..off + 8].copy_from_slice(&nid_of[&target].to_le_bytes());
+        }
+        let m = &node.meta;
+        let (size, i_u) = match &node.data {
+            Data::File { size, .. } if *size > 0 => {
+                let bits = (opts.chunk_size.trailing_zeros() - 12) as u16;
+                (*size, u32::from(bits | EROFS_CHUNK_FORMAT_INDEXES))
+            }
+            Data::File { .. } => (0, EROFS_NULL_ADDR),
+            Data::Device(rdev) => (0, *rdev),
+            Data::Special => (0, 0),
+            Data::Dir(_) | Data::Symlink(_) => (l.content.len() as u64, l.raw_blkaddr),
+        };
+        let i_format = (if l.extended { 1 } else { 0 }) | (l.datalayout << EROFS_I_DATALAYOUT_BIT);
+        let mut p = (l.nid * 32) as usize;
+        if l.extended {
+            let ino = InodeExtended {
+                i_format: i_format.into(),
+                i_xattr_icount: l.xattr_icount.into(),
+                i_mode: (m.mode as u16).into(),
+                i_reserved: 0.into(),
+                i_size: size.into(),
+                i_u: i_u.into(),
+                i_ino: (i as u32 + 1).into(),
+                i_uid: m.uid.into(),
+                i_gid: m.gid.into(),
+                i_mtime: (m.mtime as u64).into(),
+                i_mtime_nsec: m.mtime_nsec.into(),
+                i_nlink: l.nlink.into(),
+                i_reserved2: [0; 16],
+            };
+            img[p..p + 64].copy_from_slice(ino.as_bytes());
+            p += 64;
+        } else {
+            let ino = InodeCompact {
+                i_format: i_format.into(),
+                i_xattr_icount: l.xattr_icount.into(),
+                i_mode: (m.mode as u16).into(),
+                i_nlink: (l.nlink as u16).into(),
+                i_size: (size as u32).into(),
+                i_reserved: 0.into(),
+                i_u: i_u.into(),
+                i_ino: (i as u32 + 1).into(),
+                i_uid: (m.uid as u16).into(),
+                i_gid: (m.gid as u16).into(),
+                i_reserved2: 0.into(),
+            };
+            img[p..p + 32].copy_from_slice(ino.as_bytes());
+            p += 32;
+        }
+        img[p..p + l.xattr_body.len()].copy_from_slice(&l.xattr_body);
+        p += xattr_ibody_size(l.xattr_icount) as usize;
+        let full = l.content.len() - l.tail_inline;
+        if l.tail_inline > 0 {
+            img[p..p + l.tail_inline].copy_from_slice(&l.content[full..]);
+        }
+        if full > 0 {
+            let at = l.raw_blkaddr as usize * BLK;
+            img[at..at + full].copy_from_slice(&l.content[..full]);
+        }
+        if let Data::File { size, chunks } = &node.data {
+            if *size > 0 {
+                p = align(p, 8);
+                for c in chunks {
+                    let (device_id, blkaddr) = match c {
+                        Some(r) => placement.get(*r),
+                        None => (0, EROFS_NULL_ADDR),
+                    };
+                    let idx = ChunkIndex {
+                        advise: 0.into(),
+                        device_id: device_id.into(),
+                        blkaddr: blkaddr.into(),
+                    };
+                    img[p..p + 8].copy_from_slice(idx.as_bytes());
+                    p += 8;
+                }
+            }
+        }
+    }
+    img[shared_start..meta_end].copy_from_slice(&shared_area);
+
+    // Device table.
+    for (k, b) in blobs.iter().enumerate() {
+        let mut slot = DeviceSlot::default();
+        slot.tag.copy_from_slice(b.tag.as_bytes());
+        slot.blocks = b.blocks.into();
+        let at = DEVT_OFFSET + 128 * k;
+        img[at..at + 128].copy_from_slice(slot.as_bytes());
+    }
+
+    // Superblock.
+    let mut volume_name = [0u8; 16];
+    if opts.volume_name.len() > 16 {
+        return Err(BuildError::Invalid("fsid longer than 16 bytes cannot be stored".into()));
+    }
+    volume_name[..opts.volume_name.len()].copy_from_slice(&opts.volume_name);
+    let mut sb = SuperBlock {
+        magic: EROFS_SUPER_MAGIC_V1.into(),
+        feature_compat: EROFS_FEATURE_COMPAT_SB_CHKSUM.into(),
+        blkszbits: 12,
+        root_nid: (layouts[0].nid as u16).into(),
+        inos: (order.len() as u64).into(),
+        build_time: build_time.0.into(),
+        build_time_nsec: build_time.1.into(),
+        blocks: total_blocks.into(),
+        volume_name,
+        feature_incompat: (EROFS_FEATURE_INCOMPAT_CHUNKED_FILE
+            | if ndev > 0 { EROFS_FEATURE_INCOMPAT_DEVICE_TABLE } else { 0 })
+        .into(),
+        extra_devices: (ndev as u16).into(),
+        devt_slotoff: ((DEVT_OFFSET / 128) as u16).into(),
+        ..Default::default()
+    };
+    img[1024..1152].copy_from_slice(sb.as_bytes());
+    // A content-derived uuid keeps builds reproducible.
+    {
+        use sha2::Digest;
+        let d = sha2::Sha256::digest(&img);
+        sb.uuid.copy_from_slice(&d[..16]);
+    }
+    img[1024..1152].copy_from_slice(sb.as_bytes());
+    sb.checksum = sb_checksum(&img[1024..BLK]).into();
+    img[1024..1152].copy_from_slice(sb.as_bytes());
+
+    // Chunk digest table.
+    let table = ChunkTable {
+        blobs: blobs
+            .iter()
+            .enumerate()
+            .map(|(k, b)| ((k + 1) as u16, b.entries.clone()))
+            .collect(),
+    };
+    let offset = img.len() as u64;
+    img.extend_from_slice(&table.encode(offset));
+    Ok(img)
+}

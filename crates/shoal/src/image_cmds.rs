@@ -1,0 +1,445 @@
+//! Image commands: build report, inspect, ls, cat, extract, verify, mount.
+
+use crate::walk::walk;
+use anyhow::{bail, Context, Result};
+use erofs::ondisk::*;
+use erofs::tree::{S_IFBLK, S_IFCHR, S_IFDIR, S_IFIFO, S_IFLNK, S_IFMT, S_IFREG, S_IFSOCK};
+use erofs::{BlobFiles, BuildReport, Extent, Image};
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct BlobArgs {
+    /// Directory holding the image's data blobs, named by their device tags.
+    #[arg(long)]
+    pub blob_dir: Option<PathBuf>,
+    /// Blob file for each device slot in order (for untagged erofs-utils images).
+    #[arg(long = "device")]
+    pub devices: Vec<PathBuf>,
+}
+
+pub fn open_image(path: &Path) -> Result<Image<File>> {
+    let f = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    Image::open(f).with_context(|| format!("reading image {}", path.display()))
+}
+
+/// The blob file of every device slot, in order.
+pub fn blob_paths(img: &Image<File>, args: &BlobArgs) -> Result<Vec<PathBuf>> {
+    let n = img.devices.len();
+    if !args.devices.is_empty() {
+        if args.devices.len() != n {
+            bail!("the image has {n} device slots but {} --device were given", args.devices.len());
+        }
+        return Ok(args.devices.clone());
+    }
+    if n == 0 {
+        return Ok(Vec::new());
+    }
+    let dir = args
+        .blob_dir
+        .as_ref()
+        .context("the image references data blobs: pass --blob-dir (or --device)")?;
+    (1..=n as u16)
+        .map(|d| {
+            let tag = img
+                .device_tag(d)
+                .with_context(|| format!("device slot {d} has no tag: pass --device"))?;
+            Ok(dir.join(tag))
+        })
+        .collect()
+}
+
+pub fn open_blobs(img: &Image<File>, args: &BlobArgs) -> Result<BlobFiles> {
+    let files = blob_paths(img, args)?
+        .iter()
+        .map(|p| File::open(p).with_context(|| format!("opening blob {}", p.display())))
+        .collect::<Result<_>>()?;
+    Ok(BlobFiles(files))
+}
+
+pub fn print_build_report(output: &Path, r: &BuildReport, json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(r)?);
+        return Ok(());
+    }
+    let s = &r.stats;
+    println!(
+        "{}: {} inodes, bootstrap {} bytes",
+        output.display(),
+        r.inodes,
+        r.bootstrap_bytes
+    );
+    for b in &r.blobs {
+        println!(
+            "  blob {} {:>12} bytes {:>7} chunks {}",
+            b.tag,
+            b.bytes,
+            b.chunks,
+            if b.written { "written" } else { "reused" }
+        );
+    }
+    println!(
+        "  file data {} bytes in {} chunks: {} holes, {} deduplicated, {} reused, {} bytes written",
+        s.bytes_in, s.chunks, s.holes, s.chunks_deduped, s.chunks_reused, s.bytes_written
+    );
+    Ok(())
+}
+
+fn feature_names(compat: u32, incompat: u32) -> Vec<&'static str> {
+    let mut v = Vec::new();
+    for (bit, name) in [
+        (EROFS_FEATURE_COMPAT_SB_CHKSUM, "sb_csum"),
+        (EROFS_FEATURE_COMPAT_MTIME, "mtime"),
+        (EROFS_FEATURE_COMPAT_XATTR_FILTER, "xattr_filter"),
+    ] {
+        if compat & bit != 0 {
+            v.push(name);
+        }
+    }
+    for (bit, name) in [
+        (EROFS_FEATURE_INCOMPAT_ZERO_PADDING, "0padding"),
+        (EROFS_FEATURE_INCOMPAT_COMPR_CFGS, "compr_cfgs"),
+        (EROFS_FEATURE_INCOMPAT_CHUNKED_FILE, "chunked_file"),
+        (EROFS_FEATURE_INCOMPAT_DEVICE_TABLE, "device_table"),
+        (EROFS_FEATURE_INCOMPAT_ZTAILPACKING, "ztailpacking"),
+        (EROFS_FEATURE_INCOMPAT_FRAGMENTS, "fragments"),
+        (EROFS_FEATURE_INCOMPAT_XATTR_PREFIXES, "xattr_prefixes"),
+    ] {
+        if incompat & bit != 0 {
+            v.push(name);
+        }
+    }
+    v
+}
+
+pub fn inspect(path: &Path, as_json: bool) -> Result<()> {
+    let img = open_image(path)?;
+    let sb = &img.sb;
+    let root = img.inode(img.root_nid())?;
+    let entries = walk(&img, root, b"")?;
+    let mut counts: BTreeMap<&str, u64> = BTreeMap::new();
+    let mut seen = HashSet::new();
+    let (mut logical, mut chunk_size) = (0u64, None);
+    let mut stored: HashSet<(u16, u32)> = HashSet::new();
+    let mut stored_bytes = 0u64;
+    for e in &entries {
+        if !seen.insert(e.inode.nid) {
+            continue;
+        }
+        let kind = match e.inode.file_type() {
+            S_IFREG => "files",
+            S_IFDIR => "directories",
+            S_IFLNK => "symlinks",
+            S_IFCHR | S_IFBLK => "devices",
+            S_IFIFO => "fifos",
+            _ => "sockets",
+        };
+        *counts.entry(kind).or_default() += 1;
+        if e.inode.file_type() == S_IFREG && e.inode.datalayout == EROFS_INODE_CHUNK_BASED {
+            chunk_size.get_or_insert(1u64 << ((e.inode.i_u as u16 & EROFS_CHUNK_FORMAT_BLKBITS_MASK) + 12));
+            let mut pos = 0;
+            while pos < e.inode.size {
+                let ((start, end), ext) = img.map(&e.inode, pos)?;
+                if let Extent::Chunk { device_id, blkaddr } = ext {
+                    logical += end - start;
+                    if stored.insert((device_id, blkaddr)) {
+                        stored_bytes += (end - start).div_ceil(4096) * 4096;
+                    }
+                }
+                pos = end;
+            }
+        }
+    }
+    let devices: Vec<_> = img
+        .devices
+        .iter()
+        .enumerate()
+        .map(|(i, d)| {
+            let tag = img.device_tag(i as u16 + 1).unwrap_or_default();
+            let entries = img
+                .chunk_table
+                .as_ref()
+                .and_then(|t| t.entries(i as u16 + 1))
+                .map_or(0, |e| e.len());
+            json!({"device_id": i + 1, "tag": tag, "blocks": d.blocks.get(),
+                   "bytes": u64::from(d.blocks.get()) * img.block_size(), "chunk_digests": entries})
+        })
+        .collect();
+    let dedup = if stored_bytes > 0 {
+        logical as f64 / stored_bytes as f64
+    } else {
+        1.0
+    };
+    let v = json!({
+        "image": path,
+        "image_bytes": img.image_size,
+        "block_size": img.block_size(),
+        "blocks": sb.blocks.get(),
+        "root_nid": img.root_nid(),
+        "inos": sb.inos.get(),
+        "build_time": sb.build_time.get(),
+        "uuid": hex::encode(sb.uuid),
+        "volume_name": String::from_utf8_lossy(&sb.volume_name).trim_end_matches('\0'),
+        "features": feature_names(sb.feature_compat.get(), sb.feature_incompat.get()),
+        "chunk_size": chunk_size,
+        "devices": devices,
+        "chunk_table": img.chunk_table.as_ref().map(|t| t.total_entries()),
+        "counts": counts,
+        "file_bytes_in_blobs": logical,
+        "unique_chunk_bytes": stored_bytes,
+        "dedup_ratio": (dedup * 1000.0).round() / 1000.0,
+    });
+    if as_json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!("image:        {} ({} bytes)", path.display(), img.image_size);
+    println!("block size:   {}  blocks: {}  root nid: {}", img.block_size(), sb.blocks.get(), img.root_nid());
+    println!("inodes:       {}  ({})", sb.inos.get(), counts.iter().map(|(k, v)| format!("{v} {k}")).collect::<Vec<_>>().join(", "));
+    println!("features:     {}", v["features"].as_array().unwrap().iter().map(|f| f.as_str().unwrap()).collect::<Vec<_>>().join(" "));
+    println!("uuid:         {}", v["uuid"].as_str().unwrap());
+    if let Some(cs) = chunk_size {
+        println!("chunk size:   {cs}");
+    }
+    match &img.chunk_table {
+        Some(t) => println!("chunk table:  {} digests (every blob chunk verifiable)", t.total_entries()),
+        None => println!("chunk table:  none (not built by shoal; blobs checked whole only)"),
+    }
+    for d in &devices {
+        println!(
+            "device {}:     {} {} bytes, {} chunk digests",
+            d["device_id"], d["tag"].as_str().unwrap(), d["bytes"], d["chunk_digests"]
+        );
+    }
+    println!("file data:    {logical} bytes in blobs, {stored_bytes} unique, dedup ratio {:.3}", dedup);
+    Ok(())
+}
+
+fn mode_string(mode: u32) -> String {
+    let t = match mode & S_IFMT {
+        S_IFDIR => 'd',
+        S_IFLNK => 'l',
+        S_IFCHR => 'c',
+        S_IFBLK => 'b',
+        S_IFIFO => 'p',
+        S_IFSOCK => 's',
+        _ => '-',
+    };
+    let mut s = String::from(t);
+    for (i, c) in "rwxrwxrwx".chars().enumerate() {
+        s.push(if mode & (1 << (8 - i)) != 0 { c } else { '-' });
+    }
+    s
+}
+
+pub fn ls(path: &Path, dir: &str, recursive: bool) -> Result<()> {
+    let img = open_image(path)?;
+    let start = img.lookup(dir)?;
+    let prefix = dir.trim_matches('/').as_bytes();
+    let entries = if recursive || !start.is_dir() {
+        walk(&img, start, prefix)?
+    } else {
+        let mut v = Vec::new();
+        for e in img.read_dir(&start)? {
+            if e.name != b"." && e.name != b".." {
+                let mut p = prefix.to_vec();
+                if !p.is_empty() {
+                    p.push(b'/');
+                }
+                p.extend_from_slice(&e.name);
+                v.push(crate::walk::Entry { path: p, inode: img.inode(e.nid)? });
+            }
+        }
+        v
+    };
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    for e in entries {
+        let i = &e.inode;
+        let extra = match i.file_type() {
+            S_IFLNK => format!(" -> {}", String::from_utf8_lossy(&img.read_link(i)?)),
+            _ => String::new(),
+        };
+        let size = match i.file_type() {
+            S_IFCHR | S_IFBLK => format!("{},{}", i.rdev().0, i.rdev().1),
+            _ => i.size.to_string(),
+        };
+        writeln!(
+            out,
+            "{} {:>3} {:>5} {:>5} {:>12} {}.{:09} /{}{}",
+            mode_string(i.mode),
+            i.nlink,
+            i.uid,
+            i.gid,
+            size,
+            i.mtime,
+            i.mtime_nsec,
+            String::from_utf8_lossy(&e.path),
+            extra
+        )?;
+    }
+    Ok(())
+}
+
+pub fn cat(path: &Path, file: &str, args: &BlobArgs) -> Result<()> {
+    let img = open_image(path)?;
+    let ino = img.lookup(file)?;
+    let blobs = open_blobs(&img, args)?;
+    let mut out = std::io::BufWriter::with_capacity(1 << 20, std::io::stdout().lock());
+    let zeros = vec![0u8; 1 << 16];
+    img.read_file(&ino, &blobs, &mut |bytes, mut len| match bytes {
+        Some(b) => out.write_all(b),
+        None => {
+            while len > 0 {
+                let n = len.min(zeros.len() as u64) as usize;
+                out.write_all(&zeros[..n])?;
+                len -= n as u64;
+            }
+            Ok(())
+        }
+    })
+    .with_context(|| format!("reading {file}"))?;
+    out.flush()?;
+    Ok(())
+}
+
+pub fn extract(path: &Path, dest: &Path, args: &BlobArgs) -> Result<()> {
+    let img = open_image(path)?;
+    let blobs = open_blobs(&img, args)?;
+    let root = img.inode(img.root_nid())?;
+    let entries = walk(&img, root, b"")?;
+    std::fs::create_dir_all(dest).with_context(|| format!("creating {}", dest.display()))?;
+    let mut first_path: HashMap<u64, PathBuf> = HashMap::new();
+    let mut dirs = Vec::new();
+    let is_root = rustix::process::geteuid().is_root();
+    for e in &entries {
+        let target = dest.join(std::ffi::OsStr::from_bytes(&e.path));
+        let i = &e.inode;
+        if !i.is_dir() {
+            if let Some(first) = first_path.get(&i.nid) {
+                std::fs::hard_link(first, &target)
+                    .with_context(|| format!("linking {}", target.display()))?;
+                continue;
+            }
+            first_path.insert(i.nid, target.clone());
+        }
+        crate::walk::create(&img, &blobs, i, &target, is_root)
+            .with_context(|| format!("extracting /{}", String::from_utf8_lossy(&e.path)))?;
+        if i.is_dir() {
+            dirs.push((target, i.clone()));
+        }
+    }
+    // Directory times last, deepest first, once their contents exist.
+    for (target, i) in dirs.iter().rev() {
+        crate::walk::set_times(target, i)?;
+    }
+    println!("extracted {} entries to {}", entries.len(), dest.display());
+    Ok(())
+}
+
+pub fn verify(path: &Path, args: &BlobArgs) -> Result<()> {
+    let img = open_image(path)?;
+    let paths = blob_paths(&img, args)?;
+    let mut problems = Vec::new();
+    let mut chunks_ok = 0usize;
+    let files: Vec<File> = paths.iter().filter_map(|p| File::open(p).ok()).collect();
+    let blob_files = (files.len() == paths.len()).then_some(BlobFiles(files));
+    for (k, p) in paths.iter().enumerate() {
+        let dev = k as u16 + 1;
+        let slot = &img.devices[k];
+        let want_size = u64::from(slot.blocks.get()) * img.block_size();
+        let mut f = match File::open(p) {
+            Ok(f) => f,
+            Err(e) => {
+                problems.push(format!("blob {}: {e}", p.display()));
+                continue;
+            }
+        };
+        let size = f.metadata()?.len();
+        if size != want_size {
+            problems.push(format!("blob {}: {size} bytes, device slot says {want_size}", p.display()));
+        }
+        if let Some(tag) = img.device_tag(dev) {
+            let mut h = Sha256::new();
+            let mut buf = vec![0u8; 1 << 20];
+            loop {
+                let n = f.read(&mut buf)?;
+                if n == 0 {
+                    break;
+                }
+                h.update(&buf[..n]);
+            }
+            let got = hex::encode(h.finalize());
+            if got != tag {
+                problems.push(format!("blob {}: sha256 {got} does not match its tag {tag}", p.display()));
+            }
+        }
+        let entries = img.chunk_table.as_ref().and_then(|t| t.entries(dev));
+        if let (Some(entries), Some(one)) = (entries, &blob_files) {
+            for e in entries {
+                let len = u64::from(e.nblocks.get()) * img.block_size();
+                match img.read_chunk(dev, e.blkaddr.get(), len, one) {
+                    Ok(_) => chunks_ok += 1,
+                    Err(err) => problems.push(err.to_string()),
+                }
+            }
+        }
+    }
+    // Every chunk a file maps must be a pinned chunk of an existing device.
+    let root = img.inode(img.root_nid())?;
+    let mut files = 0;
+    for e in walk(&img, root, b"")? {
+        if e.inode.file_type() != S_IFREG {
+            continue;
+        }
+        files += 1;
+        let mut pos = 0;
+        while pos < e.inode.size {
+            match img.map(&e.inode, pos) {
+                Ok(((_, end), ext)) => {
+                    if let (Extent::Chunk { device_id, blkaddr }, Some(t)) = (ext, &img.chunk_table) {
+                        if t.find(device_id, blkaddr).is_none_or(|c| c.blkaddr.get() != blkaddr) {
+                            problems.push(format!(
+                                "/{}: chunk at device {device_id} block {blkaddr} has no digest",
+                                String::from_utf8_lossy(&e.path)
+                            ));
+                        }
+                    }
+                    pos = end;
+                }
+                Err(err) => {
+                    problems.push(format!("/{}: {err}", String::from_utf8_lossy(&e.path)));
+                    break;
+                }
+            }
+        }
+    }
+    if !problems.is_empty() {
+        for p in &problems {
+            eprintln!("FAIL {p}");
+        }
+        bail!("{} problem(s) in {}", problems.len(), path.display());
+    }
+    println!(
+        "ok: {} blobs, {chunks_ok} chunks verified, {files} files mapped",
+        paths.len()
+    );
+    Ok(())
+}
+
+pub fn mount(image: &Path, mountpoint: &Path, args: &BlobArgs) -> Result<()> {
+    let img = open_image(image)?;
+    let paths = blob_paths(&img, args)?;
+    for p in &paths {
+        if !p.exists() {
+            bail!("blob {} does not exist", p.display());
+        }
+    }
+    let refs: Vec<&Path> = paths.iter().map(|p| p.as_path()).collect();
+    shoal_sys::mount_erofs(image, &refs, mountpoint)
+        .with_context(|| format!("mounting {} at {}", image.display(), mountpoint.display()))
+}

@@ -1,0 +1,154 @@
+//! The `shoal` command: wires the format library (and later the domain core
+//! and frontends) into a CLI.
+#![forbid(unsafe_code)]
+
+mod demo;
+mod image_cmds;
+mod walk;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(name = "shoal", version, about = "EROFS images with shared, lazily fetched blob domains")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Build a bootstrap and content-addressed data blobs from directories or tar layers.
+    Build {
+        /// Bootstrap to write.
+        #[arg(short = 'o', long)]
+        output: PathBuf,
+        /// Directory the data blobs are written to (named by their sha256).
+        #[arg(long)]
+        blob_dir: PathBuf,
+        /// Chunk size in bytes (power of two, 4096 to 1 GiB).
+        #[arg(long, default_value_t = 1 << 20)]
+        chunk_size: u64,
+        /// Stored in the superblock's volume name (at most 16 bytes).
+        #[arg(long)]
+        fsid: Option<String>,
+        /// One blob per source layer, so images sharing base layers share blobs.
+        #[arg(long)]
+        layer_blobs: bool,
+        /// Reference chunks already in the blobs of this bootstrap (or of every
+        /// bootstrap in this directory) instead of writing them again.
+        #[arg(long)]
+        reuse_blobs: Vec<PathBuf>,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Directories or tar layers (plain, gzip, zstd), lowest layer first.
+        #[arg(required = true)]
+        sources: Vec<PathBuf>,
+    },
+    /// Show superblock, features, blobs, counts and dedup ratio.
+    Inspect {
+        image: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List a directory (or the whole tree with -R).
+    Ls {
+        image: PathBuf,
+        #[arg(default_value = "/")]
+        path: String,
+        #[arg(short = 'R', long)]
+        recursive: bool,
+    },
+    /// Write a file's contents to stdout.
+    Cat {
+        image: PathBuf,
+        path: String,
+        #[command(flatten)]
+        blobs: image_cmds::BlobArgs,
+    },
+    /// Extract the whole tree with metadata (owners, modes, times, xattrs, links).
+    Extract {
+        image: PathBuf,
+        dest: PathBuf,
+        #[command(flatten)]
+        blobs: image_cmds::BlobArgs,
+    },
+    /// Check every chunk of every blob against the image's digests.
+    Verify {
+        image: PathBuf,
+        #[command(flatten)]
+        blobs: image_cmds::BlobArgs,
+    },
+    /// Mount a bootstrap with the kernel, blobs local (file-backed erofs).
+    Mount {
+        image: PathBuf,
+        mountpoint: PathBuf,
+        #[command(flatten)]
+        blobs: image_cmds::BlobArgs,
+    },
+    /// Unmount a shoal mount.
+    Umount { mountpoint: PathBuf },
+    /// Build two images from the bundled example that share a base layer,
+    /// then inspect, verify and (where the kernel allows) mount them.
+    Demo {
+        /// Where to put the demo's images and blobs.
+        #[arg(long, default_value = "target/demo")]
+        work_dir: PathBuf,
+    },
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SHOAL_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().cmd {
+        Cmd::Build {
+            output,
+            blob_dir,
+            chunk_size,
+            fsid,
+            layer_blobs,
+            reuse_blobs,
+            json,
+            sources,
+        } => {
+            let sde = match std::env::var("SOURCE_DATE_EPOCH") {
+                Ok(v) => Some(v.parse().context("SOURCE_DATE_EPOCH is not a number")?),
+                Err(_) => None,
+            };
+            let opts = erofs::BuildOptions {
+                chunk_size,
+                layer_blobs,
+                reuse: reuse_blobs,
+                fsid,
+                source_date_epoch: sde,
+            };
+            let report = erofs::build(&sources, &blob_dir, &output, &opts)
+                .with_context(|| format!("building {}", output.display()))?;
+            image_cmds::print_build_report(&output, &report, json)
+        }
+        Cmd::Inspect { image, json } => image_cmds::inspect(&image, json),
+        Cmd::Ls {
+            image,
+            path,
+            recursive,
+        } => image_cmds::ls(&image, &path, recursive),
+        Cmd::Cat { image, path, blobs } => image_cmds::cat(&image, &path, &blobs),
+        Cmd::Extract { image, dest, blobs } => image_cmds::extract(&image, &dest, &blobs),
+        Cmd::Verify { image, blobs } => image_cmds::verify(&image, &blobs),
+        Cmd::Mount {
+            image,
+            mountpoint,
+            blobs,
+        } => image_cmds::mount(&image, &mountpoint, &blobs),
+        Cmd::Umount { mountpoint } => shoal_sys::umount(&mountpoint)
+            .with_context(|| format!("unmounting {}", mountpoint.display())),
+        Cmd::Demo { work_dir } => demo::run(&work_dir),
+    }
+}
