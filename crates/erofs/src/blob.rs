@@ -113,9 +113,7 @@ impl ChunkStore {
         }
         let idx = self.blobs.len() as u32;
         for e in entries {
-            self.dict
-                .entry(e.digest)
-                .or_insert((idx, e.blkaddr.get()));
+            self.dict.entry(e.digest).or_insert((idx, e.blkaddr.get()));
         }
         self.blobs.push(Draft {
             body: Body::Reused,
@@ -227,7 +225,10 @@ impl ChunkStore {
             let used = &used[idx];
             let written_file = matches!(draft.body, Body::New { file: Some(_) });
             if used.is_empty() && !(keep_dead && written_file) {
-                if let Body::New { file: Some((tmp, _)) } = draft.body {
+                if let Body::New {
+                    file: Some((tmp, _)),
+                } = draft.body
+                {
                     drop(tmp); // nothing survived: the temp file goes away
                 }
                 continue;
@@ -260,8 +261,11 @@ impl ChunkStore {
                         path: tmp.path().to_path_buf(),
                         source: e.into_error(),
                     })?;
-                    let keep_all =
-                        keep_dead || draft.entries.iter().all(|e| used.contains(&e.blkaddr.get()));
+                    let keep_all = keep_dead
+                        || draft
+                            .entries
+                            .iter()
+                            .all(|e| used.contains(&e.blkaddr.get()));
                     let (tmp, entries, blocks) = if keep_all {
                         let pairs = draft.entries.into_iter().map(|e| (e.blkaddr.get(), e));
                         (tmp, pairs.collect(), draft.blocks)

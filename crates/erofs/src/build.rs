@@ -155,7 +155,10 @@ fn blob_report(b: &FinalBlob) -> BlobReport {
 
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), BuildError> {
     use std::io::Write;
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     let io_err = |source| BuildError::Io {
         path: path.into(),
         source,

@@ -33,7 +33,9 @@ pub struct BlobHeader {
 }
 const _: () = assert!(core::mem::size_of::<BlobHeader>() == 8);
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned,
+)]
 #[repr(C)]
 pub struct ChunkEntry {
     pub blkaddr: U32,

@@ -35,7 +35,11 @@ fn store_data(
         }
         buf.resize(len as usize, 0);
         r.read_exact(buf)?;
-        chunks.push(store.add_chunk(buf).map_err(|e| std::io::Error::other(e.to_string()))?);
+        chunks.push(
+            store
+                .add_chunk(buf)
+                .map_err(|e| std::io::Error::other(e.to_string()))?,
+        );
         pos += len;
     }
     Ok(chunks)
@@ -81,17 +85,24 @@ fn open_layer(path: &Path) -> Result<Box<dyn Read>, BuildError> {
     Ok(if head.starts_with(&[0x1f, 0x8b]) {
         Box::new(flate2::bufread::MultiGzDecoder::new(r))
     } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
-        Box::new(zstd::stream::read::Decoder::with_buffer(r).map_err(|source| BuildError::Io {
-            path: path.into(),
-            source,
-        })?)
+        Box::new(
+            zstd::stream::read::Decoder::with_buffer(r).map_err(|source| BuildError::Io {
+                path: path.into(),
+                source,
+            })?,
+        )
     } else {
         Box::new(r)
     })
 }
 
 /// Apply one tar layer (compression detected from its bytes).
-pub fn apply_tar(tree: &mut Tree, store: &mut ChunkStore, layer: usize, path: &Path) -> Result<(), BuildError> {
+pub fn apply_tar(
+    tree: &mut Tree,
+    store: &mut ChunkStore,
+    layer: usize,
+    path: &Path,
+) -> Result<(), BuildError> {
     let lname = path.display().to_string();
     let mut ar = tar::Archive::new(open_layer(path)?);
     let io_err = |source| BuildError::Io {
@@ -131,10 +142,11 @@ pub fn apply_tar(tree: &mut Tree, store: &mut ChunkStore, layer: usize, path: &P
                 let ext = ext.map_err(|e| bad(e.to_string()))?;
                 let key = ext.key_bytes();
                 if let Some(name) = key.strip_prefix(b"SCHILY.xattr.") {
-                    meta.xattrs.insert(name.to_vec(), ext.value_bytes().to_vec());
+                    meta.xattrs
+                        .insert(name.to_vec(), ext.value_bytes().to_vec());
                 } else if key == b"mtime" {
-                    (meta.mtime, meta.mtime_nsec) =
-                        parse_pax_time(ext.value_bytes()).ok_or_else(|| bad("bad PAX mtime".into()))?;
+                    (meta.mtime, meta.mtime_nsec) = parse_pax_time(ext.value_bytes())
+                        .ok_or_else(|| bad("bad PAX mtime".into()))?;
                 } else if key == b"uid" || key == b"gid" {
                     let v: u32 = std::str::from_utf8(ext.value_bytes())
                         .ok()
@@ -159,24 +171,39 @@ pub fn apply_tar(tree: &mut Tree, store: &mut ChunkStore, layer: usize, path: &P
             Data::Dir(BTreeMap::new())
         } else if kind.is_symlink() {
             meta.mode |= S_IFLNK;
-            let target = e.link_name_bytes().ok_or_else(|| bad("symlink without target".into()))?;
+            let target = e
+                .link_name_bytes()
+                .ok_or_else(|| bad("symlink without target".into()))?;
             if target.is_empty() || target.len() > 4095 {
                 return Err(bad(format!("symlink target of {} bytes", target.len())));
             }
             Data::Symlink(target.into_owned())
         } else if kind.is_hard_link() {
-            let target = e.link_name_bytes().ok_or_else(|| bad("hard link without target".into()))?;
+            let target = e
+                .link_name_bytes()
+                .ok_or_else(|| bad("hard link without target".into()))?;
             let tcomps = split_path(&target).map_err(|why| BuildError::UnsafePath {
                 layer: lname.clone(),
                 entry: ename.clone(),
                 why: format!("hard link target: {why}"),
             })?;
-            tree.link(&comps, &tcomps, layer).map_err(|e| bad(e.to_string()))?;
+            tree.link(&comps, &tcomps, layer)
+                .map_err(|e| bad(e.to_string()))?;
             continue;
         } else if kind.is_character_special() || kind.is_block_special() {
-            meta.mode |= if kind.is_character_special() { S_IFCHR } else { S_IFBLK };
-            let major = h.device_major().map_err(|e| bad(e.to_string()))?.unwrap_or(0);
-            let minor = h.device_minor().map_err(|e| bad(e.to_string()))?.unwrap_or(0);
+            meta.mode |= if kind.is_character_special() {
+                S_IFCHR
+            } else {
+                S_IFBLK
+            };
+            let major = h
+                .device_major()
+                .map_err(|e| bad(e.to_string()))?
+                .unwrap_or(0);
+            let minor = h
+                .device_minor()
+                .map_err(|e| bad(e.to_string()))?
+                .unwrap_or(0);
             if major > 0xfff || minor > 0xfffff {
                 return Err(bad(format!("device number {major}:{minor} too large")));
             }
@@ -195,7 +222,12 @@ pub fn apply_tar(tree: &mut Tree, store: &mut ChunkStore, layer: usize, path: &P
 
 /// Apply a directory as a layer: a sorted walk, hard links by (dev, ino),
 /// sparse files read around their holes.
-pub fn apply_dir(tree: &mut Tree, store: &mut ChunkStore, layer: usize, root: &Path) -> Result<(), BuildError> {
+pub fn apply_dir(
+    tree: &mut Tree,
+    store: &mut ChunkStore,
+    layer: usize,
+    root: &Path,
+) -> Result<(), BuildError> {
     let mut links: HashMap<(u64, u64), Vec<Vec<u8>>> = HashMap::new();
     let mut buf = Vec::new();
     let mut stack: Vec<(std::path::PathBuf, Vec<u8>)> = vec![(root.to_path_buf(), Vec::new())];
@@ -235,7 +267,8 @@ pub fn apply_dir(tree: &mut Tree, store: &mut ChunkStore, layer: usize, root: &P
             let key = (md.dev(), md.ino());
             if let Some(first) = links.get(&key).and_then(|v| v.first()) {
                 let target = split_path(first).unwrap();
-                tree.link(&comps, &target, layer).map_err(|e| bad(e.to_string()))?;
+                tree.link(&comps, &target, layer)
+                    .map_err(|e| bad(e.to_string()))?;
                 continue;
             }
             links.entry(key).or_default().push(rel.clone());
@@ -269,15 +302,23 @@ pub fn apply_dir(tree: &mut Tree, store: &mut ChunkStore, layer: usize, root: &P
                     size,
                     &mut buf,
                     |pos, len| {
-                        sparse
-                            && match rustix::fs::seek(&fd, rustix::fs::SeekFrom::Data(pos)) {
-                                Ok(d) => d >= pos + len,
-                                Err(e) => e == rustix::io::Errno::NXIO,
-                            }
+                        use rustix::fs::{seek, SeekFrom};
+                        if !sparse {
+                            return false;
+                        }
+                        // SEEK_DATA moves the shared offset: put it back.
+                        let hole = match seek(&fd, SeekFrom::Data(pos)) {
+                            Ok(d) => d >= pos + len,
+                            Err(e) => e == rustix::io::Errno::NXIO,
+                        };
+                        let _ = seek(&fd, SeekFrom::Start(pos));
+                        hole
                     },
                     &mut |len| {
                         use std::io::Seek;
-                        (&fd).seek(std::io::SeekFrom::Current(len as i64)).map(|_| ())
+                        (&fd)
+                            .seek(std::io::SeekFrom::Current(len as i64))
+                            .map(|_| ())
                     },
                 )
                 .map_err(io_err)?;
@@ -292,7 +333,10 @@ pub fn apply_dir(tree: &mut Tree, store: &mut ChunkStore, layer: usize, root: &P
             ),
             S_IFCHR | S_IFBLK => {
                 let rdev = md.rdev();
-                Data::Device(encode_rdev(rustix::fs::major(rdev), rustix::fs::minor(rdev)))
+                Data::Device(encode_rdev(
+                    rustix::fs::major(rdev),
+                    rustix::fs::minor(rdev),
+                ))
             }
             _ => Data::Special,
         };
@@ -308,7 +352,10 @@ mod tests {
 
     #[test]
     fn pax_times() {
-        assert_eq!(parse_pax_time(b"1700000000.5"), Some((1700000000, 500_000_000)));
+        assert_eq!(
+            parse_pax_time(b"1700000000.5"),
+            Some((1700000000, 500_000_000))
+        );
         assert_eq!(parse_pax_time(b"12"), Some((12, 0)));
         assert_eq!(parse_pax_time(b"1.123456789999"), Some((1, 123_456_789)));
         assert_eq!(parse_pax_time(b"-1.5"), Some((-2, 500_000_000)));

@@ -201,8 +201,14 @@ pub const EROFS_XATTR_INDEX_SECURITY: u8 = 6;
 
 /// Name prefixes by index, as `fs/erofs/xattr.c` maps them.
 pub const XATTR_PREFIXES: [(u8, &str); 6] = [
-    (EROFS_XATTR_INDEX_POSIX_ACL_ACCESS, "system.posix_acl_access"),
-    (EROFS_XATTR_INDEX_POSIX_ACL_DEFAULT, "system.posix_acl_default"),
+    (
+        EROFS_XATTR_INDEX_POSIX_ACL_ACCESS,
+        "system.posix_acl_access",
+    ),
+    (
+        EROFS_XATTR_INDEX_POSIX_ACL_DEFAULT,
+        "system.posix_acl_default",
+    ),
     (EROFS_XATTR_INDEX_USER, "user."),
     (EROFS_XATTR_INDEX_TRUSTED, "trusted."),
     (EROFS_XATTR_INDEX_LUSTRE, "lustre."),
@@ -257,7 +263,10 @@ pub fn encode_rdev(major: u32, minor: u32) -> u32 {
 
 /// Inverse of [`encode_rdev`]: (major, minor).
 pub fn decode_rdev(rdev: u32) -> (u32, u32) {
-    ((rdev & 0xfff00) >> 8, (rdev & 0xff) | ((rdev >> 12) & 0xfff00))
+    (
+        (rdev & 0xfff00) >> 8,
+        (rdev & 0xff) | ((rdev >> 12) & 0xfff00),
+    )
 }
 
 #[cfg(test)]

@@ -38,7 +38,10 @@ impl ReadAt for Vec<u8> {
 impl ReadAt for &[u8] {
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
         let start = usize::try_from(offset).unwrap_or(usize::MAX);
-        match start.checked_add(buf.len()).and_then(|end| self.get(start..end)) {
+        match start
+            .checked_add(buf.len())
+            .and_then(|end| self.get(start..end))
+        {
             Some(src) => {
                 buf.copy_from_slice(src);
                 Ok(())
@@ -72,11 +75,18 @@ pub struct BlobFiles(pub Vec<File>);
 impl BlobSource for BlobFiles {
     fn read_blob(&self, device_id: u16, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
         let f = self.0.get(usize::from(device_id) - 1).ok_or_else(|| {
-            std::io::Error::new(std::io::ErrorKind::NotFound, format!("no file for device {device_id}"))
+            std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("no file for device {device_id}"),
+            )
         })?;
         FileExt::read_exact_at(f, buf, offset)
     }
 }
+
+/// Receives a file's data in order: `Some(bytes)`, or `None` for a hole of
+/// the given length.
+pub type DataSink<'a> = dyn FnMut(Option<&[u8]>, u64) -> std::io::Result<()> + 'a;
 
 #[derive(Clone, Debug)]
 pub struct Inode {
@@ -158,7 +168,10 @@ pub fn tag_name(slot: u16, tag: &[u8; 64]) -> Result<Option<String>> {
     if tag.iter().all(|&b| b == 0) {
         return Ok(None);
     }
-    if tag.iter().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(b)) {
+    if tag
+        .iter()
+        .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(b))
+    {
         return Ok(Some(String::from_utf8_lossy(tag).into_owned()));
     }
     let end = tag.iter().position(|&b| b == 0).unwrap_or(64);
@@ -179,7 +192,10 @@ impl<R: ReadAt> Image<R> {
             return Err(Error::BadMagic(sb.magic.get()));
         }
         if !(9..=16).contains(&sb.blkszbits) {
-            return Err(Error::CorruptSuper(format!("block size bits {}", sb.blkszbits)));
+            return Err(Error::CorruptSuper(format!(
+                "block size bits {}",
+                sb.blkszbits
+            )));
         }
         let blksz = 1u64 << sb.blkszbits;
         if sb.feature_compat.get() & EROFS_FEATURE_COMPAT_SB_CHKSUM != 0 {
@@ -198,18 +214,23 @@ impl<R: ReadAt> Image<R> {
         }
         let unknown = sb.feature_incompat.get() & !EROFS_FEATURE_INCOMPAT_SUPPORTED;
         if unknown != 0 {
-            return Err(Error::Unsupported(format!("incompat features {unknown:#x}")));
+            return Err(Error::Unsupported(format!(
+                "incompat features {unknown:#x}"
+            )));
         }
         let ndev = u64::from(sb.extra_devices.get());
         let devt = u64::from(sb.devt_slotoff.get()) * EROFS_DEVT_SLOT_SIZE;
         if ndev > 0 && devt + ndev * EROFS_DEVT_SLOT_SIZE > image_size {
-            return Err(Error::CorruptSuper(format!("{ndev} device slots overrun the image")));
+            return Err(Error::CorruptSuper(format!(
+                "{ndev} device slots overrun the image"
+            )));
         }
         let mut devices = Vec::with_capacity(ndev as usize);
         for i in 0..ndev {
             let off = devt + i * EROFS_DEVT_SLOT_SIZE;
             let mut b = [0u8; 128];
-            src.read_exact_at(&mut b, off).map_err(io("device slot", off))?;
+            src.read_exact_at(&mut b, off)
+                .map_err(io("device slot", off))?;
             let slot = DeviceSlot::read_from_bytes(&b).unwrap();
             tag_name(i as u16 + 1, &slot.tag)?;
             devices.push(slot);
@@ -247,17 +268,23 @@ impl<R: ReadAt> Image<R> {
         }
         let off = self.image_size - TRAILER_SIZE;
         let mut b = [0u8; TRAILER_SIZE as usize];
-        self.src.read_exact_at(&mut b, off).map_err(io("trailer", off))?;
+        self.src
+            .read_exact_at(&mut b, off)
+            .map_err(io("trailer", off))?;
         let t = Trailer::read_from_bytes(&b).unwrap();
         if t.magic != TRAILER_MAGIC {
             return Ok(None);
         }
         let (start, len) = (t.table_offset.get(), t.table_len.get());
         if start < fs_end || start.checked_add(len) != Some(off) {
-            return Err(Error::ChunkTable(format!("table at {start} (+{len}) is misplaced")));
+            return Err(Error::ChunkTable(format!(
+                "table at {start} (+{len}) is misplaced"
+            )));
         }
         let mut table = vec![0u8; len as usize];
-        self.src.read_exact_at(&mut table, start).map_err(io("chunk table", start))?;
+        self.src
+            .read_exact_at(&mut table, start)
+            .map_err(io("chunk table", start))?;
         if Sha256::digest(&table).as_slice() != t.table_sha256 {
             return Err(Error::ChunkTable("digest mismatch".into()));
         }
@@ -275,7 +302,10 @@ impl<R: ReadAt> Image<R> {
     }
 
     fn read(&self, what: &'static str, offset: u64, len: u64) -> Result<Vec<u8>> {
-        if offset.checked_add(len).is_none_or(|end| end > self.image_size) {
+        if offset
+            .checked_add(len)
+            .is_none_or(|end| end > self.image_size)
+        {
             return Err(Error::Io {
                 what,
                 offset,
@@ -286,7 +316,9 @@ impl<R: ReadAt> Image<R> {
             });
         }
         let mut b = vec![0u8; len as usize];
-        self.src.read_exact_at(&mut b, offset).map_err(io(what, offset))?;
+        self.src
+            .read_exact_at(&mut b, offset)
+            .map_err(io(what, offset))?;
         Ok(b)
     }
 
@@ -347,7 +379,10 @@ impl<R: ReadAt> Image<R> {
         };
         ino.xattr_isize = xattr_ibody_size(ino.xattr_icount);
         if datalayout > EROFS_INODE_CHUNK_BASED {
-            return Err(Error::corrupt(nid, format!("unknown data layout {datalayout}")));
+            return Err(Error::corrupt(
+                nid,
+                format!("unknown data layout {datalayout}"),
+            ));
         }
         match ino.file_type() {
             S_IFREG | S_IFDIR | S_IFLNK | S_IFCHR | S_IFBLK | S_IFIFO | S_IFSOCK => {}
@@ -371,7 +406,10 @@ impl<R: ReadAt> Image<R> {
         let shared = usize::from(body[4]);
         let ids_end = 12 + 4 * shared;
         if ids_end > body.len() {
-            return Err(Error::corrupt(ino.nid, "shared xattr count overruns the xattr body"));
+            return Err(Error::corrupt(
+                ino.nid,
+                "shared xattr count overruns the xattr body",
+            ));
         }
         let mut out = Vec::new();
         let xattr_base = u64::from(self.sb.xattr_blkaddr.get()) * self.blksz;
@@ -403,9 +441,16 @@ impl<R: ReadAt> Image<R> {
             let ext = self.map(ino, pos)?;
             let chunk_end = match ext.1 {
                 Extent::Image { .. } if ext.0 .1 > pos => ext.0 .1.min(end),
-                _ => return Err(Error::corrupt(ino.nid, "flat data is not mapped in the image")),
+                _ => {
+                    return Err(Error::corrupt(
+                        ino.nid,
+                        "flat data is not mapped in the image",
+                    ))
+                }
             };
-            let Extent::Image { offset } = ext.1 else { unreachable!() };
+            let Extent::Image { offset } = ext.1 else {
+                unreachable!()
+            };
             out.extend(self.read("inode data", offset + (pos - ext.0 .0), chunk_end - pos)?);
             pos = chunk_end;
         }
@@ -427,7 +472,10 @@ impl<R: ReadAt> Image<R> {
                 let block_end = last * bs;
                 if pos < block_end {
                     let start = u64::from(ino.i_u) * bs;
-                    if start.checked_add(block_end).is_none_or(|e| e > self.image_size) {
+                    if start
+                        .checked_add(block_end)
+                        .is_none_or(|e| e > self.image_size)
+                    {
                         return Err(Error::corrupt(nid, "data blocks beyond the image end"));
                     }
                     Ok(((0, block_end), Extent::Image { offset: start }))
@@ -437,12 +485,13 @@ impl<R: ReadAt> Image<R> {
                     if at % bs + tail > bs {
                         return Err(Error::corrupt(nid, "inline data crosses a block boundary"));
                     }
-                    Ok(((block_end, ino.size), Extent::Image { offset: at - block_end }))
+                    Ok(((block_end, ino.size), Extent::Image { offset: at }))
                 }
             }
             EROFS_INODE_CHUNK_BASED => {
                 let fmt = ino.i_u as u16;
-                let chunkbits = u32::from(fmt & EROFS_CHUNK_FORMAT_BLKBITS_MASK) + self.sb.blkszbits as u32;
+                let chunkbits =
+                    u32::from(fmt & EROFS_CHUNK_FORMAT_BLKBITS_MASK) + self.sb.blkszbits as u32;
                 if chunkbits > 40 {
                     return Err(Error::corrupt(nid, format!("chunk size 2^{chunkbits}")));
                 }
@@ -469,23 +518,34 @@ impl<R: ReadAt> Image<R> {
                 let mask = (usize::from(self.sb.extra_devices.get()) + 1).next_power_of_two() - 1;
                 let device_id = device_id & mask as u16;
                 if usize::from(device_id) > self.devices.len() {
-                    return Err(Error::corrupt(nid, format!("chunk {chunknr}: device {device_id} does not exist")));
+                    return Err(Error::corrupt(
+                        nid,
+                        format!("chunk {chunknr}: device {device_id} does not exist"),
+                    ));
                 }
                 let nblocks = (range.1 - range.0).div_ceil(bs);
                 if device_id == 0 {
                     // Flat multi-device addressing through mapped_blkaddr.
                     for (i, d) in self.devices.iter().enumerate() {
                         let m = u64::from(d.mapped_blkaddr.get());
-                        if m != 0 && (m..m + u64::from(d.blocks.get())).contains(&u64::from(blkaddr)) {
-                            return Ok((range, Extent::Chunk {
-                                device_id: i as u16 + 1,
-                                blkaddr: (u64::from(blkaddr) - m) as u32,
-                            }));
+                        if m != 0
+                            && (m..m + u64::from(d.blocks.get())).contains(&u64::from(blkaddr))
+                        {
+                            return Ok((
+                                range,
+                                Extent::Chunk {
+                                    device_id: i as u16 + 1,
+                                    blkaddr: (u64::from(blkaddr) - m) as u32,
+                                },
+                            ));
                         }
                     }
                     let off = u64::from(blkaddr) * bs;
                     if off + nblocks * bs > self.image_size.div_ceil(bs) * bs {
-                        return Err(Error::corrupt(nid, format!("chunk {chunknr} beyond the image end")));
+                        return Err(Error::corrupt(
+                            nid,
+                            format!("chunk {chunknr} beyond the image end"),
+                        ));
                     }
                     return Ok((range, Extent::Image { offset: off }));
                 }
@@ -507,7 +567,10 @@ impl<R: ReadAt> Image<R> {
             return Err(Error::corrupt(ino.nid, "not a symlink"));
         }
         if ino.size == 0 || ino.size > 4096 {
-            return Err(Error::corrupt(ino.nid, format!("symlink size {}", ino.size)));
+            return Err(Error::corrupt(
+                ino.nid,
+                format!("symlink size {}", ino.size),
+            ));
         }
         self.read_flat(ino, 0, ino.size)
     }
@@ -518,7 +581,10 @@ impl<R: ReadAt> Image<R> {
             return Err(Error::NotDir(format!("nid {nid}")));
         }
         if ino.size > self.image_size {
-            return Err(Error::corrupt(nid, format!("directory size {} exceeds the image", ino.size)));
+            return Err(Error::corrupt(
+                nid,
+                format!("directory size {} exceeds the image", ino.size),
+            ));
         }
         let data = self.read_flat(ino, 0, ino.size)?;
         let bs = self.blksz as usize;
@@ -529,7 +595,10 @@ impl<R: ReadAt> Image<R> {
             }
             let first = usize::from(u16::from_le_bytes([blk[8], blk[9]]));
             if first < 12 || first >= blk.len() || first % 12 != 0 {
-                return Err(Error::corrupt(nid, format!("dir block {bi}: bad nameoff {first}")));
+                return Err(Error::corrupt(
+                    nid,
+                    format!("dir block {bi}: bad nameoff {first}"),
+                ));
             }
             let n = first / 12;
             for k in 0..n {
@@ -542,11 +611,20 @@ impl<R: ReadAt> Image<R> {
                     start + tail.iter().position(|&b| b == 0).unwrap_or(tail.len())
                 };
                 if start < first || end <= start || end > blk.len() {
-                    return Err(Error::corrupt(nid, format!("dir block {bi} entry {k}: bad name bounds {start}..{end}")));
+                    return Err(Error::corrupt(
+                        nid,
+                        format!("dir block {bi} entry {k}: bad name bounds {start}..{end}"),
+                    ));
                 }
                 let name = &blk[start..end];
                 if name.contains(&b'/') || name.contains(&0) {
-                    return Err(Error::corrupt(nid, format!("dir block {bi} entry {k}: invalid name {:?}", String::from_utf8_lossy(name))));
+                    return Err(Error::corrupt(
+                        nid,
+                        format!(
+                            "dir block {bi} entry {k}: invalid name {:?}",
+                            String::from_utf8_lossy(name)
+                        ),
+                    ));
                 }
                 out.push(DirEntry {
                     name: name.to_vec(),
@@ -582,7 +660,7 @@ impl<R: ReadAt> Image<R> {
         &self,
         ino: &Inode,
         blobs: &dyn BlobSource,
-        sink: &mut dyn FnMut(Option<&[u8]>, u64) -> std::io::Result<()>,
+        sink: &mut DataSink<'_>,
     ) -> Result<()> {
         if ino.file_type() != S_IFREG {
             return Err(Error::corrupt(ino.nid, "not a regular file"));
@@ -593,7 +671,9 @@ impl<R: ReadAt> Image<R> {
             let len = end - pos;
             let bytes = match ext {
                 Extent::Hole => None,
-                Extent::Image { offset } => Some(self.read("file data", offset + (pos - start), len)?),
+                Extent::Image { offset } => {
+                    Some(self.read("file data", offset + (pos - start), len)?)
+                }
                 Extent::Chunk { device_id, blkaddr } => {
                     let chunk = self.read_chunk(device_id, blkaddr, end - start, blobs)?;
                     Some(chunk[(pos - start) as usize..(end - start) as usize].to_vec())
@@ -607,19 +687,29 @@ impl<R: ReadAt> Image<R> {
 
     /// Read (and verify, if the image pins digests) the chunk at `blkaddr`
     /// of a device; returns at least `len` bytes.
-    pub fn read_chunk(&self, device_id: u16, blkaddr: u32, len: u64, blobs: &dyn BlobSource) -> Result<Vec<u8>> {
+    pub fn read_chunk(
+        &self,
+        device_id: u16,
+        blkaddr: u32,
+        len: u64,
+        blobs: &dyn BlobSource,
+    ) -> Result<Vec<u8>> {
         let bs = self.blksz;
-        let blob_name = || self.device_tag(device_id).unwrap_or_else(|| format!("device {device_id}"));
+        let blob_name = || {
+            self.device_tag(device_id)
+                .unwrap_or_else(|| format!("device {device_id}"))
+        };
         let (read_blocks, digest) = match &self.chunk_table {
             Some(t) => {
-                let e = t.find(device_id, blkaddr).filter(|e| e.blkaddr.get() == blkaddr).ok_or_else(|| {
-                    Error::Verify {
+                let e = t
+                    .find(device_id, blkaddr)
+                    .filter(|e| e.blkaddr.get() == blkaddr)
+                    .ok_or_else(|| Error::Verify {
                         blob: blob_name(),
                         blkaddr,
                         nblocks: 0,
                         why: "no chunk table entry starts here".into(),
-                    }
-                })?;
+                    })?;
                 if u64::from(e.nblocks.get()) * bs < len {
                     return Err(Error::Verify {
                         blob: blob_name(),
@@ -654,7 +744,10 @@ impl<R: ReadAt> Image<R> {
     }
 }
 
-fn parse_entry(nid: u64, raw: &[u8]) -> Result<((Vec<u8>, Vec<u8>), usize)> {
+/// A parsed xattr (full name, value) and the bytes its entry took.
+type ParsedXattr = ((Vec<u8>, Vec<u8>), usize);
+
+fn parse_entry(nid: u64, raw: &[u8]) -> Result<ParsedXattr> {
     let e = XattrEntry::read_from_prefix(raw)
         .map_err(|_| Error::corrupt(nid, "truncated xattr entry"))?
         .0;
@@ -663,8 +756,9 @@ fn parse_entry(nid: u64, raw: &[u8]) -> Result<((Vec<u8>, Vec<u8>), usize)> {
     if 4 + nl + vl > raw.len() {
         return Err(Error::corrupt(nid, "xattr entry overruns its area"));
     }
-    let name = xattr_full_name(e.e_name_index, &raw[4..4 + nl])
-        .ok_or_else(|| Error::corrupt(nid, format!("unknown xattr name index {}", e.e_name_index)))?;
+    let name = xattr_full_name(e.e_name_index, &raw[4..4 + nl]).ok_or_else(|| {
+        Error::corrupt(nid, format!("unknown xattr name index {}", e.e_name_index))
+    })?;
     let value = raw[4 + nl..4 + nl + vl].to_vec();
     Ok(((name, value), (4 + nl + vl).div_ceil(4) * 4))
 }

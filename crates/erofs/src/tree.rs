@@ -248,21 +248,28 @@ impl Tree {
             }
         }
         let id = self.push(node);
-        self.children_mut(parent)
-            .unwrap()
-            .insert(name.to_vec(), id);
+        self.children_mut(parent).unwrap().insert(name.to_vec(), id);
         Ok(())
     }
 
     /// The directory at `comps`, creating it (and its parents) if missing.
-    fn lookup_or_create_dir(&mut self, comps: &[&[u8]], layer: usize) -> Result<NodeId, ApplyError> {
+    fn lookup_or_create_dir(
+        &mut self,
+        comps: &[&[u8]],
+        layer: usize,
+    ) -> Result<NodeId, ApplyError> {
         let mut with_leaf = comps.to_vec();
         with_leaf.push(b"-");
         self.parent_dir(&with_leaf, layer)
     }
 
     /// Add a hard link at `comps` to the existing non-directory at `target`.
-    pub fn link(&mut self, comps: &[&[u8]], target: &[&[u8]], layer: usize) -> Result<(), ApplyError> {
+    pub fn link(
+        &mut self,
+        comps: &[&[u8]],
+        target: &[&[u8]],
+        layer: usize,
+    ) -> Result<(), ApplyError> {
         let id = self
             .lookup(target)
             .ok_or_else(|| ApplyError::NoLinkTarget(show(target)))?;
@@ -364,8 +371,14 @@ mod tests {
         assert_eq!(split_path(b"./a//b/").unwrap(), vec![&b"a"[..], b"b"]);
         let mut t = Tree::new();
         t.apply(&p("f"), file(0)).unwrap();
-        assert!(matches!(t.apply(&p("f/g"), file(0)), Err(ApplyError::NotDir(_))));
-        assert!(matches!(t.link(&p("l"), &p("nope"), 0), Err(ApplyError::NoLinkTarget(_))));
+        assert!(matches!(
+            t.apply(&p("f/g"), file(0)),
+            Err(ApplyError::NotDir(_))
+        ));
+        assert!(matches!(
+            t.link(&p("l"), &p("nope"), 0),
+            Err(ApplyError::NoLinkTarget(_))
+        ));
     }
 
     #[test]

@@ -199,7 +199,9 @@ pub fn write_image(
     let build_time = opts.build_time.unwrap_or_else(|| {
         let mut counts: HashMap<(i64, u32), usize> = HashMap::new();
         for &id in &order {
-            *counts.entry((nodes[id].meta.mtime, nodes[id].meta.mtime_nsec)).or_default() += 1;
+            *counts
+                .entry((nodes[id].meta.mtime, nodes[id].meta.mtime_nsec))
+                .or_default() += 1;
         }
         counts
             .into_iter()
@@ -276,9 +278,11 @@ pub fn write_image(
                     (EROFS_INODE_FLAT_PLAIN, 0, 0)
                 }
             }
-            Data::File { size, chunks } if *size > 0 => {
-                (EROFS_INODE_CHUNK_BASED, 0, align(head, 8) - head + 8 * chunks.len())
-            }
+            Data::File { size, chunks } if *size > 0 => (
+                EROFS_INODE_CHUNK_BASED,
+                0,
+                align(head, 8) - head + 8 * chunks.len(),
+            ),
             _ => (EROFS_INODE_FLAT_PLAIN, 0, 0),
         };
         if tail > 0 && cursor % BLK + head + tail > BLK {
@@ -329,7 +333,11 @@ pub fn write_image(
 
     // Pass 2: serialize.
     let mut img = vec![0u8; data_blk * BLK];
-    let nid_of: HashMap<NodeId, u64> = order.iter().zip(&layouts).map(|(&id, l)| (id, l.nid)).collect();
+    let nid_of: HashMap<NodeId, u64> = order
+        .iter()
+        .zip(&layouts)
+        .map(|(&id, l)| (id, l.nid))
+        .collect();
     for (i, &id) in order.iter().enumerate() {
         let node = &nodes[id];
         let l = &mut layouts[i];
@@ -427,7 +435,9 @@ pub fn write_image(
     // Superblock.
     let mut volume_name = [0u8; 16];
     if opts.volume_name.len() > 16 {
-        return Err(BuildError::Invalid("fsid longer than 16 bytes cannot be stored".into()));
+        return Err(BuildError::Invalid(
+            "fsid longer than 16 bytes cannot be stored".into(),
+        ));
     }
     volume_name[..opts.volume_name.len()].copy_from_slice(&opts.volume_name);
     let mut sb = SuperBlock {
@@ -441,7 +451,11 @@ pub fn write_image(
         blocks: total_blocks.into(),
         volume_name,
         feature_incompat: (EROFS_FEATURE_INCOMPAT_CHUNKED_FILE
-            | if ndev > 0 { EROFS_FEATURE_INCOMPAT_DEVICE_TABLE } else { 0 })
+            | if ndev > 0 {
+                EROFS_FEATURE_INCOMPAT_DEVICE_TABLE
+            } else {
+                0
+            })
         .into(),
         extra_devices: (ndev as u16).into(),
         devt_slotoff: ((DEVT_OFFSET / 128) as u16).into(),

@@ -33,7 +33,10 @@ pub fn blob_paths(img: &Image<File>, args: &BlobArgs) -> Result<Vec<PathBuf>> {
     let n = img.devices.len();
     if !args.devices.is_empty() {
         if args.devices.len() != n {
-            bail!("the image has {n} device slots but {} --device were given", args.devices.len());
+            bail!(
+                "the image has {n} device slots but {} --device were given",
+                args.devices.len()
+            );
         }
         return Ok(args.devices.clone());
     }
@@ -141,7 +144,9 @@ pub fn inspect(path: &Path, as_json: bool) -> Result<()> {
         };
         *counts.entry(kind).or_default() += 1;
         if e.inode.file_type() == S_IFREG && e.inode.datalayout == EROFS_INODE_CHUNK_BASED {
-            chunk_size.get_or_insert(1u64 << ((e.inode.i_u as u16 & EROFS_CHUNK_FORMAT_BLKBITS_MASK) + 12));
+            chunk_size.get_or_insert(
+                1u64 << ((e.inode.i_u as u16 & EROFS_CHUNK_FORMAT_BLKBITS_MASK) + 12),
+            );
             let mut pos = 0;
             while pos < e.inode.size {
                 let ((start, end), ext) = img.map(&e.inode, pos)?;
@@ -198,25 +203,60 @@ pub fn inspect(path: &Path, as_json: bool) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
-    println!("image:        {} ({} bytes)", path.display(), img.image_size);
-    println!("block size:   {}  blocks: {}  root nid: {}", img.block_size(), sb.blocks.get(), img.root_nid());
-    println!("inodes:       {}  ({})", sb.inos.get(), counts.iter().map(|(k, v)| format!("{v} {k}")).collect::<Vec<_>>().join(", "));
-    println!("features:     {}", v["features"].as_array().unwrap().iter().map(|f| f.as_str().unwrap()).collect::<Vec<_>>().join(" "));
+    println!(
+        "image:        {} ({} bytes)",
+        path.display(),
+        img.image_size
+    );
+    println!(
+        "block size:   {}  blocks: {}  root nid: {}",
+        img.block_size(),
+        sb.blocks.get(),
+        img.root_nid()
+    );
+    println!(
+        "inodes:       {}  ({})",
+        sb.inos.get(),
+        counts
+            .iter()
+            .map(|(k, v)| format!("{v} {k}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    println!(
+        "features:     {}",
+        v["features"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| f.as_str().unwrap())
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
     println!("uuid:         {}", v["uuid"].as_str().unwrap());
     if let Some(cs) = chunk_size {
         println!("chunk size:   {cs}");
     }
     match &img.chunk_table {
-        Some(t) => println!("chunk table:  {} digests (every blob chunk verifiable)", t.total_entries()),
+        Some(t) => println!(
+            "chunk table:  {} digests (every blob chunk verifiable)",
+            t.total_entries()
+        ),
         None => println!("chunk table:  none (not built by shoal; blobs checked whole only)"),
     }
     for d in &devices {
         println!(
             "device {}:     {} {} bytes, {} chunk digests",
-            d["device_id"], d["tag"].as_str().unwrap(), d["bytes"], d["chunk_digests"]
+            d["device_id"],
+            d["tag"].as_str().unwrap(),
+            d["bytes"],
+            d["chunk_digests"]
         );
     }
-    println!("file data:    {logical} bytes in blobs, {stored_bytes} unique, dedup ratio {:.3}", dedup);
+    println!(
+        "file data:    {logical} bytes in blobs, {stored_bytes} unique, dedup ratio {:.3}",
+        dedup
+    );
     Ok(())
 }
 
@@ -252,7 +292,10 @@ pub fn ls(path: &Path, dir: &str, recursive: bool) -> Result<()> {
                     p.push(b'/');
                 }
                 p.extend_from_slice(&e.name);
-                v.push(crate::walk::Entry { path: p, inode: img.inode(e.nid)? });
+                v.push(crate::walk::Entry {
+                    path: p,
+                    inode: img.inode(e.nid)?,
+                });
             }
         }
         v
@@ -361,7 +404,10 @@ pub fn verify(path: &Path, args: &BlobArgs) -> Result<()> {
         };
         let size = f.metadata()?.len();
         if size != want_size {
-            problems.push(format!("blob {}: {size} bytes, device slot says {want_size}", p.display()));
+            problems.push(format!(
+                "blob {}: {size} bytes, device slot says {want_size}",
+                p.display()
+            ));
         }
         if let Some(tag) = img.device_tag(dev) {
             let mut h = Sha256::new();
@@ -375,7 +421,10 @@ pub fn verify(path: &Path, args: &BlobArgs) -> Result<()> {
             }
             let got = hex::encode(h.finalize());
             if got != tag {
-                problems.push(format!("blob {}: sha256 {got} does not match its tag {tag}", p.display()));
+                problems.push(format!(
+                    "blob {}: sha256 {got} does not match its tag {tag}",
+                    p.display()
+                ));
             }
         }
         let entries = img.chunk_table.as_ref().and_then(|t| t.entries(dev));
@@ -401,8 +450,11 @@ pub fn verify(path: &Path, args: &BlobArgs) -> Result<()> {
         while pos < e.inode.size {
             match img.map(&e.inode, pos) {
                 Ok(((_, end), ext)) => {
-                    if let (Extent::Chunk { device_id, blkaddr }, Some(t)) = (ext, &img.chunk_table) {
-                        if t.find(device_id, blkaddr).is_none_or(|c| c.blkaddr.get() != blkaddr) {
+                    if let (Extent::Chunk { device_id, blkaddr }, Some(t)) = (ext, &img.chunk_table)
+                    {
+                        if t.find(device_id, blkaddr)
+                            .is_none_or(|c| c.blkaddr.get() != blkaddr)
+                        {
                             problems.push(format!(
                                 "/{}: chunk at device {device_id} block {blkaddr} has no digest",
                                 String::from_utf8_lossy(&e.path)

@@ -11,7 +11,11 @@ use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 
 #[derive(Parser)]
-#[command(name = "shoal", version, about = "EROFS images with shared, lazily fetched blob domains")]
+#[command(
+    name = "shoal",
+    version,
+    about = "EROFS images with shared, lazily fetched blob domains"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,

@@ -21,8 +21,12 @@ pub fn mount_erofs(source: &Path, devices: &[&Path], target: &Path) -> std::io::
         fsconfig_set_string(fs.as_fd(), "device", *d).map_err(|e| ctx(e, "device"))?;
     }
     fsconfig_create(fs.as_fd()).map_err(|e| ctx(e, "create"))?;
-    let mnt = fsmount(fs.as_fd(), FsMountFlags::FSMOUNT_CLOEXEC, MountAttrFlags::MOUNT_ATTR_RDONLY)
-        .map_err(|e| ctx(e, "fsmount"))?;
+    let mnt = fsmount(
+        fs.as_fd(),
+        FsMountFlags::FSMOUNT_CLOEXEC,
+        MountAttrFlags::MOUNT_ATTR_RDONLY,
+    )
+    .map_err(|e| ctx(e, "fsmount"))?;
     move_mount(
         mnt.as_fd(),
         "",

@@ -1,0 +1,318 @@
+//! Shared helpers for the integration tests: the shoal binary, skip
+//! detection, a reference applier of tar layers (GNU tar), a tree
+//! comparator and a mount guard.
+#![allow(dead_code)]
+
+use sha2::{Digest, Sha256};
+use std::collections::{BTreeMap, HashMap};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+pub fn shoal() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_shoal"))
+}
+
+/// Run shoal, panic with its stderr on failure, return stdout.
+pub fn run_shoal(args: &[&std::ffi::OsStr]) -> String {
+    let out = shoal().args(args).output().expect("running shoal");
+    assert!(
+        out.status.success(),
+        "shoal {:?} failed: {}",
+        args,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[macro_export]
+macro_rules! os {
+    ($($a:expr),* $(,)?) => { &[$(std::ffi::OsStr::new($a)),*] };
+}
+
+pub fn corpus_dir() -> PathBuf {
+    let here = Path::new(env!("CARGO_MANIFEST_DIR"));
+    here.join("../../../shared/corpus")
+}
+
+/// Why kernel-mount tests cannot run here, if they cannot.
+pub fn kernel_mount_unavailable() -> Option<String> {
+    if !rustix::process::geteuid().is_root() {
+        return Some("not root".into());
+    }
+    let fs = std::fs::read_to_string("/proc/filesystems").unwrap_or_default();
+    if !fs.contains("erofs") {
+        // erofs may be a module that loads on first use
+        let _ = Command::new("modprobe").arg("erofs").status();
+        let fs = std::fs::read_to_string("/proc/filesystems").unwrap_or_default();
+        if !fs.contains("erofs") {
+            return Some("kernel has no erofs".into());
+        }
+    }
+    None
+}
+
+pub fn skip(reason: &str) {
+    println!("skipped: {reason}");
+}
+
+/// Unmounts on drop.
+pub struct Mounted(pub PathBuf);
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+pub fn mount(image: &Path, blob_dir: &Path, mnt: &Path) -> Mounted {
+    std::fs::create_dir_all(mnt).unwrap();
+    run_shoal(&[
+        "mount".as_ref(),
+        image.as_os_str(),
+        mnt.as_os_str(),
+        "--blob-dir".as_ref(),
+        blob_dir.as_os_str(),
+    ]);
+    Mounted(mnt.to_path_buf())
+}
+
+fn keep_mtime<F: FnOnce()>(dir: &Path, f: F) {
+    let md = std::fs::symlink_metadata(dir).ok();
+    f();
+    if let Some(md) = md {
+        let t = rustix::fs::Timespec {
+            tv_sec: md.mtime(),
+            tv_nsec: md.mtime_nsec() as _,
+        };
+        let _ = rustix::fs::utimensat(
+            rustix::fs::CWD,
+            dir,
+            &rustix::fs::Timestamps {
+                last_access: t,
+                last_modification: t,
+            },
+            rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+        );
+    }
+}
+
+/// Apply OCI layers with GNU tar, independently of shoal: whiteouts of a
+/// layer are applied to the lower layers first, then the layer is extracted
+/// without its whiteout files.
+pub fn reference_tree(layers: &[PathBuf], dest: &Path) {
+    std::fs::create_dir_all(dest).unwrap();
+    // A directory's metadata comes from the topmost layer with an entry for
+    // it; files a layer adds to it must not bump it (extracting them does).
+    let mut dir_times: BTreeMap<PathBuf, (i64, u32)> = BTreeMap::new();
+    for layer in layers {
+        let list = Command::new("tar").arg("-tf").arg(layer).output().unwrap();
+        assert!(list.status.success(), "tar -t {}", layer.display());
+        for name in list.stdout.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+            let p = Path::new(std::ffi::OsStr::from_bytes(name));
+            let Some(base) = p.file_name() else { continue };
+            let parent = dest.join(p.parent().unwrap_or(Path::new("")));
+            let base = base.as_bytes();
+            if base == b".wh..wh..opq" {
+                keep_mtime(&parent, || {
+                    if let Ok(rd) = std::fs::read_dir(&parent) {
+                        for e in rd.flatten() {
+                            let path = e.path();
+                            if path.is_dir() && !path.is_symlink() {
+                                std::fs::remove_dir_all(&path).unwrap();
+                            } else {
+                                std::fs::remove_file(&path).unwrap();
+                            }
+                        }
+                    }
+                });
+            } else if let Some(hidden) = base.strip_prefix(b".wh.") {
+                let victim = parent.join(std::ffi::OsStr::from_bytes(hidden));
+                keep_mtime(&parent, || {
+                    if let Ok(md) = std::fs::symlink_metadata(&victim) {
+                        if md.is_dir() {
+                            std::fs::remove_dir_all(&victim).unwrap();
+                        } else {
+                            std::fs::remove_file(&victim).unwrap();
+                        }
+                    }
+                });
+            }
+        }
+        let st = Command::new("tar")
+            .args([
+                "--xattrs",
+                "--xattrs-include=*",
+                "--acls",
+                "--numeric-owner",
+                "-xpf",
+            ])
+            .arg(layer)
+            .arg("--exclude=.wh.*")
+            .arg("-C")
+            .arg(dest)
+            .status()
+            .unwrap();
+        assert!(st.success(), "tar -x {}", layer.display());
+        // GNU tar restores a directory's mtime when it leaves it; entries
+        // landing in it later (layers are not sorted) bump it again, and a
+        // second `tar -x` leaves existing directories alone. So set
+        // directory times from the layer's directory entries (listed by
+        // Python's tarfile, exact PAX time strings) once more.
+        let py = Command::new("/usr/bin/python3")
+            .args([
+                "-c",
+                "import sys,tarfile,subprocess\np=sys.argv[1]\nf=open(p,'rb')\nif f.read(4)==b'\\x28\\xb5\\x2f\\xfd':\n    t=tarfile.open(fileobj=subprocess.Popen(['zstd','-dc',p],stdout=subprocess.PIPE).stdout,mode='r|')\nelse:\n    t=tarfile.open(p)\nfor m in t:\n    m.isdir() and sys.stdout.buffer.write(m.name.encode('utf-8','surrogateescape')+b'\\0'+m.pax_headers.get('mtime',str(m.mtime)).encode()+b'\\0')",
+            ])
+            .arg(layer)
+            .output()
+            .unwrap();
+        assert!(
+            py.status.success(),
+            "listing directories: {}",
+            String::from_utf8_lossy(&py.stderr)
+        );
+        let fields: Vec<&[u8]> = py.stdout.split(|&b| b == 0).collect();
+        for pair in fields.chunks_exact(2) {
+            let dir = dest.join(std::ffi::OsStr::from_bytes(pair[0]));
+            let t = std::str::from_utf8(pair[1]).unwrap();
+            let (sec, frac) = t.split_once('.').unwrap_or((t, "0"));
+            let nsec: u32 = format!("{frac:0<9}")[..9].parse().unwrap();
+            dir_times.insert(dir, (sec.parse().unwrap(), nsec));
+        }
+        for (dir, (sec, nsec)) in &dir_times {
+            let ts = rustix::fs::Timespec {
+                tv_sec: *sec,
+                tv_nsec: *nsec as _,
+            };
+            let _ = rustix::fs::utimensat(
+                rustix::fs::CWD,
+                dir,
+                &rustix::fs::Timestamps {
+                    last_access: ts,
+                    last_modification: ts,
+                },
+                rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+            );
+        }
+    }
+}
+
+fn xattrs(p: &Path) -> BTreeMap<Vec<u8>, Vec<u8>> {
+    let mut m = BTreeMap::new();
+    for n in xattr::list(p).unwrap() {
+        if let Some(v) = xattr::get(p, &n).unwrap() {
+            m.insert(n.as_bytes().to_vec(), v);
+        }
+    }
+    m
+}
+
+fn file_digest(p: &Path) -> String {
+    let mut h = Sha256::new();
+    let mut f = std::fs::File::open(p).unwrap();
+    std::io::copy(&mut f, &mut h).unwrap();
+    hex::encode(h.finalize())
+}
+
+fn walk(root: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel) = stack.pop() {
+        let abs = root.join(&rel);
+        let md = std::fs::symlink_metadata(&abs).unwrap();
+        if md.is_dir() {
+            let mut names: Vec<_> = std::fs::read_dir(&abs)
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .collect();
+            names.sort();
+            for n in names.into_iter().rev() {
+                stack.push(rel.join(n));
+            }
+        }
+        out.push(rel);
+    }
+    out
+}
+
+/// Compare two trees in content and metadata: type, mode, uid, gid, mtime
+/// (ns), size, rdev, nlink, xattrs, symlink targets, file contents and
+/// hard-link groups. Returns the differences (empty when equal). The roots'
+/// own metadata is not compared.
+pub fn compare_trees(a: &Path, b: &Path) -> Vec<String> {
+    let mut diffs = Vec::new();
+    let pa = walk(a);
+    let pb = walk(b);
+    if pa != pb {
+        let sa: std::collections::BTreeSet<_> = pa.iter().collect();
+        let sb: std::collections::BTreeSet<_> = pb.iter().collect();
+        for p in sa.difference(&sb).take(20) {
+            diffs.push(format!("only in {}: {}", a.display(), p.display()));
+        }
+        for p in sb.difference(&sa).take(20) {
+            diffs.push(format!("only in {}: {}", b.display(), p.display()));
+        }
+        return diffs;
+    }
+    let mut groups_a: HashMap<u64, Vec<&PathBuf>> = HashMap::new();
+    let mut groups_b: HashMap<u64, Vec<&PathBuf>> = HashMap::new();
+    for rel in pa.iter().skip(1) {
+        let (x, y) = (a.join(rel), b.join(rel));
+        let (mx, my) = (
+            std::fs::symlink_metadata(&x).unwrap(),
+            std::fs::symlink_metadata(&y).unwrap(),
+        );
+        let mut d = |what: &str, l: String, r: String| {
+            if l != r {
+                diffs.push(format!("{}: {what} {l} != {r}", rel.display()));
+            }
+        };
+        d(
+            "mode",
+            format!("{:o}", mx.mode()),
+            format!("{:o}", my.mode()),
+        );
+        d("uid", mx.uid().to_string(), my.uid().to_string());
+        d("gid", mx.gid().to_string(), my.gid().to_string());
+        d(
+            "mtime",
+            format!("{}.{:09}", mx.mtime(), mx.mtime_nsec()),
+            format!("{}.{:09}", my.mtime(), my.mtime_nsec()),
+        );
+        d("nlink", mx.nlink().to_string(), my.nlink().to_string());
+        d("rdev", mx.rdev().to_string(), my.rdev().to_string());
+        d(
+            "xattrs",
+            format!("{:?}", xattrs(&x)),
+            format!("{:?}", xattrs(&y)),
+        );
+        if mx.is_file() {
+            d("size", mx.len().to_string(), my.len().to_string());
+            d("content", file_digest(&x), file_digest(&y));
+        }
+        if mx.is_symlink() {
+            d(
+                "target",
+                format!("{:?}", std::fs::read_link(&x).ok()),
+                format!("{:?}", std::fs::read_link(&y).ok()),
+            );
+        }
+        if !mx.is_dir() && mx.nlink() > 1 {
+            groups_a.entry(mx.ino()).or_default().push(rel);
+            groups_b.entry(my.ino()).or_default().push(rel);
+        }
+    }
+    let mut ga: Vec<_> = groups_a.into_values().collect();
+    let mut gb: Vec<_> = groups_b.into_values().collect();
+    ga.sort();
+    gb.sort();
+    if ga != gb {
+        diffs.push(format!(
+            "hard-link groups differ: {} vs {}",
+            ga.len(),
+            gb.len()
+        ));
+    }
+    diffs
+}
