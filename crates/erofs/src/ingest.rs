@@ -23,7 +23,9 @@ fn store_data(
     skip: &mut dyn FnMut(u64) -> std::io::Result<()>,
 ) -> Result<Vec<Option<ChunkRef>>, std::io::Error> {
     let cs = store.chunk_size();
-    let mut chunks = Vec::with_capacity(size.div_ceil(cs) as usize);
+    // `size` may come from a hostile tar header: reserve only what a few
+    // chunks need and grow as data really arrives.
+    let mut chunks = Vec::with_capacity(size.div_ceil(cs).min(1024) as usize);
     let mut pos = 0;
     while pos < size {
         let len = cs.min(size - pos);

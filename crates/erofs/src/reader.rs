@@ -218,6 +218,13 @@ impl<R: ReadAt> Image<R> {
                 "incompat features {unknown:#x}"
             )));
         }
+        let fs_bytes = u64::from(sb.blocks.get()) * blksz;
+        if fs_bytes > image_size {
+            return Err(Error::CorruptSuper(format!(
+                "{} blocks ({fs_bytes} bytes) but the image has {image_size} bytes: truncated",
+                sb.blocks.get()
+            )));
+        }
         let ndev = u64::from(sb.extra_devices.get());
         let devt = u64::from(sb.devt_slotoff.get()) * EROFS_DEVT_SLOT_SIZE;
         if ndev > 0 && devt + ndev * EROFS_DEVT_SLOT_SIZE > image_size {
@@ -327,7 +334,7 @@ impl<R: ReadAt> Image<R> {
             .checked_mul(32)
             .and_then(|o| o.checked_add(u64::from(self.sb.meta_blkaddr.get()) * self.blksz))
             .ok_or_else(|| Error::corrupt(nid, "nid out of range"))?;
-        if offset + 32 > self.image_size {
+        if offset.checked_add(32).is_none_or(|e| e > self.image_size) {
             return Err(Error::corrupt(nid, "inode beyond the image end"));
         }
         let b = self.read("inode", offset, 32)?;
@@ -339,6 +346,9 @@ impl<R: ReadAt> Image<R> {
         }
         let datalayout = (format >> EROFS_I_DATALAYOUT_BIT) & EROFS_I_DATALAYOUT_MASK;
         let mut ino = if extended {
+            if offset + 64 > self.image_size {
+                return Err(Error::corrupt(nid, "extended inode beyond the image end"));
+            }
             let b = self.read("inode", offset, 64)?;
             let e = InodeExtended::read_from_bytes(&b).unwrap();
             Inode {
@@ -469,7 +479,9 @@ impl<R: ReadAt> Image<R> {
                 let inline = ino.datalayout == EROFS_INODE_FLAT_INLINE;
                 let nblocks = ino.size.div_ceil(bs);
                 let last = nblocks - u64::from(inline);
-                let block_end = last * bs;
+                let block_end = last
+                    .checked_mul(bs)
+                    .ok_or_else(|| Error::corrupt(nid, format!("file size {}", ino.size)))?;
                 if pos < block_end {
                     let start = u64::from(ino.i_u) * bs;
                     if start
@@ -550,7 +562,8 @@ impl<R: ReadAt> Image<R> {
                     return Ok((range, Extent::Image { offset: off }));
                 }
                 let dev_blocks = u64::from(self.devices[usize::from(device_id) - 1].blocks.get());
-                if u64::from(blkaddr) + nblocks > dev_blocks {
+                // erofs-utils 1.5 leaves `blocks` 0 for --blobdev: size unknown.
+                if dev_blocks != 0 && u64::from(blkaddr) + nblocks > dev_blocks {
                     return Err(Error::corrupt(
                         nid,
                         format!("chunk {chunknr}: blocks {blkaddr}+{nblocks} beyond device {device_id} ({dev_blocks} blocks)"),
@@ -722,14 +735,23 @@ impl<R: ReadAt> Image<R> {
             }
             None => (len.div_ceil(bs), None),
         };
-        let mut buf = vec![0u8; (read_blocks * bs) as usize];
-        blobs
-            .read_blob(device_id, &mut buf, u64::from(blkaddr) * bs)
-            .map_err(|e| Error::Io {
-                what: "data blob",
-                offset: u64::from(blkaddr) * bs,
-                source: std::io::Error::new(e.kind(), format!("blob {}: {e}", blob_name())),
-            })?;
+        // Grow the buffer only as reads succeed: a hostile block count costs
+        // at most one piece beyond what the blob really holds.
+        const PIECE: u64 = 16 << 20;
+        let total = read_blocks * bs;
+        let mut buf = Vec::with_capacity(total.min(PIECE) as usize);
+        while (buf.len() as u64) < total {
+            let at = buf.len();
+            let offset = u64::from(blkaddr) * bs + at as u64;
+            buf.resize(at + PIECE.min(total - at as u64) as usize, 0);
+            blobs
+                .read_blob(device_id, &mut buf[at..], offset)
+                .map_err(|e| Error::Io {
+                    what: "data blob",
+                    offset,
+                    source: std::io::Error::new(e.kind(), format!("blob {}: {e}", blob_name())),
+                })?;
+        }
         if let Some(d) = digest {
             if Sha256::digest(&buf).as_slice() != d {
                 return Err(Error::Verify {

@@ -71,6 +71,8 @@ pub enum ApplyError {
     NoLinkTarget(String),
     LinkToDir(String),
     Name(String),
+    /// A layer entry for the root itself (`./`) that is not a directory.
+    RootNotDir,
 }
 
 impl std::fmt::Display for ApplyError {
@@ -80,6 +82,7 @@ impl std::fmt::Display for ApplyError {
             ApplyError::NoLinkTarget(p) => write!(f, "hard link target {p:?} does not exist"),
             ApplyError::LinkToDir(p) => write!(f, "hard link target {p:?} is a directory"),
             ApplyError::Name(p) => write!(f, "invalid name {p:?}"),
+            ApplyError::RootNotDir => write!(f, "the root can only be a directory"),
         }
     }
 }
@@ -209,6 +212,9 @@ impl Tree {
         let layer = node.layer;
         let Some(name) = comps.last() else {
             // The root itself: take its metadata, keep its children.
+            if !matches!(node.data, Data::Dir(_)) || node.meta.mode & S_IFMT != S_IFDIR {
+                return Err(ApplyError::RootNotDir);
+            }
             self.nodes[self.root].meta = node.meta;
             return Ok(());
         };

@@ -127,7 +127,7 @@ pub fn inspect(path: &Path, as_json: bool) -> Result<()> {
     let entries = walk(&img, root, b"")?;
     let mut counts: BTreeMap<&str, u64> = BTreeMap::new();
     let mut seen = HashSet::new();
-    let (mut logical, mut chunk_size) = (0u64, None);
+    let (mut logical, mut referenced, mut chunk_size) = (0u64, 0u64, None);
     let mut stored: HashSet<(u16, u32)> = HashSet::new();
     let mut stored_bytes = 0u64;
     for e in &entries {
@@ -151,9 +151,11 @@ pub fn inspect(path: &Path, as_json: bool) -> Result<()> {
             while pos < e.inode.size {
                 let ((start, end), ext) = img.map(&e.inode, pos)?;
                 if let Extent::Chunk { device_id, blkaddr } = ext {
+                    let padded = (end - start).div_ceil(img.block_size()) * img.block_size();
                     logical += end - start;
+                    referenced += padded;
                     if stored.insert((device_id, blkaddr)) {
-                        stored_bytes += (end - start).div_ceil(4096) * 4096;
+                        stored_bytes += padded;
                     }
                 }
                 pos = end;
@@ -176,7 +178,7 @@ pub fn inspect(path: &Path, as_json: bool) -> Result<()> {
         })
         .collect();
     let dedup = if stored_bytes > 0 {
-        logical as f64 / stored_bytes as f64
+        referenced as f64 / stored_bytes as f64
     } else {
         1.0
     };

@@ -1,0 +1,1 @@
+print("hello from the shoal demo app layer")
