@@ -2,6 +2,7 @@
 //! and frontends) into a CLI.
 #![forbid(unsafe_code)]
 
+mod bench;
 mod demo;
 mod image_cmds;
 mod walk;
@@ -94,12 +95,32 @@ enum Cmd {
     },
     /// Unmount a shoal mount.
     Umount { mountpoint: PathBuf },
+    /// Benchmarks that print a table.
+    Bench {
+        #[command(subcommand)]
+        what: BenchCmd,
+    },
     /// Build two images from the bundled example that share a base layer,
     /// then inspect, verify and (where the kernel allows) mount them.
     Demo {
         /// Where to put the demo's images and blobs.
         #[arg(long, default_value = "target/demo")]
         work_dir: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// shoal build vs mkfs.erofs --blobdev --chunksize on the corpus trees.
+    Build {
+        /// Directory with the corpus tar layers.
+        #[arg(long, default_value = "../shared/corpus")]
+        corpus: PathBuf,
+        #[arg(long, default_value_t = 1 << 20)]
+        chunk_size: u64,
+        /// Runs per measurement (best wall time is reported).
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
     },
 }
 
@@ -154,5 +175,13 @@ fn main() -> Result<()> {
         Cmd::Umount { mountpoint } => shoal_sys::umount(&mountpoint)
             .with_context(|| format!("unmounting {}", mountpoint.display())),
         Cmd::Demo { work_dir } => demo::run(&work_dir),
+        Cmd::Bench {
+            what:
+                BenchCmd::Build {
+                    corpus,
+                    chunk_size,
+                    runs,
+                },
+        } => bench::run(&corpus, chunk_size, runs),
     }
 }

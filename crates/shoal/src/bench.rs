@@ -1,0 +1,188 @@
+//! `shoal bench build`: shoal build vs `mkfs.erofs --blobdev --chunksize` on
+//! the corpus trees. Each builder runs under `/usr/bin/time` (wall time and
+//! peak RSS of that process alone), best of N runs, warm page cache.
+
+use anyhow::{bail, Context, Result};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+const COMBOS: &[(&str, &[&str])] = &[
+    ("base", &["base.tar.gz"]),
+    ("base+py", &["base.tar.gz", "py-layer.tar.gz"]),
+    (
+        "base+py+slim",
+        &["base.tar.gz", "py-layer.tar.gz", "slim-layer.tar.gz"],
+    ),
+    ("base+web", &["base.tar.gz", "web-layer.tar.zst"]),
+];
+
+struct Run {
+    wall: f64,
+    rss_kb: u64,
+}
+
+/// Run a command `runs` times; best wall time, max peak RSS.
+fn measure(cmd: &[&std::ffi::OsStr], runs: usize, work: &Path, before: &dyn Fn()) -> Result<Run> {
+    let mut best = Run {
+        wall: f64::MAX,
+        rss_kb: 0,
+    };
+    let stats = work.join("time.out");
+    for _ in 0..runs {
+        before();
+        let st = Command::new("/usr/bin/time")
+            .arg("-f")
+            .arg("%e %M")
+            .arg("-o")
+            .arg(&stats)
+            .args(cmd)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .context("running /usr/bin/time (Debian package `time`)")?;
+        if !st.success() {
+            bail!("{:?} failed", cmd);
+        }
+        let s = std::fs::read_to_string(&stats)?;
+        let mut it = s.split_whitespace();
+        let wall: f64 = it.next().context("time output")?.parse()?;
+        let rss: u64 = it.next().context("time output")?.parse()?;
+        best.wall = best.wall.min(wall);
+        best.rss_kb = best.rss_kb.max(rss);
+    }
+    Ok(best)
+}
+
+fn dir_bytes(dir: &Path) -> Result<u64> {
+    let mut n = 0;
+    for e in std::fs::read_dir(dir)? {
+        n += e?.metadata()?.len();
+    }
+    Ok(n)
+}
+
+fn reset(paths: &[&Path]) {
+    for p in paths {
+        let _ = std::fs::remove_dir_all(p);
+        let _ = std::fs::remove_file(p);
+    }
+}
+
+pub fn run(corpus: &Path, chunk_size: u64, runs: usize) -> Result<()> {
+    let me = std::env::current_exe()?;
+    let tmp = tempfile::tempdir()?;
+    let work = tmp.path();
+    let cs = chunk_size.to_string();
+    println!(
+        "| tree | builder (input) | wall s | peak RSS MiB | bootstrap bytes (EROFS + digest table) | blob bytes | total bytes |"
+    );
+    println!("|---|---|---:|---:|---:|---:|---:|");
+    for (name, layers) in COMBOS {
+        let layers: Vec<PathBuf> = layers.iter().map(|l| corpus.join(l)).collect();
+        if !layers.iter().all(|l| l.exists()) {
+            println!(
+                "| {name} | skipped: corpus layers missing under {} | | | | | |",
+                corpus.display()
+            );
+            continue;
+        }
+        let (img, blobs) = (work.join("s.img"), work.join("blobs"));
+        let mut cmd: Vec<&std::ffi::OsStr> = vec![
+            me.as_os_str(),
+            "build".as_ref(),
+            "-o".as_ref(),
+            img.as_os_str(),
+            "--blob-dir".as_ref(),
+            blobs.as_os_str(),
+            "--chunk-size".as_ref(),
+            cs.as_ref(),
+        ];
+        cmd.extend(layers.iter().map(|l| l.as_os_str()));
+        let r = measure(&cmd, runs, work, &|| reset(&[&img, &blobs]))?;
+        let table = erofs_part(&img)?;
+        row(
+            name,
+            "shoal (tar layers)",
+            &r,
+            std::fs::metadata(&img)?.len(),
+            table,
+            dir_bytes(&blobs)?,
+        );
+
+        // The same tree as a directory, for both builders.
+        let tree = work.join("tree");
+        reset(&[&tree]);
+        let st = Command::new(&me)
+            .args([
+                "extract".as_ref(),
+                img.as_os_str(),
+                tree.as_os_str(),
+                "--blob-dir".as_ref(),
+                blobs.as_os_str(),
+            ])
+            .stdout(Stdio::null())
+            .status()?;
+        if !st.success() {
+            bail!("extracting {name}");
+        }
+        let mut cmd = cmd[..8].to_vec();
+        cmd.push(tree.as_os_str());
+        let r = measure(&cmd, runs, work, &|| reset(&[&img, &blobs]))?;
+        let table = erofs_part(&img)?;
+        row(
+            name,
+            "shoal (directory)",
+            &r,
+            std::fs::metadata(&img)?.len(),
+            table,
+            dir_bytes(&blobs)?,
+        );
+
+        let (mimg, mblob) = (work.join("m.img"), work.join("m.blob"));
+        let chunk_arg = format!("--chunksize={chunk_size}");
+        let blob_arg = format!("--blobdev={}", mblob.display());
+        let cmd: Vec<&std::ffi::OsStr> = vec![
+            "mkfs.erofs".as_ref(),
+            chunk_arg.as_ref(),
+            blob_arg.as_ref(),
+            mimg.as_os_str(),
+            tree.as_os_str(),
+        ];
+        match measure(&cmd, runs, work, &|| reset(&[&mimg, &mblob])) {
+            Ok(r) => {
+                let b = std::fs::metadata(&mimg)?.len();
+                row(
+                    name,
+                    "mkfs.erofs 1.5 (directory)",
+                    &r,
+                    b,
+                    b,
+                    std::fs::metadata(&mblob)?.len(),
+                );
+            }
+            Err(e) => println!("| {name} | mkfs.erofs: {e:#} | | | | | |"),
+        }
+        reset(&[&tree, &img, &blobs, &mimg, &mblob]);
+    }
+    Ok(())
+}
+
+/// Bytes of the EROFS filesystem proper (without shoal's digest table).
+fn erofs_part(img: &Path) -> Result<u64> {
+    let i = crate::image_cmds::open_image(img)?;
+    Ok(u64::from(i.sb.blocks.get()) * i.block_size())
+}
+
+fn row(name: &str, who: &str, r: &Run, bootstrap: u64, erofs: u64, blob: u64) {
+    let boot = if bootstrap == erofs {
+        format!("{bootstrap}")
+    } else {
+        format!("{bootstrap} ({erofs} + {})", bootstrap - erofs)
+    };
+    println!(
+        "| {name} | {who} | {:.2} | {:.1} | {boot} | {blob} | {} |",
+        r.wall,
+        r.rss_kb as f64 / 1024.0,
+        bootstrap + blob
+    );
+}
