@@ -12,6 +12,7 @@ use sha2::{Digest, Sha256};
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 pub const BLOCK_SIZE: u64 = 4096;
@@ -104,6 +105,13 @@ impl ChunkStore {
 
     pub fn chunk_size(&self) -> u64 {
         self.chunk_size
+    }
+
+    /// Count a chunk the source already knows is a hole (sparse files).
+    pub fn note_hole(&mut self, len: u64) {
+        self.stats.bytes_in += len;
+        self.stats.chunks += 1;
+        self.stats.holes += 1;
     }
 
     /// Make the chunks of an existing blob available for reuse.
@@ -278,6 +286,10 @@ impl ChunkStore {
                     let entries: Vec<ChunkEntry> = entries.into_iter().map(|(_, e)| e).collect();
                     let tag = hash_file(tmp.as_file(), tmp.path())?;
                     let final_path = self.blob_dir.join(&tag);
+                    // Blobs are public content (served to any reader); the
+                    // temp file starts 0600.
+                    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o644))
+                        .map_err(io_err(tmp.path()))?;
                     if !final_path.exists() {
                         tmp.persist(&final_path).map_err(|e| BuildError::Io {
                             path: final_path.clone(),

@@ -31,6 +31,7 @@ fn store_data(
         let len = cs.min(size - pos);
         if is_hole(pos, len) {
             skip(len)?;
+            store.note_hole(len);
             chunks.push(None);
             pos += len;
             continue;
