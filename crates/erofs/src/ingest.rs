@@ -48,6 +48,12 @@ fn store_data(
     Ok(chunks)
 }
 
+/// A tar header uid/gid, which must fit the image's 32 bits.
+fn id32(v: std::io::Result<u64>, what: &str) -> Result<u32, String> {
+    let v = v.map_err(|e| e.to_string())?;
+    u32::try_from(v).map_err(|_| format!("{what} {v} does not fit 32 bits"))
+}
+
 /// PAX `mtime` ("secs[.frac]") as (secs, nsec).
 fn parse_pax_time(v: &[u8]) -> Option<(i64, u32)> {
     let s = std::str::from_utf8(v).ok()?;
@@ -134,8 +140,8 @@ pub fn apply_tar(
         }
         let mut meta = Meta {
             mode: h.mode().map_err(|e| bad(e.to_string()))? & 0o7777,
-            uid: h.uid().map_err(|e| bad(e.to_string()))? as u32,
-            gid: h.gid().map_err(|e| bad(e.to_string()))? as u32,
+            uid: id32(h.uid(), "uid").map_err(bad)?,
+            gid: id32(h.gid(), "gid").map_err(bad)?,
             mtime: h.mtime().map_err(|e| bad(e.to_string()))? as i64,
             mtime_nsec: 0,
             xattrs: BTreeMap::new(),
@@ -145,8 +151,18 @@ pub fn apply_tar(
                 let ext = ext.map_err(|e| bad(e.to_string()))?;
                 let key = ext.key_bytes();
                 if let Some(name) = key.strip_prefix(b"SCHILY.xattr.") {
-                    meta.xattrs
-                        .insert(name.to_vec(), ext.value_bytes().to_vec());
+                    let value = ext.value_bytes();
+                    match crate::ondisk::xattr_split_name(name) {
+                        Some((_, suffix)) if suffix.len() <= 255 && value.len() <= 0xffff => {}
+                        _ => {
+                            return Err(bad(format!(
+                                "xattr {:?} ({} bytes) cannot be stored in EROFS",
+                                String::from_utf8_lossy(name),
+                                value.len()
+                            )))
+                        }
+                    }
+                    meta.xattrs.insert(name.to_vec(), value.to_vec());
                 } else if key == b"mtime" {
                     (meta.mtime, meta.mtime_nsec) = parse_pax_time(ext.value_bytes())
                         .ok_or_else(|| bad("bad PAX mtime".into()))?;
@@ -177,6 +193,9 @@ pub fn apply_tar(
             let target = e
                 .link_name_bytes()
                 .ok_or_else(|| bad("symlink without target".into()))?;
+            if target.contains(&0) {
+                return Err(bad("symlink target contains NUL".into()));
+            }
             if target.is_empty() || target.len() > 4095 {
                 return Err(bad(format!("symlink target of {} bytes", target.len())));
             }

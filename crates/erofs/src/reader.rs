@@ -270,8 +270,14 @@ impl<R: ReadAt> Image<R> {
 
     fn load_chunk_table(&self) -> Result<Option<ChunkTable>> {
         let fs_end = u64::from(self.sb.blocks.get()) * self.blksz;
-        if self.image_size < fs_end + TRAILER_SIZE {
+        if self.image_size <= fs_end {
             return Ok(None);
+        }
+        if self.image_size < fs_end + TRAILER_SIZE {
+            return Err(Error::ChunkTable(format!(
+                "{} bytes after the filesystem: too short for a chunk table (truncated?)",
+                self.image_size - fs_end
+            )));
         }
         let off = self.image_size - TRAILER_SIZE;
         let mut b = [0u8; TRAILER_SIZE as usize];
@@ -280,6 +286,14 @@ impl<R: ReadAt> Image<R> {
             .map_err(io("trailer", off))?;
         let t = Trailer::read_from_bytes(&b).unwrap();
         if t.magic != TRAILER_MAGIC {
+            if self.image_size > fs_end {
+                // Bytes after the filesystem but no trailer: a shoal table cut
+                // short (or damaged). Refuse rather than silently not verify.
+                return Err(Error::ChunkTable(format!(
+                    "{} bytes after the filesystem without a chunk table trailer (truncated?)",
+                    self.image_size - fs_end
+                )));
+            }
             return Ok(None);
         }
         let (start, len) = (t.table_offset.get(), t.table_len.get());
@@ -426,9 +440,21 @@ impl<R: ReadAt> Image<R> {
         for k in 0..shared {
             let id = u32::from_le_bytes(body[12 + 4 * k..16 + 4 * k].try_into().unwrap());
             let at = xattr_base + u64::from(id) * 4;
+            let beyond = || {
+                Error::corrupt(
+                    ino.nid,
+                    format!("shared xattr id {id} beyond the image end"),
+                )
+            };
+            if at + 4 > self.image_size {
+                return Err(beyond());
+            }
             let head = self.read("shared xattr", at, 4)?;
             let e = XattrEntry::read_from_bytes(&head).unwrap();
             let len = 4 + u64::from(e.e_name_len) + u64::from(e.e_value_size.get());
+            if at + len > self.image_size {
+                return Err(beyond());
+            }
             let raw = self.read("shared xattr", at, len)?;
             out.push(parse_entry(ino.nid, &raw)?.0);
         }
@@ -490,7 +516,11 @@ impl<R: ReadAt> Image<R> {
                     {
                         return Err(Error::corrupt(nid, "data blocks beyond the image end"));
                     }
-                    Ok(((0, block_end), Extent::Image { offset: start }))
+                    // A plain layout's last block is padded: the file ends first.
+                    Ok((
+                        (0, block_end.min(ino.size)),
+                        Extent::Image { offset: start },
+                    ))
                 } else {
                     let at = ino.data_offset();
                     let tail = ino.size - block_end;
@@ -681,6 +711,11 @@ impl<R: ReadAt> Image<R> {
         let mut pos = 0;
         while pos < ino.size {
             let ((start, end), ext) = self.map(ino, pos)?;
+            // Flat data streams in pieces: one extent may be the whole file.
+            let end = match ext {
+                Extent::Image { .. } => end.min(pos.saturating_add(1 << 20)),
+                _ => end,
+            };
             let len = end - pos;
             let bytes = match ext {
                 Extent::Hole => None,
@@ -735,15 +770,16 @@ impl<R: ReadAt> Image<R> {
             }
             None => (len.div_ceil(bs), None),
         };
-        // Grow the buffer only as reads succeed: a hostile block count costs
-        // at most one piece beyond what the blob really holds.
-        const PIECE: u64 = 16 << 20;
+        // Grow the buffer only as reads succeed (1 MiB, then doubling): a
+        // hostile block count costs at most what the blob really holds.
+        const FIRST: u64 = 1 << 20;
         let total = read_blocks * bs;
-        let mut buf = Vec::with_capacity(total.min(PIECE) as usize);
+        let mut buf = Vec::with_capacity(total.min(FIRST) as usize);
         while (buf.len() as u64) < total {
             let at = buf.len();
             let offset = u64::from(blkaddr) * bs + at as u64;
-            buf.resize(at + PIECE.min(total - at as u64) as usize, 0);
+            let piece = FIRST.max(at as u64).min(total - at as u64);
+            buf.resize(at + piece as usize, 0);
             blobs
                 .read_blob(device_id, &mut buf[at..], offset)
                 .map_err(|e| Error::Io {

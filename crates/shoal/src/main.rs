@@ -3,6 +3,9 @@
 #![forbid(unsafe_code)]
 
 mod bench;
+mod client;
+mod daemon;
+mod daemon_cmds;
 mod demo;
 mod image_cmds;
 mod walk;
@@ -95,6 +98,84 @@ enum Cmd {
     },
     /// Unmount a shoal mount.
     Umount { mountpoint: PathBuf },
+    /// Run the daemon: domains, blob caches and the control API.
+    Daemon {
+        /// Control socket (default /run/shoal/shoal.sock, or $SHOAL_SOCKET).
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        /// Where caches and state live (default /var/lib/shoal).
+        #[arg(long)]
+        work_dir: Option<PathBuf>,
+        /// TOML settings (socket, work_dir, gc_interval_secs, gc_max_bytes,
+        /// retries, connect_timeout_secs, read_timeout_secs); flags win.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Bind an image into a domain (or its own private volume) in the daemon.
+    Bind {
+        #[arg(long)]
+        domain: Option<String>,
+        #[arg(long)]
+        fsid: Option<String>,
+        /// A bootstrap path, or oci://host/repo:tag as pushed by `shoal push`.
+        image: String,
+        /// Where the blobs come from: file:///dir, http(s)://host/prefix/, oci://host/repo.
+        #[arg(long)]
+        remote: Option<String>,
+        #[arg(long)]
+        socket: Option<PathBuf>,
+    },
+    /// Unbind an image; blobs it alone used leave the domain.
+    Unbind {
+        #[arg(long)]
+        domain: Option<String>,
+        fsid: String,
+        #[arg(long)]
+        socket: Option<PathBuf>,
+    },
+    /// Domains, images and blobs with refcounts, cache and fetch counters.
+    Status {
+        #[arg(long)]
+        json: bool,
+        #[arg(long)]
+        socket: Option<PathBuf>,
+    },
+    /// Read a file of a bound image through the domain cache (to stdout).
+    Read {
+        #[arg(long)]
+        domain: Option<String>,
+        fsid: String,
+        path: String,
+        #[arg(long)]
+        socket: Option<PathBuf>,
+    },
+    /// Evict cached blobs no bound image uses, least recently used first.
+    Gc {
+        /// Shrink the cache to at most this many bytes (0: evict every unused blob).
+        #[arg(long, default_value_t = 0)]
+        max_bytes: u64,
+        #[arg(long)]
+        socket: Option<PathBuf>,
+    },
+    /// Fetch a bound image's blobs in the background.
+    Prefetch {
+        #[arg(long)]
+        domain: Option<String>,
+        fsid: String,
+        /// First in the order recorded when the image was last unbound.
+        #[arg(long)]
+        recorded: bool,
+        #[arg(long)]
+        socket: Option<PathBuf>,
+    },
+    /// Upload a bootstrap and its blobs to an OCI registry as one artifact.
+    Push {
+        image: PathBuf,
+        #[arg(long)]
+        blob_dir: PathBuf,
+        /// oci://host[:port]/repo:tag
+        reference: String,
+    },
     /// Benchmarks that print a table.
     Bench {
         #[command(subcommand)]
@@ -175,6 +256,67 @@ fn main() -> Result<()> {
         Cmd::Umount { mountpoint } => shoal_sys::umount(&mountpoint)
             .with_context(|| format!("unmounting {}", mountpoint.display())),
         Cmd::Demo { work_dir } => demo::run(&work_dir),
+        Cmd::Daemon {
+            socket,
+            work_dir,
+            config,
+        } => {
+            let cfg = daemon::Config::load(config.as_deref())?;
+            let socket = socket
+                .or(cfg.socket.clone())
+                .unwrap_or_else(|| client::socket_path(None));
+            let work = work_dir
+                .or(cfg.work_dir.clone())
+                .unwrap_or_else(|| PathBuf::from(daemon::DEFAULT_WORK_DIR));
+            daemon::run(&socket, &work, &cfg)
+        }
+        Cmd::Bind {
+            domain,
+            fsid,
+            image,
+            remote,
+            socket,
+        } => {
+            let v = daemon_cmds::bind(
+                &daemon_cmds::socket_arg(socket),
+                domain,
+                fsid,
+                &image,
+                remote,
+            )?;
+            println!(
+                "bound {},{}",
+                v["domain"].as_str().unwrap_or("-"),
+                v["fsid"].as_str().unwrap_or("?")
+            );
+            Ok(())
+        }
+        Cmd::Unbind {
+            domain,
+            fsid,
+            socket,
+        } => daemon_cmds::unbind(&daemon_cmds::socket_arg(socket), domain, &fsid),
+        Cmd::Status { json, socket } => daemon_cmds::status(&daemon_cmds::socket_arg(socket), json),
+        Cmd::Read {
+            domain,
+            fsid,
+            path,
+            socket,
+        } => daemon_cmds::read(&daemon_cmds::socket_arg(socket), domain, &fsid, &path),
+        Cmd::Gc { max_bytes, socket } => {
+            daemon_cmds::gc(&daemon_cmds::socket_arg(socket), max_bytes)
+        }
+        Cmd::Prefetch {
+            domain,
+            fsid,
+            recorded,
+            socket,
+        } => daemon_cmds::prefetch(&daemon_cmds::socket_arg(socket), domain, &fsid, recorded),
+        Cmd::Push {
+            image,
+            blob_dir,
+            reference,
+        } => daemon_cmds::push(&image, &blob_dir, &reference),
         Cmd::Bench {
             what:
                 BenchCmd::Build {

@@ -3,6 +3,8 @@
 //! comparator and a mount guard.
 #![allow(dead_code)]
 
+pub mod servers;
+
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, HashMap};
 use std::os::unix::ffi::OsStrExt;

@@ -1,0 +1,340 @@
+//! The cache of one data blob in one domain: a sparse file the size of the
+//! blob plus a persistent readiness bitmap (one bit per 4 KiB block).
+//!
+//! Crash safety: a chunk's bytes are verified against its digest and written
+//! before its bit is set in memory; [`BlobCache::flush`] (run every 100 ms
+//! by the daemon, and on unbind) `fdatasync`s the data *before* writing and
+//! syncing the bits, so a bit set on disk always means durable, verified
+//! bytes, whenever the process dies.
+//! Bits only ever go from 0 to 1, so a torn bitmap write leaves a mix of old
+//! and new bits, each of which is still true.
+
+use crate::error::CoreError;
+use crate::remote::Remote;
+use erofs::chunktable::ChunkEntry;
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+
+pub const BLOCK: u64 = 4096;
+const MAP_MAGIC: &[u8; 8] = b"SHOALRDY";
+const MAP_HEADER: u64 = 16;
+/// Fetch-and-verify attempts before a chunk read fails (wrong bytes from a
+/// remote are retried like transient errors).
+const VERIFY_ATTEMPTS: u32 = 3;
+
+#[derive(Default, Debug, serde::Serialize, Clone)]
+pub struct BlobStats {
+    pub fetched_bytes: u64,
+    pub fetches: u64,
+    pub hits: u64,
+    pub misses: u64,
+    pub failures: u64,
+    pub inflight: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    fetched_bytes: AtomicU64,
+    fetches: AtomicU64,
+    hits: AtomicU64,
+    misses: AtomicU64,
+    failures: AtomicU64,
+}
+
+/// One in-progress fetch; concurrent readers of the same chunk wait on it.
+#[derive(Default)]
+struct Flight {
+    done: Mutex<Option<Result<(), String>>>,
+    cv: Condvar,
+}
+
+pub struct BlobCache {
+    pub name: String,
+    pub blocks: u32,
+    data_path: PathBuf,
+    map_path: PathBuf,
+    data: File,
+    map_file: File,
+    ready: Mutex<Vec<u8>>,
+    /// Bitmap byte ranges set in memory but not yet durable on disk.
+    dirty: Mutex<Vec<(usize, usize)>>,
+    /// Serializes flushes so bits hit the disk only after their data.
+    flush_lock: Mutex<()>,
+    inflight: Mutex<HashMap<u32, Arc<Flight>>>,
+    counters: Counters,
+}
+
+fn io(path: &Path, what: &str) -> impl FnOnce(std::io::Error) -> CoreError {
+    let path = path.to_path_buf();
+    let what = what.to_string();
+    move |source| CoreError::Io { path, what, source }
+}
+
+impl BlobCache {
+    /// Open (or create) the cache of blob `name` in `dir`, reusing whatever
+    /// an earlier run left ready.
+    pub fn open(dir: &Path, name: &str, blocks: u32) -> Result<Self, CoreError> {
+        std::fs::create_dir_all(dir).map_err(io(dir, "creating cache directory"))?;
+        let data_path = dir.join(name);
+        let map_path = dir.join(format!("{name}.ready"));
+        let data = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&data_path)
+            .map_err(io(&data_path, "opening cache file"))?;
+        let size = u64::from(blocks) * BLOCK;
+        if data.metadata().map_err(io(&data_path, "stat"))?.len() != size {
+            data.set_len(size)
+                .map_err(io(&data_path, "sizing cache file"))?;
+        }
+        let map_file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&map_path)
+            .map_err(io(&map_path, "opening readiness map"))?;
+        let nbytes = u64::from(blocks).div_ceil(8);
+        let mut header = [0u8; MAP_HEADER as usize];
+        header[..8].copy_from_slice(MAP_MAGIC);
+        header[8..12].copy_from_slice(&blocks.to_le_bytes());
+        let mut on_disk = vec![0u8; (MAP_HEADER + nbytes) as usize];
+        let valid = map_file.read_exact_at(&mut on_disk, 0).is_ok() && on_disk[..16] == header;
+        let bits = if valid {
+            on_disk.split_off(MAP_HEADER as usize)
+        } else {
+            // New, or not ours: start empty (a stale map must never claim readiness).
+            let fresh = vec![0u8; nbytes as usize];
+            map_file
+                .set_len(0)
+                .map_err(io(&map_path, "resetting readiness map"))?;
+            map_file
+                .write_all_at(&header, 0)
+                .map_err(io(&map_path, "writing readiness map"))?;
+            map_file
+                .write_all_at(&fresh, MAP_HEADER)
+                .map_err(io(&map_path, "writing readiness map"))?;
+            map_file
+                .sync_data()
+                .map_err(io(&map_path, "syncing readiness map"))?;
+            fresh
+        };
+        Ok(BlobCache {
+            name: name.to_string(),
+            blocks,
+            data_path,
+            map_path,
+            data,
+            map_file,
+            ready: Mutex::new(bits),
+            dirty: Mutex::new(Vec::new()),
+            flush_lock: Mutex::new(()),
+            inflight: Mutex::new(HashMap::new()),
+            counters: Counters::default(),
+        })
+    }
+
+    pub fn data_path(&self) -> &Path {
+        &self.data_path
+    }
+
+    pub fn map_path(&self) -> &Path {
+        &self.map_path
+    }
+
+    /// Whether every block of `[start, start + n)` is ready.
+    pub fn is_ready(&self, start: u32, n: u32) -> bool {
+        let bits = self.ready.lock().unwrap();
+        (start..start.saturating_add(n)).all(|b| {
+            bits.get(b as usize / 8)
+                .is_some_and(|&x| x & (1 << (b % 8)) != 0)
+        })
+    }
+
+    pub fn ready_blocks(&self) -> u64 {
+        self.ready
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|b| u64::from(b.count_ones()))
+            .sum()
+    }
+
+    pub fn stats(&self) -> BlobStats {
+        let c = &self.counters;
+        BlobStats {
+            fetched_bytes: c.fetched_bytes.load(Ordering::Relaxed),
+            fetches: c.fetches.load(Ordering::Relaxed),
+            hits: c.hits.load(Ordering::Relaxed),
+            misses: c.misses.load(Ordering::Relaxed),
+            failures: c.failures.load(Ordering::Relaxed),
+            inflight: self.inflight.lock().unwrap().len() as u64,
+        }
+    }
+
+    /// Make the chunk `entry` ready: on a miss fetch it (once, however many
+    /// callers ask concurrently), verify, write, sync, mark. Returns whether
+    /// this call waited for or did a fetch.
+    pub fn ensure(
+        &self,
+        entry: &ChunkEntry,
+        remotes: &[Arc<dyn Remote>],
+    ) -> Result<bool, CoreError> {
+        let (start, n) = (entry.blkaddr.get(), entry.nblocks.get());
+        if self.is_ready(start, n) {
+            self.counters.hits.fetch_add(1, Ordering::Relaxed);
+            return Ok(false);
+        }
+        self.counters.misses.fetch_add(1, Ordering::Relaxed);
+        let (flight, leader) = {
+            let mut map = self.inflight.lock().unwrap();
+            match map.get(&start) {
+                Some(f) => (f.clone(), false),
+                None => {
+                    let f = Arc::new(Flight::default());
+                    map.insert(start, f.clone());
+                    (f, true)
+                }
+            }
+        };
+        if !leader {
+            let mut done = flight.done.lock().unwrap();
+            while done.is_none() {
+                done = flight.cv.wait(done).unwrap();
+            }
+            return match done.as_ref().unwrap() {
+                Ok(()) => Ok(true),
+                Err(why) => Err(CoreError::Fetch {
+                    blob: self.name.clone(),
+                    offset: u64::from(start) * BLOCK,
+                    len: u64::from(n) * BLOCK,
+                    why: why.clone(),
+                }),
+            };
+        }
+        let result = self.fetch_verify_store(entry, remotes);
+        if result.is_err() {
+            self.counters.failures.fetch_add(1, Ordering::Relaxed);
+        }
+        self.inflight.lock().unwrap().remove(&start);
+        *flight.done.lock().unwrap() = Some(result.as_ref().map(|_| ()).map_err(|e| e.to_string()));
+        flight.cv.notify_all();
+        result.map(|_| true)
+    }
+
+    fn fetch_verify_store(
+        &self,
+        entry: &ChunkEntry,
+        remotes: &[Arc<dyn Remote>],
+    ) -> Result<(), CoreError> {
+        let (start, n) = (entry.blkaddr.get(), entry.nblocks.get());
+        let (offset, len) = (u64::from(start) * BLOCK, u64::from(n) * BLOCK);
+        let fail = |why: String| CoreError::Fetch {
+            blob: self.name.clone(),
+            offset,
+            len,
+            why,
+        };
+        if u64::from(start) + u64::from(n) > u64::from(self.blocks) {
+            return Err(fail(format!(
+                "chunk beyond the blob's {} blocks",
+                self.blocks
+            )));
+        }
+        let mut last = String::from("no remote");
+        let mut bytes = None;
+        // Remotes already retry transient errors (see `Retrying`); here a
+        // fetch is repeated only when the bytes arrived but were wrong.
+        'outer: for attempt in 1..=VERIFY_ATTEMPTS {
+            let mut mismatch = false;
+            for remote in remotes {
+                match remote.fetch(&self.name, offset, len) {
+                    Ok(b) if Sha256::digest(&b).as_slice() == entry.digest => {
+                        bytes = Some(b);
+                        break 'outer;
+                    }
+                    Ok(_) => {
+                        mismatch = true;
+                        last =
+                            format!("{}: sha256 mismatch (attempt {attempt})", remote.describe());
+                        tracing::warn!(blob = %self.name, offset, len, cause = %last, "fetched bytes fail verification");
+                    }
+                    Err(e) => {
+                        last = e.to_string();
+                        tracing::warn!(blob = %self.name, offset, len, cause = %last, "fetch failed");
+                    }
+                }
+            }
+            if !mismatch {
+                break;
+            }
+        }
+        let bytes = bytes.ok_or_else(|| fail(last))?;
+        self.data
+            .write_all_at(&bytes, offset)
+            .map_err(io(&self.data_path, "writing cache"))?;
+        self.mark(start, n);
+        self.counters
+            .fetched_bytes
+            .fetch_add(len, Ordering::Relaxed);
+        self.counters.fetches.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(blob = %self.name, offset, len, "chunk fetched and verified");
+        Ok(())
+    }
+
+    /// Set the bits in memory (readers of this process may use the bytes at
+    /// once: they are in the page cache) and queue them for [`flush`].
+    fn mark(&self, start: u32, n: u32) {
+        let mut bits = self.ready.lock().unwrap();
+        for b in start..start + n {
+            bits[b as usize / 8] |= 1 << (b % 8);
+        }
+        self.dirty
+            .lock()
+            .unwrap()
+            .push((start as usize / 8, (start + n - 1) as usize / 8 + 1));
+    }
+
+    /// Make readiness durable: `fdatasync` the data first, then write the
+    /// bitmap bytes that changed and sync them. A crash before this ends
+    /// loses only readiness (the chunks are fetched again), never truth.
+    pub fn flush(&self) -> Result<(), CoreError> {
+        let _serial = self.flush_lock.lock().unwrap();
+        let ranges = std::mem::take(&mut *self.dirty.lock().unwrap());
+        if ranges.is_empty() {
+            return Ok(());
+        }
+        self.data
+            .sync_data()
+            .map_err(io(&self.data_path, "syncing cache"))?;
+        let snapshot: Vec<(usize, Vec<u8>)> = {
+            let bits = self.ready.lock().unwrap();
+            ranges
+                .iter()
+                .map(|&(lo, hi)| (lo, bits[lo..hi].to_vec()))
+                .collect()
+        };
+        for (lo, bytes) in snapshot {
+            self.map_file
+                .write_all_at(&bytes, MAP_HEADER + lo as u64)
+                .map_err(io(&self.map_path, "writing readiness map"))?;
+        }
+        self.map_file
+            .sync_data()
+            .map_err(io(&self.map_path, "syncing readiness map"))
+    }
+
+    /// Read ready bytes from the cache file.
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), CoreError> {
+        self.data
+            .read_exact_at(buf, offset)
+            .map_err(io(&self.data_path, "reading cache"))
+    }
+}

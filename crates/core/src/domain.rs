@@ -1,0 +1,731 @@
+//! Domains, as in `fs/erofs/fscache.c`: a domain is one cache volume and a
+//! trust boundary. Images (fsids) are bound into it; every data blob they
+//! reference is one refcounted entry of the domain, created with its first
+//! user and released with its last, fetched and stored once however many
+//! images share it. An image bound without a domain gets a private volume.
+
+use crate::cache::{BlobCache, BlobStats, BLOCK};
+use crate::error::CoreError;
+use crate::names::{check_blob, check_id};
+use crate::remote::{self, HttpOptions, Remote, Retrying};
+use erofs::chunktable::ChunkEntry;
+use erofs::Image;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+/// Which volume an image lives in.
+#[derive(
+    Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
+pub enum DomainKey {
+    Shared(String),
+    /// No domain: a volume of the image's own, keyed by its fsid.
+    Private(String),
+}
+
+impl DomainKey {
+    pub fn new(domain: Option<&str>, fsid: &str) -> Result<Self, CoreError> {
+        check_id("fsid", fsid)?;
+        match domain {
+            Some(d) => {
+                check_id("domain id", d)?;
+                Ok(DomainKey::Shared(d.to_string()))
+            }
+            None => Ok(DomainKey::Private(fsid.to_string())),
+        }
+    }
+
+    /// The cachefiles volume key the kernel uses.
+    pub fn volume_key(&self) -> String {
+        match self {
+            DomainKey::Shared(d) | DomainKey::Private(d) => format!("erofs,{d}"),
+        }
+    }
+
+    pub fn domain_id(&self) -> Option<&str> {
+        match self {
+            DomainKey::Shared(d) => Some(d),
+            DomainKey::Private(_) => None,
+        }
+    }
+
+    fn dir(&self, work: &Path) -> PathBuf {
+        match self {
+            DomainKey::Shared(d) => work.join("domains").join(d),
+            DomainKey::Private(f) => work.join("private").join(f),
+        }
+    }
+}
+
+impl std::fmt::Display for DomainKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DomainKey::Shared(d) => write!(f, "domain {d}"),
+            DomainKey::Private(fsid) => write!(f, "the private volume of {fsid}"),
+        }
+    }
+}
+
+/// What an image is bound from; persisted so a restarted daemon rebinds.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct BindSpec {
+    pub domain: Option<String>,
+    pub fsid: String,
+    pub bootstrap: PathBuf,
+    pub remote: String,
+    /// The `oci://` reference the bootstrap was pulled from, if any.
+    #[serde(default)]
+    pub reference: Option<String>,
+}
+
+/// A data blob as a domain holds it: one cache, the digests every bound
+/// image pins for it, and the remotes it can come from.
+pub struct SharedBlob {
+    pub cache: BlobCache,
+    chunks: RwLock<BTreeMap<u32, ChunkEntry>>,
+    remotes: RwLock<Vec<Arc<dyn Remote>>>,
+    refs: Mutex<usize>,
+}
+
+impl SharedBlob {
+    pub fn refs(&self) -> usize {
+        *self.refs.lock().unwrap()
+    }
+
+    /// The pinned chunks covering bytes `[offset, offset + len)`.
+    pub fn chunks_for(&self, offset: u64, len: u64) -> Result<Vec<ChunkEntry>, CoreError> {
+        let chunks = self.chunks.read().unwrap();
+        let (first, last) = (
+            (offset / BLOCK) as u32,
+            ((offset + len.max(1)).div_ceil(BLOCK) - 1) as u32,
+        );
+        let mut out: Vec<ChunkEntry> = Vec::new();
+        let start = chunks
+            .range(..=first)
+            .next_back()
+            .map_or(first, |(k, _)| *k);
+        let mut covered = first;
+        for (_, e) in chunks.range(start..=last) {
+            let (s, n) = (e.blkaddr.get(), e.nblocks.get());
+            if s + n <= first {
+                continue;
+            }
+            if s > covered {
+                break;
+            }
+            covered = s + n;
+            out.push(*e);
+        }
+        if covered <= last {
+            return Err(CoreError::Fetch {
+                blob: self.cache.name.clone(),
+                offset,
+                len,
+                why: format!("block {covered} is not pinned by any bound image's chunk digests"),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Make `[offset, offset + len)` ready in the cache (fetch + verify).
+    pub fn ensure_range(&self, offset: u64, len: u64) -> Result<Vec<ChunkEntry>, CoreError> {
+        let entries = self.chunks_for(offset, len)?;
+        let remotes = self.remotes.read().unwrap().clone();
+        for e in &entries {
+            self.cache.ensure(e, &remotes)?;
+        }
+        Ok(entries)
+    }
+
+    pub fn all_chunks(&self) -> Vec<ChunkEntry> {
+        self.chunks.read().unwrap().values().copied().collect()
+    }
+}
+
+/// An image bound into a domain.
+pub struct BoundImage {
+    pub spec: BindSpec,
+    pub key: DomainKey,
+    pub image: Image<File>,
+    /// Per device slot (index 0 = device 1).
+    pub blobs: Vec<Arc<SharedBlob>>,
+    access: Mutex<AccessLog>,
+}
+
+/// A chunk as (device id, block address).
+pub type ChunkKey = (u16, u32);
+
+/// Chunks in first-touch order, for recorded prefetch.
+#[derive(Default)]
+struct AccessLog {
+    seen: HashSet<ChunkKey>,
+    order: Vec<ChunkKey>,
+}
+
+impl BoundImage {
+    pub fn blob(&self, device_id: u16) -> Option<&Arc<SharedBlob>> {
+        self.blobs.get(usize::from(device_id).checked_sub(1)?)
+    }
+
+    /// Chunks in the order this image first touched them.
+    pub fn access_order(&self) -> Vec<(u16, u32)> {
+        self.access.lock().unwrap().order.clone()
+    }
+
+    /// Fetch every chunk of every blob, in `order` first (an earlier run's
+    /// access order), then the rest by address.
+    pub fn prefetch(&self, order: &[(u16, u32)], threads: usize) -> Result<u64, CoreError> {
+        let mut seen = HashSet::new();
+        let all = self.blobs.iter().enumerate().flat_map(|(i, b)| {
+            b.all_chunks()
+                .into_iter()
+                .map(move |e| (i as u16 + 1, e.blkaddr.get()))
+        });
+        let queue: Vec<(u16, u32)> = order
+            .iter()
+            .copied()
+            .chain(all)
+            .filter(|k| seen.insert(*k))
+            .collect();
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let bytes = std::sync::atomic::AtomicU64::new(0);
+        let first_err = Mutex::new(None);
+        std::thread::scope(|s| {
+            for _ in 0..threads.max(1) {
+                s.spawn(|| loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some(&(dev, blk)) = queue.get(i) else {
+                        break;
+                    };
+                    if first_err.lock().unwrap().is_some() {
+                        break;
+                    }
+                    let Some(b) = self.blob(dev) else { continue };
+                    match b.ensure_range(u64::from(blk) * BLOCK, BLOCK) {
+                        Ok(entries) => {
+                            let n: u64 = entries
+                                .iter()
+                                .map(|e| u64::from(e.nblocks.get()) * BLOCK)
+                                .sum();
+                            bytes.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+                        }
+                        Err(e) => {
+                            first_err.lock().unwrap().get_or_insert(e);
+                        }
+                    }
+                });
+            }
+        });
+        if let Some(e) = first_err.into_inner().unwrap() {
+            return Err(e);
+        }
+        Ok(bytes.into_inner())
+    }
+}
+
+impl erofs::BlobSource for BoundImage {
+    fn read_blob(&self, device_id: u16, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        let blob = self
+            .blob(device_id)
+            .ok_or_else(|| std::io::Error::other(format!("no device {device_id}")))?;
+        let entries = blob
+            .ensure_range(offset, buf.len() as u64)
+            .map_err(std::io::Error::other)?;
+        {
+            let mut a = self.access.lock().unwrap();
+            for e in entries {
+                let k = (device_id, e.blkaddr.get());
+                if a.seen.insert(k) {
+                    a.order.push(k);
+                }
+            }
+        }
+        blob.cache
+            .read_at(buf, offset)
+            .map_err(std::io::Error::other)
+    }
+}
+
+pub struct Domain {
+    pub key: DomainKey,
+    pub dir: PathBuf,
+    state: Mutex<DomainState>,
+}
+
+#[derive(Default)]
+struct DomainState {
+    images: BTreeMap<String, Arc<BoundImage>>,
+    blobs: HashMap<String, Arc<SharedBlob>>,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct BlobStatus {
+    pub name: String,
+    pub refs: usize,
+    pub size: u64,
+    pub cached_bytes: u64,
+    pub chunks: usize,
+    /// Bytes the bound images' chunk digests cover (what prefetch fetches).
+    pub pinned_bytes: u64,
+    pub stats: BlobStats,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ImageStatus {
+    pub fsid: String,
+    pub bootstrap: PathBuf,
+    pub remote: String,
+    pub reference: Option<String>,
+    pub blobs: Vec<String>,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct DomainStatus {
+    /// `None` for a private volume.
+    pub domain_id: Option<String>,
+    pub volume_key: String,
+    pub images: Vec<ImageStatus>,
+    pub blobs: Vec<BlobStatus>,
+}
+
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct GcReport {
+    pub evicted: Vec<String>,
+    pub freed_bytes: u64,
+    pub remaining_bytes: u64,
+}
+
+pub struct RegistryOptions {
+    pub http: HttpOptions,
+    pub retries: u32,
+    pub retry_delay: Duration,
+}
+
+impl Default for RegistryOptions {
+    fn default() -> Self {
+        RegistryOptions {
+            http: HttpOptions::default(),
+            retries: 4,
+            retry_delay: Duration::from_millis(100),
+        }
+    }
+}
+
+/// All domains of one daemon, rooted at its work directory.
+pub struct Registry {
+    pub work_dir: PathBuf,
+    opts: RegistryOptions,
+    domains: Mutex<BTreeMap<DomainKey, Arc<Domain>>>,
+}
+
+fn open_image(path: &Path) -> Result<Image<File>, CoreError> {
+    let f = File::open(path).map_err(|source| CoreError::Io {
+        path: path.into(),
+        what: "opening bootstrap".into(),
+        source,
+    })?;
+    let img = Image::open(f).map_err(|source| CoreError::Image {
+        path: path.into(),
+        source,
+    })?;
+    if img.chunk_table.is_none() {
+        return Err(CoreError::Unusable {
+            path: path.into(),
+            why: "no chunk digest table: only images built by shoal can be served verified".into(),
+        });
+    }
+    Ok(img)
+}
+
+impl Registry {
+    pub fn new(work_dir: &Path, opts: RegistryOptions) -> Result<Self, CoreError> {
+        std::fs::create_dir_all(work_dir).map_err(|source| CoreError::Io {
+            path: work_dir.into(),
+            what: "creating work directory".into(),
+            source,
+        })?;
+        Ok(Registry {
+            work_dir: work_dir.to_path_buf(),
+            opts,
+            domains: Mutex::new(BTreeMap::new()),
+        })
+    }
+
+    pub fn open_remote(&self, url: &str) -> Result<Arc<dyn Remote>, CoreError> {
+        Ok(Arc::new(Retrying {
+            inner: remote::open(url, &self.opts.http)?,
+            attempts: self.opts.retries,
+            base_delay: self.opts.retry_delay,
+        }))
+    }
+
+    /// Bind an image into its domain. Every blob it references joins the
+    /// domain (or gains a reference); an fsid bound twice is refused.
+    pub fn bind(&self, spec: BindSpec) -> Result<Arc<BoundImage>, CoreError> {
+        let key = DomainKey::new(spec.domain.as_deref(), &spec.fsid)?;
+        let image = open_image(&spec.bootstrap)?;
+        let remote = self.open_remote(&spec.remote)?;
+        let table = image.chunk_table.clone().unwrap();
+        let mut wanted = Vec::new();
+        for (i, slot) in image.devices.iter().enumerate() {
+            let dev = i as u16 + 1;
+            let name = image.device_tag(dev).ok_or_else(|| CoreError::Unusable {
+                path: spec.bootstrap.clone(),
+                why: format!("device {dev} has no tag"),
+            })?;
+            check_blob(&name)?;
+            wanted.push((
+                name,
+                slot.blocks.get(),
+                table.entries(dev).unwrap_or(&[]).to_vec(),
+            ));
+        }
+        let domain = {
+            let mut domains = self.domains.lock().unwrap();
+            domains
+                .entry(key.clone())
+                .or_insert_with(|| {
+                    Arc::new(Domain {
+                        dir: key.dir(&self.work_dir),
+                        key: key.clone(),
+                        state: Mutex::new(DomainState::default()),
+                    })
+                })
+                .clone()
+        };
+        let mut st = domain.state.lock().unwrap();
+        if st.images.contains_key(&spec.fsid) {
+            return Err(CoreError::Exists {
+                domain: key.to_string(),
+                fsid: spec.fsid.clone(),
+            });
+        }
+        // Check every blob before changing anything.
+        for (name, blocks, entries) in &wanted {
+            if let Some(b) = st.blobs.get(name) {
+                if b.cache.blocks != *blocks {
+                    return Err(CoreError::Unusable {
+                        path: spec.bootstrap.clone(),
+                        why: format!(
+                            "blob {name}: {blocks} blocks, but bound images say {}",
+                            b.cache.blocks
+                        ),
+                    });
+                }
+                let chunks = b.chunks.read().unwrap();
+                for e in entries {
+                    if chunks.get(&e.blkaddr.get()).is_some_and(|c| c != e) {
+                        return Err(CoreError::Unusable {
+                            path: spec.bootstrap.clone(),
+                            why: format!(
+                                "blob {name}: chunk at block {} disagrees with bound images",
+                                e.blkaddr.get()
+                            ),
+                        });
+                    }
+                }
+            }
+        }
+        let mut blobs = Vec::new();
+        for (name, blocks, entries) in wanted {
+            let blob = match st.blobs.get(&name) {
+                Some(b) => b.clone(),
+                None => {
+                    let cache = BlobCache::open(&domain.dir.join("blobs"), &name, blocks)?;
+                    let b = Arc::new(SharedBlob {
+                        cache,
+                        chunks: RwLock::new(BTreeMap::new()),
+                        remotes: RwLock::new(Vec::new()),
+                        refs: Mutex::new(0),
+                    });
+                    st.blobs.insert(name.clone(), b.clone());
+                    b
+                }
+            };
+            {
+                let mut chunks = blob.chunks.write().unwrap();
+                for e in entries {
+                    chunks.insert(e.blkaddr.get(), e);
+                }
+            }
+            {
+                let mut r = blob.remotes.write().unwrap();
+                if !r.iter().any(|x| x.describe() == remote.describe()) {
+                    r.push(remote.clone());
+                }
+            }
+            *blob.refs.lock().unwrap() += 1;
+            blobs.push(blob);
+        }
+        let bound = Arc::new(BoundImage {
+            spec: spec.clone(),
+            key: key.clone(),
+            image,
+            blobs,
+            access: Mutex::new(AccessLog::default()),
+        });
+        st.images.insert(spec.fsid.clone(), bound.clone());
+        drop(st);
+        tracing::info!(fsid = %spec.fsid, domain = %key, remote = %spec.remote, "image bound");
+        self.save_state()?;
+        Ok(bound)
+    }
+
+    /// Unbind an image; blobs whose last user it was leave the domain (their
+    /// cache files stay for reuse until GC evicts them).
+    pub fn unbind(&self, domain: Option<&str>, fsid: &str) -> Result<(), CoreError> {
+        let key = DomainKey::new(domain, fsid)?;
+        let not_bound = || CoreError::NotBound {
+            domain: key.to_string(),
+            fsid: fsid.to_string(),
+        };
+        let mut domains = self.domains.lock().unwrap();
+        let d = domains.get(&key).cloned().ok_or_else(not_bound)?;
+        let mut st = d.state.lock().unwrap();
+        let img = st.images.remove(fsid).ok_or_else(not_bound)?;
+        for b in &img.blobs {
+            if let Err(e) = b.cache.flush() {
+                tracing::warn!(blob = %b.cache.name, error = %e, "flushing readiness on unbind");
+            }
+            let mut refs = b.refs.lock().unwrap();
+            *refs -= 1;
+            if *refs == 0 {
+                st.blobs.remove(&b.cache.name);
+                // Last use, for least-recently-used eviction.
+                if let Ok(f) = File::options().write(true).open(b.cache.map_path()) {
+                    let _ = f.set_modified(std::time::SystemTime::now());
+                }
+            }
+        }
+        if st.images.is_empty() {
+            drop(st);
+            domains.remove(&key);
+        } else {
+            drop(st);
+        }
+        drop(domains);
+        tracing::info!(fsid, domain = %key, "image unbound");
+        self.save_state()
+    }
+
+    /// Make every cache's readiness durable (see [`BlobCache::flush`]).
+    pub fn flush_all(&self) {
+        let blobs: Vec<Arc<SharedBlob>> = {
+            let domains = self.domains.lock().unwrap();
+            domains
+                .values()
+                .flat_map(|d| {
+                    d.state
+                        .lock()
+                        .unwrap()
+                        .blobs
+                        .values()
+                        .cloned()
+                        .collect::<Vec<_>>()
+                })
+                .collect()
+        };
+        for b in blobs {
+            if let Err(e) = b.cache.flush() {
+                tracing::error!(blob = %b.cache.name, error = %e, "flushing readiness map");
+            }
+        }
+    }
+
+    pub fn get(&self, domain: Option<&str>, fsid: &str) -> Result<Arc<BoundImage>, CoreError> {
+        let key = DomainKey::new(domain, fsid)?;
+        let domains = self.domains.lock().unwrap();
+        domains
+            .get(&key)
+            .and_then(|d| d.state.lock().unwrap().images.get(fsid).cloned())
+            .ok_or_else(|| CoreError::NotBound {
+                domain: key.to_string(),
+                fsid: fsid.to_string(),
+            })
+    }
+
+    /// The blob named `name` in the volume `key`, if an image there uses it.
+    pub fn blob(&self, key: &DomainKey, name: &str) -> Option<Arc<SharedBlob>> {
+        let domains = self.domains.lock().unwrap();
+        let d = domains.get(key)?;
+        let st = d.state.lock().unwrap();
+        st.blobs.get(name).cloned()
+    }
+
+    pub fn status(&self) -> Vec<DomainStatus> {
+        let domains = self.domains.lock().unwrap();
+        domains
+            .values()
+            .map(|d| {
+                let st = d.state.lock().unwrap();
+                let mut blobs: Vec<BlobStatus> = st
+                    .blobs
+                    .values()
+                    .map(|b| BlobStatus {
+                        name: b.cache.name.clone(),
+                        refs: b.refs(),
+                        size: u64::from(b.cache.blocks) * BLOCK,
+                        cached_bytes: b.cache.ready_blocks() * BLOCK,
+                        chunks: b.chunks.read().unwrap().len(),
+                        pinned_bytes: b
+                            .chunks
+                            .read()
+                            .unwrap()
+                            .values()
+                            .map(|e| u64::from(e.nblocks.get()) * BLOCK)
+                            .sum(),
+                        stats: b.cache.stats(),
+                    })
+                    .collect();
+                blobs.sort_by(|a, b| a.name.cmp(&b.name));
+                DomainStatus {
+                    domain_id: d.key.domain_id().map(str::to_string),
+                    volume_key: d.key.volume_key(),
+                    images: st
+                        .images
+                        .values()
+                        .map(|i| ImageStatus {
+                            fsid: i.spec.fsid.clone(),
+                            bootstrap: i.spec.bootstrap.clone(),
+                            remote: i.spec.remote.clone(),
+                            reference: i.spec.reference.clone(),
+                            blobs: i.blobs.iter().map(|b| b.cache.name.clone()).collect(),
+                        })
+                        .collect(),
+                    blobs,
+                }
+            })
+            .collect()
+    }
+
+    fn state_path(&self) -> PathBuf {
+        self.work_dir.join("bindings.json")
+    }
+
+    /// Persist the bindings (atomically) so a restarted daemon restores them.
+    fn save_state(&self) -> Result<(), CoreError> {
+        let specs: Vec<BindSpec> = {
+            let domains = self.domains.lock().unwrap();
+            domains
+                .values()
+                .flat_map(|d| {
+                    d.state
+                        .lock()
+                        .unwrap()
+                        .images
+                        .values()
+                        .map(|i| i.spec.clone())
+                        .collect::<Vec<_>>()
+                })
+                .collect()
+        };
+        let path = self.state_path();
+        let tmp = path.with_extension("json.tmp");
+        let io = |source| CoreError::Io {
+            path: path.clone(),
+            what: "saving bindings".into(),
+            source,
+        };
+        let f = File::create(&tmp).map_err(io)?;
+        serde_json::to_writer_pretty(&f, &specs).map_err(|e| io(e.into()))?;
+        f.sync_all().map_err(io)?;
+        std::fs::rename(&tmp, &path).map_err(io)
+    }
+
+    /// Rebind what the last run had bound. Returns the failures (the image
+    /// may have been deleted meanwhile); the rest are bound.
+    pub fn restore(&self) -> Result<Vec<(String, CoreError)>, CoreError> {
+        let path = self.state_path();
+        let specs: Vec<BindSpec> = match std::fs::read(&path) {
+            Ok(b) => serde_json::from_slice(&b).map_err(|e| CoreError::State {
+                path: path.clone(),
+                why: e.to_string(),
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(source) => {
+                return Err(CoreError::Io {
+                    path,
+                    what: "reading bindings".into(),
+                    source,
+                })
+            }
+        };
+        let mut failed = Vec::new();
+        for s in specs {
+            let fsid = s.fsid.clone();
+            if let Err(e) = self.bind(s) {
+                tracing::error!(fsid, error = %e, "could not restore binding");
+                failed.push((fsid, e));
+            }
+        }
+        Ok(failed)
+    }
+
+    /// Evict cached blobs no bound image uses, least recently used first,
+    /// until the cache holds at most `max_bytes` (allocated bytes).
+    pub fn gc(&self, max_bytes: u64) -> Result<GcReport, CoreError> {
+        use std::os::unix::fs::MetadataExt;
+        let domains = self.domains.lock().unwrap();
+        let mut in_use: HashSet<PathBuf> = HashSet::new();
+        for d in domains.values() {
+            for b in d.state.lock().unwrap().blobs.values() {
+                in_use.insert(b.cache.data_path().to_path_buf());
+            }
+        }
+        let mut total = 0u64;
+        let mut candidates = Vec::new();
+        for kind in ["domains", "private"] {
+            let Ok(rd) = std::fs::read_dir(self.work_dir.join(kind)) else {
+                continue;
+            };
+            for vol in rd.flatten() {
+                let Ok(files) = std::fs::read_dir(vol.path().join("blobs")) else {
+                    continue;
+                };
+                for f in files.flatten() {
+                    let p = f.path();
+                    let name = f.file_name().to_string_lossy().into_owned();
+                    if check_blob(&name).is_err() {
+                        continue;
+                    }
+                    let Ok(md) = std::fs::metadata(&p) else {
+                        continue;
+                    };
+                    let ready = p.with_file_name(format!("{name}.ready"));
+                    let used = std::fs::metadata(&ready)
+                        .and_then(|m| m.modified())
+                        .unwrap_or(std::time::UNIX_EPOCH);
+                    let bytes = md.blocks() * 512;
+                    total += bytes;
+                    if !in_use.contains(&p) {
+                        candidates.push((used, p, ready, bytes, name));
+                    }
+                }
+            }
+        }
+        candidates.sort();
+        let mut report = GcReport::default();
+        for (_, data, ready, bytes, name) in candidates {
+            if total <= max_bytes {
+                break;
+            }
+            // The readiness map goes first: a crash in between leaves an
+            // orphan data file, never a map claiming bytes that are gone.
+            let _ = std::fs::remove_file(&ready);
+            let _ = std::fs::remove_file(&data);
+            total -= bytes;
+            report.freed_bytes += bytes;
+            report.evicted.push(name);
+        }
+        report.remaining_bytes = total;
+        tracing::info!(
+            evicted = report.evicted.len(),
+            freed = report.freed_bytes,
+            "gc"
+        );
+        Ok(report)
+    }
+}

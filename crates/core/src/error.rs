@@ -1,0 +1,53 @@
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CoreError {
+    #[error("{what} {path}: {source}")]
+    Io {
+        path: PathBuf,
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid {what} {value:?}: {why}")]
+    InvalidName {
+        what: &'static str,
+        value: String,
+        why: &'static str,
+    },
+    #[error("fsid {fsid} is already bound in {domain}")]
+    Exists { domain: String, fsid: String },
+    #[error("fsid {fsid} is not bound in {domain}")]
+    NotBound { domain: String, fsid: String },
+    #[error("image {path}: {source}")]
+    Image {
+        path: PathBuf,
+        #[source]
+        source: erofs::Error,
+    },
+    #[error("image {path}: {why}")]
+    Unusable { path: PathBuf, why: String },
+    #[error("blob {blob} bytes {offset}+{len}: {why}")]
+    Fetch {
+        blob: String,
+        offset: u64,
+        len: u64,
+        why: String,
+    },
+    #[error(transparent)]
+    Remote(#[from] crate::remote::RemoteError),
+    #[error("state file {path}: {why}")]
+    State { path: PathBuf, why: String },
+}
+
+impl CoreError {
+    /// The errno a frontend answers the kernel with.
+    pub fn errno(&self) -> i32 {
+        match self {
+            CoreError::Exists { .. } => 17,      // EEXIST
+            CoreError::NotBound { .. } => 2,     // ENOENT
+            CoreError::InvalidName { .. } => 22, // EINVAL
+            _ => 5,                              // EIO
+        }
+    }
+}

@@ -1,0 +1,14 @@
+//! The domain core: domains and their refcounted blobs, verified
+//! crash-safe blob caches, and remotes (file, HTTP, OCI registry). Knows
+//! nothing of FUSE, fanotify or cachefiles; every frontend adapts to this.
+#![forbid(unsafe_code)]
+
+pub mod cache;
+pub mod domain;
+pub mod error;
+pub mod names;
+pub mod publish;
+pub mod remote;
+
+pub use domain::{BindSpec, BoundImage, DomainKey, Registry, RegistryOptions};
+pub use error::CoreError;

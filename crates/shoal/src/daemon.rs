@@ -1,0 +1,437 @@
+//! `shoal daemon`: the domain registry behind a control API (HTTP/JSON on a
+//! Unix socket, mode 0600), Prometheus metrics, periodic GC. Restores the
+//! bindings of its last run at start, so cached blobs are reused.
+
+use anyhow::{Context, Result};
+use axum::body::Body;
+use axum::extract::{Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use shoal_core::domain::GcReport;
+use shoal_core::{BindSpec, CoreError, Registry, RegistryOptions};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+pub const DEFAULT_SOCKET: &str = "/run/shoal/shoal.sock";
+pub const DEFAULT_WORK_DIR: &str = "/var/lib/shoal";
+
+/// Daemon settings: a TOML file, overridden by flags.
+#[derive(Clone, Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub socket: Option<PathBuf>,
+    pub work_dir: Option<PathBuf>,
+    /// Run GC every this many seconds (0 or absent: never).
+    pub gc_interval_secs: Option<u64>,
+    /// The cache size GC shrinks to.
+    pub gc_max_bytes: Option<u64>,
+    /// Fetch attempts for transient remote errors.
+    pub retries: Option<u32>,
+    pub connect_timeout_secs: Option<u64>,
+    pub read_timeout_secs: Option<u64>,
+}
+
+impl Config {
+    pub fn load(path: Option<&Path>) -> Result<Config> {
+        match path {
+            None => Ok(Config::default()),
+            Some(p) => {
+                let s = std::fs::read_to_string(p)
+                    .with_context(|| format!("reading {}", p.display()))?;
+                toml::from_str(&s).with_context(|| format!("parsing {}", p.display()))
+            }
+        }
+    }
+}
+
+type Shared = Arc<Registry>;
+
+struct ApiError(StatusCode, String);
+
+impl From<CoreError> for ApiError {
+    fn from(e: CoreError) -> Self {
+        let code = match &e {
+            CoreError::Exists { .. } => StatusCode::CONFLICT,
+            CoreError::NotBound { .. } => StatusCode::NOT_FOUND,
+            CoreError::InvalidName { .. }
+            | CoreError::Unusable { .. }
+            | CoreError::Image { .. } => StatusCode::BAD_REQUEST,
+            _ => StatusCode::BAD_GATEWAY,
+        };
+        ApiError(code, e.to_string())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(serde_json::json!({ "error": self.1 }))).into_response()
+    }
+}
+
+#[derive(serde::Deserialize, serde::Serialize, Debug, Clone)]
+pub struct BindRequest {
+    pub domain: Option<String>,
+    pub fsid: String,
+    /// A bootstrap path on the daemon's host, or absent with `reference`.
+    pub bootstrap: Option<PathBuf>,
+    pub remote: Option<String>,
+    /// `oci://host/repo:tag` as pushed by `shoal push`.
+    pub reference: Option<String>,
+}
+
+#[derive(serde::Deserialize, serde::Serialize, Debug, Clone)]
+pub struct ImageRequest {
+    pub domain: Option<String>,
+    pub fsid: String,
+}
+
+#[derive(serde::Deserialize, serde::Serialize, Debug, Clone)]
+pub struct ReadRequest {
+    pub domain: Option<String>,
+    pub fsid: String,
+    pub path: String,
+}
+
+#[derive(serde::Deserialize, serde::Serialize, Debug, Clone)]
+pub struct PrefetchRequest {
+    pub domain: Option<String>,
+    pub fsid: String,
+    /// Use the access order recorded when this image was last unbound.
+    #[serde(default)]
+    pub recorded: bool,
+}
+
+#[derive(serde::Deserialize, serde::Serialize, Debug, Clone)]
+pub struct GcRequest {
+    pub max_bytes: u64,
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+}
+
+fn access_file(reg: &Registry, domain: Option<&str>, fsid: &str) -> PathBuf {
+    reg.work_dir
+        .join("access")
+        .join(domain.unwrap_or("-"))
+        .join(format!("{fsid}.order"))
+}
+
+async fn bind(
+    State(reg): State<Shared>,
+    Json(req): Json<BindRequest>,
+) -> Result<impl IntoResponse, ApiError> {
+    blocking(move || {
+        let (bootstrap, remote) = match (&req.bootstrap, &req.reference) {
+            (Some(b), _) => (
+                b.clone(),
+                req.remote
+                    .clone()
+                    .ok_or_else(|| ApiError(StatusCode::BAD_REQUEST, "a bootstrap needs a remote".into()))?,
+            ),
+            (None, Some(r)) => {
+                let (b, default_remote) =
+                    shoal_core::publish::pull_bootstrap(r, &reg.work_dir, &Default::default())?;
+                (b, req.remote.clone().unwrap_or(default_remote))
+            }
+            (None, None) => return Err(ApiError(StatusCode::BAD_REQUEST, "need a bootstrap or a reference".into())),
+        };
+        let img = reg.bind(BindSpec {
+            domain: req.domain,
+            fsid: req.fsid,
+            bootstrap,
+            remote,
+            reference: req.reference,
+        })?;
+        Ok(Json(serde_json::json!({
+            "fsid": img.spec.fsid,
+            "domain": img.key.domain_id(),
+            "bootstrap": img.spec.bootstrap,
+            "blobs": img.blobs.iter().map(|b| b.cache.data_path().to_path_buf()).collect::<Vec<_>>(),
+        })))
+    })
+    .await
+}
+
+async fn unbind(
+    State(reg): State<Shared>,
+    Json(req): Json<ImageRequest>,
+) -> Result<impl IntoResponse, ApiError> {
+    blocking(move || {
+        // Keep this run's access order for a later recorded prefetch.
+        if let Ok(img) = reg.get(req.domain.as_deref(), &req.fsid) {
+            let order = img.access_order();
+            if !order.is_empty() {
+                let path = access_file(&reg, req.domain.as_deref(), &req.fsid);
+                let text: String = order.iter().map(|(d, b)| format!("{d} {b}\n")).collect();
+                let _ = std::fs::create_dir_all(path.parent().unwrap())
+                    .and_then(|_| std::fs::write(&path, text));
+            }
+        }
+        reg.unbind(req.domain.as_deref(), &req.fsid)?;
+        Ok(Json(serde_json::json!({"unbound": req.fsid})))
+    })
+    .await
+}
+
+async fn status(State(reg): State<Shared>) -> impl IntoResponse {
+    Json(reg.status())
+}
+
+async fn gc(
+    State(reg): State<Shared>,
+    Json(req): Json<GcRequest>,
+) -> Result<Json<GcReport>, ApiError> {
+    blocking(move || Ok(Json(reg.gc(req.max_bytes)?))).await
+}
+
+async fn prefetch(
+    State(reg): State<Shared>,
+    Json(req): Json<PrefetchRequest>,
+) -> Result<impl IntoResponse, ApiError> {
+    let img = reg.get(req.domain.as_deref(), &req.fsid)?;
+    let order: Vec<(u16, u32)> = if req.recorded {
+        let path = access_file(&reg, req.domain.as_deref(), &req.fsid);
+        std::fs::read_to_string(&path)
+            .map_err(|e| {
+                ApiError(
+                    StatusCode::NOT_FOUND,
+                    format!("no recorded order at {}: {e}", path.display()),
+                )
+            })?
+            .lines()
+            .filter_map(|l| {
+                let (d, b) = l.split_once(' ')?;
+                Some((d.parse().ok()?, b.parse().ok()?))
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let fsid = req.fsid.clone();
+    let recorded = order.len();
+    std::thread::spawn(move || match img.prefetch(&order, 4) {
+        Ok(bytes) => tracing::info!(fsid, bytes, "prefetch done"),
+        Err(e) => tracing::warn!(fsid, error = %e, "prefetch stopped"),
+    });
+    Ok(Json(
+        serde_json::json!({"prefetching": req.fsid, "recorded_chunks": recorded}),
+    ))
+}
+
+/// Stream a file of a bound image, read through the domain cache.
+async fn read(
+    State(reg): State<Shared>,
+    Query(req): Query<ReadRequest>,
+) -> Result<Response, ApiError> {
+    let img = reg.get(req.domain.as_deref(), &req.fsid)?;
+    let ino = img
+        .image
+        .lookup(&req.path)
+        .map_err(|e| ApiError(StatusCode::NOT_FOUND, e.to_string()))?;
+    if ino.file_type() != erofs::tree::S_IFREG {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("{} is not a regular file", req.path),
+        ));
+    }
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(4);
+    std::thread::spawn(move || {
+        let zeros = vec![0u8; 1 << 16];
+        let r = img
+            .image
+            .read_file(&ino, img.as_ref(), &mut |bytes, mut len| {
+                let send = |v: Vec<u8>| {
+                    tx.blocking_send(Ok(v))
+                        .map_err(|_| std::io::Error::other("client gone"))
+                };
+                match bytes {
+                    Some(b) => send(b.to_vec()),
+                    None => {
+                        while len > 0 {
+                            let n = len.min(zeros.len() as u64) as usize;
+                            send(zeros[..n].to_vec())?;
+                            len -= n as u64;
+                        }
+                        Ok(())
+                    }
+                }
+            });
+        if let Err(e) = r {
+            tracing::error!(fsid = %req.fsid, path = %req.path, error = %e, "read failed");
+            let _ = tx.blocking_send(Err(std::io::Error::other(e.to_string())));
+        }
+    });
+    Ok(Response::new(Body::from_stream(
+        tokio_stream::wrappers::ReceiverStream::new(rx),
+    )))
+}
+
+async fn metrics(State(reg): State<Shared>) -> impl IntoResponse {
+    let mut out = String::new();
+    let mut line = |name: &str, help: &str, kind: &str, rows: Vec<(String, u64)>| {
+        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
+        for (labels, v) in rows {
+            out.push_str(&format!("{name}{{{labels}}} {v}\n"));
+        }
+    };
+    let st = reg.status();
+    let per_blob = |f: &dyn Fn(&shoal_core::domain::BlobStatus) -> u64| -> Vec<(String, u64)> {
+        st.iter()
+            .flat_map(|d| {
+                d.blobs.iter().map(move |b| {
+                    (
+                        format!("volume=\"{}\",blob=\"{}\"", d.volume_key, b.name),
+                        f(b),
+                    )
+                })
+            })
+            .collect()
+    };
+    line(
+        "shoal_blob_fetched_bytes_total",
+        "Bytes fetched from remotes and verified.",
+        "counter",
+        per_blob(&|b| b.stats.fetched_bytes),
+    );
+    line(
+        "shoal_blob_fetches_total",
+        "Chunks fetched.",
+        "counter",
+        per_blob(&|b| b.stats.fetches),
+    );
+    line(
+        "shoal_blob_hits_total",
+        "Chunk reads served from the cache.",
+        "counter",
+        per_blob(&|b| b.stats.hits),
+    );
+    line(
+        "shoal_blob_misses_total",
+        "Chunk reads that needed a fetch.",
+        "counter",
+        per_blob(&|b| b.stats.misses),
+    );
+    line(
+        "shoal_blob_fetch_failures_total",
+        "Fetches that failed after retries.",
+        "counter",
+        per_blob(&|b| b.stats.failures),
+    );
+    line(
+        "shoal_blob_inflight_fetches",
+        "Fetches in progress.",
+        "gauge",
+        per_blob(&|b| b.stats.inflight),
+    );
+    line(
+        "shoal_blob_cached_bytes",
+        "Verified bytes in the cache.",
+        "gauge",
+        per_blob(&|b| b.cached_bytes),
+    );
+    line(
+        "shoal_blob_refs",
+        "Images of the volume using the blob.",
+        "gauge",
+        per_blob(&|b| b.refs as u64),
+    );
+    line(
+        "shoal_volume_images",
+        "Images bound per volume.",
+        "gauge",
+        st.iter()
+            .map(|d| {
+                (
+                    format!("volume=\"{}\"", d.volume_key),
+                    d.images.len() as u64,
+                )
+            })
+            .collect(),
+    );
+    ([("content-type", "text/plain; version=0.0.4")], out)
+}
+
+pub fn router(reg: Shared) -> Router {
+    Router::new()
+        .route("/v1/bind", post(bind))
+        .route("/v1/unbind", post(unbind))
+        .route("/v1/status", get(status))
+        .route("/v1/gc", post(gc))
+        .route("/v1/prefetch", post(prefetch))
+        .route("/v1/read", get(read))
+        .route("/metrics", get(metrics))
+        .with_state(reg)
+}
+
+pub fn run(socket: &Path, work_dir: &Path, cfg: &Config) -> Result<()> {
+    let mut opts = RegistryOptions::default();
+    if let Some(r) = cfg.retries {
+        opts.retries = r.max(1);
+    }
+    if let Some(s) = cfg.connect_timeout_secs {
+        opts.http.connect_timeout = Duration::from_secs(s);
+    }
+    if let Some(s) = cfg.read_timeout_secs {
+        opts.http.read_timeout = Duration::from_secs(s);
+    }
+    let reg = Arc::new(Registry::new(work_dir, opts)?);
+    let failed = reg.restore()?;
+    for (fsid, e) in &failed {
+        tracing::error!(fsid, error = %e, "binding not restored");
+    }
+    {
+        let reg = reg.clone();
+        std::thread::spawn(move || loop {
+            std::thread::sleep(Duration::from_millis(100));
+            reg.flush_all();
+        });
+    }
+    if let Some(dir) = socket.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    if std::os::unix::net::UnixStream::connect(socket).is_ok() {
+        anyhow::bail!("another daemon is listening on {}", socket.display());
+    }
+    let _ = std::fs::remove_file(socket);
+    if let (Some(every), Some(max)) = (cfg.gc_interval_secs.filter(|s| *s > 0), cfg.gc_max_bytes) {
+        let reg = reg.clone();
+        std::thread::spawn(move || loop {
+            std::thread::sleep(Duration::from_secs(every));
+            if let Err(e) = reg.gc(max) {
+                tracing::warn!(error = %e, "periodic gc failed");
+            }
+        });
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let served = reg.clone();
+    rt.block_on(async move {
+        let reg = served;
+        let listener = tokio::net::UnixListener::bind(socket).with_context(|| format!("binding {}", socket.display()))?;
+        std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))?;
+        tracing::info!(socket = %socket.display(), work_dir = %work_dir.display(), "daemon listening");
+        println!("shoal daemon listening on {}", socket.display());
+        axum::serve(listener, router(reg.clone()))
+            .with_graceful_shutdown(async {
+                let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).unwrap();
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {},
+                    _ = term.recv() => {},
+                }
+            })
+            .await
+            .context("serving the control API")
+    })?;
+    reg.flush_all();
+    Ok(())
+}

@@ -1,0 +1,202 @@
+//! Client-side commands that talk to the daemon's control API.
+
+use crate::client::{call, request};
+use anyhow::{bail, Context, Result};
+use serde_json::json;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// The fsid to bind an image under when none is given: the superblock's
+/// volume name (`build --fsid`), else the bootstrap's file stem.
+pub fn default_fsid(bootstrap: &Path) -> Result<String> {
+    let img = crate::image_cmds::open_image(bootstrap)?;
+    let vn = String::from_utf8_lossy(&img.sb.volume_name)
+        .trim_end_matches('\0')
+        .to_string();
+    if !vn.is_empty() {
+        return Ok(vn);
+    }
+    let stem = bootstrap
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    Ok(stem)
+}
+
+pub fn bind(
+    socket: &Path,
+    domain: Option<String>,
+    fsid: Option<String>,
+    image: &str,
+    remote: Option<String>,
+) -> Result<serde_json::Value> {
+    let body = if image.starts_with("oci://") {
+        let fsid = fsid.unwrap_or_else(|| {
+            image
+                .rsplit(['/', ':', '@'])
+                .next()
+                .unwrap_or("image")
+                .chars()
+                .take(64)
+                .collect()
+        });
+        json!({"domain": domain, "fsid": fsid, "reference": image, "remote": remote})
+    } else {
+        let path = std::fs::canonicalize(image).with_context(|| format!("bootstrap {image}"))?;
+        let fsid = match fsid {
+            Some(f) => f,
+            None => default_fsid(&path)?,
+        };
+        let Some(remote) = remote else {
+            bail!("binding a bootstrap needs --remote URL (file://, http(s)://, oci://)");
+        };
+        json!({"domain": domain, "fsid": fsid, "bootstrap": path, "remote": remote})
+    };
+    call(socket, "POST", "/v1/bind", Some(&body))
+}
+
+pub fn unbind(socket: &Path, domain: Option<String>, fsid: &str) -> Result<()> {
+    call(
+        socket,
+        "POST",
+        "/v1/unbind",
+        Some(&json!({"domain": domain, "fsid": fsid})),
+    )?;
+    Ok(())
+}
+
+fn mib(b: u64) -> String {
+    format!("{:.1}MiB", b as f64 / (1 << 20) as f64)
+}
+
+pub fn status(socket: &Path, as_json: bool) -> Result<()> {
+    let v = call(socket, "GET", "/v1/status", None)?;
+    if as_json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    let domains = v.as_array().cloned().unwrap_or_default();
+    if domains.is_empty() {
+        println!("no images bound");
+    }
+    for d in &domains {
+        let did = d["domain_id"].as_str().unwrap_or("-");
+        let blobs = d["blobs"].as_array().cloned().unwrap_or_default();
+        for i in d["images"].as_array().into_iter().flatten() {
+            let names: Vec<&str> = i["blobs"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|b| b.as_str())
+                .collect();
+            let (mut size, mut cached) = (0, 0);
+            for b in blobs
+                .iter()
+                .filter(|b| names.contains(&b["name"].as_str().unwrap_or("")))
+            {
+                size += b["size"].as_u64().unwrap_or(0);
+                cached += b["cached_bytes"].as_u64().unwrap_or(0);
+            }
+            println!(
+                "{did},{}  blobs={} cached={}/{} remote={}",
+                i["fsid"].as_str().unwrap_or("?"),
+                names.len(),
+                mib(cached),
+                mib(size),
+                i["remote"].as_str().unwrap_or("?")
+            );
+        }
+        for b in &blobs {
+            let s = &b["stats"];
+            println!(
+                "  blob {} refs={} cached={}/{} fetched={} hits={} misses={} failures={} inflight={}",
+                &b["name"].as_str().unwrap_or("?")[..16.min(b["name"].as_str().unwrap_or("").len())],
+                b["refs"],
+                mib(b["cached_bytes"].as_u64().unwrap_or(0)),
+                mib(b["size"].as_u64().unwrap_or(0)),
+                mib(s["fetched_bytes"].as_u64().unwrap_or(0)),
+                s["hits"],
+                s["misses"],
+                s["failures"],
+                s["inflight"]
+            );
+        }
+    }
+    Ok(())
+}
+
+pub fn read(socket: &Path, domain: Option<String>, fsid: &str, path: &str) -> Result<()> {
+    let mut q = format!("/v1/read?fsid={}&path={}", enc(fsid), enc(path));
+    if let Some(d) = domain {
+        q.push_str(&format!("&domain={}", enc(&d)));
+    }
+    let mut reply = request(socket, "GET", &q, None)?;
+    if reply.status >= 400 {
+        let mut t = String::new();
+        reply.body.read_to_string(&mut t)?;
+        let v: serde_json::Value = serde_json::from_str(&t).unwrap_or(json!({"error": t}));
+        bail!("{}", v["error"].as_str().unwrap_or("read failed"));
+    }
+    let mut out = std::io::stdout().lock();
+    std::io::copy(&mut reply.body, &mut out).context("reading through the daemon (EIO)")?;
+    out.flush()?;
+    Ok(())
+}
+
+use std::io::Read;
+
+/// Percent-encode a query value.
+fn enc(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'/' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+pub fn gc(socket: &Path, max_bytes: u64) -> Result<()> {
+    let v = call(
+        socket,
+        "POST",
+        "/v1/gc",
+        Some(&json!({"max_bytes": max_bytes})),
+    )?;
+    println!(
+        "evicted {} blobs, freed {} bytes, {} bytes remain",
+        v["evicted"].as_array().map_or(0, |a| a.len()),
+        v["freed_bytes"],
+        v["remaining_bytes"]
+    );
+    Ok(())
+}
+
+pub fn prefetch(socket: &Path, domain: Option<String>, fsid: &str, recorded: bool) -> Result<()> {
+    let v = call(
+        socket,
+        "POST",
+        "/v1/prefetch",
+        Some(&json!({"domain": domain, "fsid": fsid, "recorded": recorded})),
+    )?;
+    println!(
+        "prefetching {fsid} ({} chunks in recorded order first)",
+        v["recorded_chunks"]
+    );
+    Ok(())
+}
+
+pub fn push(image: &Path, blob_dir: &Path, reference: &str) -> Result<()> {
+    let r = shoal_core::publish::push(image, blob_dir, reference, &Default::default())
+        .with_context(|| format!("pushing {} to {reference}", image.display()))?;
+    println!(
+        "pushed {} ({}): {} bytes uploaded, {} blobs already there",
+        r.reference, r.manifest_digest, r.uploaded_bytes, r.skipped_blobs
+    );
+    Ok(())
+}
+
+pub fn socket_arg(s: Option<PathBuf>) -> PathBuf {
+    crate::client::socket_path(s)
+}

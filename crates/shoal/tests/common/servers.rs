@@ -1,0 +1,347 @@
+//! Real servers for the daemon tests: the shoal daemon itself, nginx, a
+//! fault-injecting Python HTTP server and Debian's docker-registry.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !ok() {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub struct Daemon {
+    pub socket: PathBuf,
+    pub work: PathBuf,
+    pub log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Daemon {
+    pub fn start(dir: &Path) -> Daemon {
+        let mut d = Daemon {
+            socket: dir.join("shoal.sock"),
+            work: dir.join("work"),
+            log: dir.join("daemon.log"),
+            child: None,
+        };
+        d.restart();
+        d
+    }
+
+    /// Start (again) on the same socket and work directory.
+    pub fn restart(&mut self) {
+        let cfg = self.work.with_extension("toml");
+        std::fs::write(
+            &cfg,
+            "retries = 3\nconnect_timeout_secs = 2\nread_timeout_secs = 2\n",
+        )
+        .unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_shoal"))
+            .args(["daemon", "--socket"])
+            .arg(&self.socket)
+            .arg("--work-dir")
+            .arg(&self.work)
+            .arg("--config")
+            .arg(&cfg)
+            .env("SHOAL_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let s = self.socket.clone();
+        wait_for("the daemon socket", || {
+            std::os::unix::net::UnixStream::connect(&s).is_ok()
+        });
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Run a shoal client command against this daemon.
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        Command::new(env!("CARGO_BIN_EXE_shoal"))
+            .args(args)
+            .env("SHOAL_SOCKET", &self.socket)
+            .env_remove("RUST_BACKTRACE")
+            .output()
+            .unwrap()
+    }
+
+    pub fn ok(&self, args: &[&str]) -> Vec<u8> {
+        let o = self.cli(args);
+        assert!(
+            o.status.success(),
+            "shoal {args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        o.stdout
+    }
+
+    pub fn status(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.ok(&["status", "--json"])).unwrap()
+    }
+
+    /// (cached, size) bytes of a blob in a volume ("erofs,<id>").
+    pub fn blob_cache(&self, volume: &str, blob: &str) -> (u64, u64) {
+        for d in self.status().as_array().unwrap() {
+            if d["volume_key"] == volume {
+                for b in d["blobs"].as_array().unwrap() {
+                    if b["name"] == blob {
+                        return (
+                            b["cached_bytes"].as_u64().unwrap(),
+                            b["size"].as_u64().unwrap(),
+                        );
+                    }
+                }
+            }
+        }
+        panic!("blob {blob} not in {volume}");
+    }
+
+    /// Prefetch an image and wait until all its blobs are cached.
+    pub fn prefetch_all(&self, domain: Option<&str>, fsid: &str) {
+        let mut args = vec!["prefetch", fsid];
+        if let Some(d) = domain {
+            args.extend(["--domain", d]);
+        }
+        self.ok(&args);
+        let volume = format!("erofs,{}", domain.unwrap_or(fsid));
+        wait_for("prefetch", || {
+            self.status().as_array().unwrap().iter().any(|d| {
+                d["volume_key"] == volume.as_str()
+                    && d["images"].as_array().unwrap().iter().any(|i| {
+                        i["fsid"] == fsid
+                            && i["blobs"].as_array().unwrap().iter().all(|n| {
+                                d["blobs"].as_array().unwrap().iter().any(|b| {
+                                    &b["name"] == n
+                                        && b["cached_bytes"].as_u64() >= Some(pinned_bytes(b))
+                                })
+                            })
+                    })
+            })
+        });
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+/// Bytes a blob's pinned chunks cover; prefetch makes exactly these ready.
+fn pinned_bytes(b: &serde_json::Value) -> u64 {
+    // Blobs are written contiguously, so pinned chunks cover the whole blob
+    // unless a layer blob holds chunks no bound image references.
+    b["size"]
+        .as_u64()
+        .unwrap()
+        .min(b["pinned_bytes"].as_u64().unwrap_or(u64::MAX))
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill").arg(c.id().to_string()).status();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// The fault-injecting Python blob server.
+pub struct Faulty {
+    pub port: u16,
+    mode: PathBuf,
+    log: PathBuf,
+    child: Child,
+}
+
+impl Faulty {
+    pub fn start(blob_dir: &Path, dir: &Path) -> Faulty {
+        let (mode, log) = (dir.join("mode"), dir.join("faulty.log"));
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/faulty_http.py");
+        let mut child = Command::new("/usr/bin/python3")
+            .arg(script)
+            .arg(blob_dir)
+            .arg(&mode)
+            .arg(&log)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        Faulty {
+            port: line.trim().parse().unwrap(),
+            mode,
+            log,
+            child,
+        }
+    }
+
+    pub fn set_mode(&self, m: &str) {
+        std::fs::write(&self.mode, m).unwrap();
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}/", self.port)
+    }
+
+    /// Body bytes sent for a blob so far.
+    pub fn bytes_for(&self, blob: &str) -> u64 {
+        sum_log(&self.log, blob)
+    }
+}
+
+impl Drop for Faulty {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn sum_log(path: &Path, blob: &str) -> u64 {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let (name, _status, bytes) = (f.next()?, f.next()?, f.next()?);
+            name.trim_start_matches('/')
+                .ends_with(blob)
+                .then(|| bytes.parse::<u64>().ok())?
+        })
+        .sum()
+}
+
+/// nginx serving a blob directory, logging body bytes per request.
+pub struct Nginx {
+    pub port: u16,
+    log: PathBuf,
+    child: Child,
+}
+
+impl Nginx {
+    pub fn start(blob_dir: &Path, dir: &Path) -> Option<Nginx> {
+        let nginx = ["/usr/sbin/nginx", "/usr/bin/nginx"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())?;
+        let port = free_port();
+        let log = dir.join("access.log");
+        let conf = dir.join("nginx.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "worker_processes 1; daemon off; pid {d}/nginx.pid; error_log {d}/error.log;\n\
+                 events {{}}\n\
+                 http {{ log_format bytes '$uri $status $body_bytes_sent'; access_log {log} bytes;\n\
+                   client_body_temp_path {d}; proxy_temp_path {d}; fastcgi_temp_path {d}; uwsgi_temp_path {d}; scgi_temp_path {d};\n\
+                   server {{ listen 127.0.0.1:{port}; root {root}; }} }}\n",
+                d = dir.display(),
+                log = log.display(),
+                root = blob_dir.display()
+            ),
+        )
+        .unwrap();
+        let child = Command::new(nginx)
+            .arg("-c")
+            .arg(&conf)
+            .arg("-p")
+            .arg(dir)
+            .stderr(Stdio::null())
+            .spawn()
+            .ok()?;
+        wait_for("nginx", || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        Some(Nginx { port, log, child })
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}/", self.port)
+    }
+
+    pub fn bytes_for(&self, blob: &str) -> u64 {
+        sum_log(&self.log, blob)
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        // SIGTERM: the master stops its workers (SIGKILL would orphan them).
+        let _ = Command::new("kill")
+            .arg(self.child.id().to_string())
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+/// Debian's docker-registry (distribution 2.8) on loopback, filesystem storage.
+pub struct Registry {
+    pub port: u16,
+    pub log: PathBuf,
+    child: Child,
+}
+
+impl Registry {
+    pub fn start(dir: &Path) -> Option<Registry> {
+        let bin = "/usr/bin/docker-registry";
+        if !Path::new(bin).exists() {
+            return None;
+        }
+        let port = free_port();
+        let conf = dir.join("registry.yml");
+        std::fs::write(
+            &conf,
+            format!(
+                "version: 0.1\nlog:\n  level: info\n  formatter: text\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n",
+                dir.join("registry-data").display()
+            ),
+        )
+        .unwrap();
+        let log = dir.join("registry.log");
+        let child = Command::new(bin)
+            .arg("serve")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .ok()?;
+        wait_for("docker-registry", || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        Some(Registry { port, log, child })
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,433 @@
+//! The domain core through the daemon, against real servers: sharing
+//! counted at the remote, faults, kill -9, OCI push/bind, auth, GC.
+
+mod common;
+use common::servers::*;
+use common::*;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+/// Two images sharing the base layer blob (`--layer-blobs`), from the corpus
+/// when present, else from the bundled demo trees.
+struct Images {
+    py: PathBuf,
+    web: PathBuf,
+    blobs: PathBuf,
+    base_blob: String,
+}
+
+fn build_images(dir: &Path) -> Images {
+    let corpus = corpus_dir();
+    let ex = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/demo");
+    let (base, py, web): (PathBuf, PathBuf, PathBuf) = if corpus.join("base.tar.gz").exists() {
+        (
+            corpus.join("base.tar.gz"),
+            corpus.join("py-layer.tar.gz"),
+            corpus.join("web-layer.tar.zst"),
+        )
+    } else {
+        (ex.join("base"), ex.join("app"), ex.join("app"))
+    };
+    let blobs = dir.join("blobs");
+    let mut out = Vec::new();
+    for (name, upper) in [("py", &py), ("web", &web)] {
+        let img = dir.join(format!("{name}.img"));
+        let json = run_shoal(&[
+            "build".as_ref(),
+            "-o".as_ref(),
+            img.as_os_str(),
+            "--blob-dir".as_ref(),
+            blobs.as_os_str(),
+            "--layer-blobs".as_ref(),
+            "--json".as_ref(),
+            base.as_os_str(),
+            upper.as_os_str(),
+        ]);
+        let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        out.push((img, v["blobs"][0]["tag"].as_str().unwrap().to_string()));
+    }
+    assert_eq!(out[0].1, out[1].1, "both images share the base blob");
+    Images {
+        py: out[0].0.clone(),
+        web: out[1].0.clone(),
+        blobs,
+        base_blob: out[0].1.clone(),
+    }
+}
+
+fn blob_names(img: &Path) -> Vec<String> {
+    let v: serde_json::Value = serde_json::from_str(&run_shoal(&[
+        "inspect".as_ref(),
+        img.as_os_str(),
+        "--json".as_ref(),
+    ]))
+    .unwrap();
+    v["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["tag"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// Every cache file of a volume equals the real blob where its readiness
+/// map says it is ready: the cache never holds an unverified byte.
+fn assert_cache_correct(work: &Path, volume_dir: &str, blob_dir: &Path) -> u64 {
+    let dir = work.join(volume_dir).join("blobs");
+    let mut ready_blocks = 0;
+    for e in std::fs::read_dir(&dir).unwrap() {
+        let p = e.unwrap().path();
+        let name = p.file_name().unwrap().to_str().unwrap().to_string();
+        if name.ends_with(".ready") {
+            continue;
+        }
+        let map = std::fs::read(p.with_file_name(format!("{name}.ready"))).unwrap();
+        let (cache, real) = (
+            std::fs::File::open(&p).unwrap(),
+            std::fs::File::open(blob_dir.join(&name)).unwrap(),
+        );
+        let (mut a, mut b) = (vec![0u8; 4096], vec![0u8; 4096]);
+        for (i, byte) in map[16..].iter().enumerate() {
+            for bit in 0..8 {
+                if byte & (1 << bit) != 0 {
+                    let off = ((i * 8 + bit) * 4096) as u64;
+                    cache.read_exact_at(&mut a, off).unwrap();
+                    real.read_exact_at(&mut b, off).unwrap();
+                    assert!(
+                        a == b,
+                        "{name}: block at {off} marked ready but differs from the blob"
+                    );
+                    ready_blocks += 1;
+                }
+            }
+        }
+    }
+    ready_blocks
+}
+
+#[test]
+fn domain_sharing_is_counted_at_the_remote() {
+    let tmp = tempfile::tempdir().unwrap();
+    let imgs = build_images(tmp.path());
+    let Some(nginx) = Nginx::start(&imgs.blobs, tmp.path()) else {
+        return skip("nginx not installed");
+    };
+    let d = Daemon::start(tmp.path());
+    let (py, web) = (imgs.py.to_str().unwrap(), imgs.web.to_str().unwrap());
+    let url = nginx.url();
+    d.ok(&[
+        "bind", "--domain", "one", "--fsid", "py", py, "--remote", &url,
+    ]);
+    d.ok(&[
+        "bind", "--domain", "one", "--fsid", "web", web, "--remote", &url,
+    ]);
+    d.ok(&[
+        "bind", "--domain", "two", "--fsid", "web", web, "--remote", &url,
+    ]);
+    d.ok(&["bind", "--fsid", "lonely", web, "--remote", &url]);
+    // Same fsid twice in one domain: refused.
+    let o = d.cli(&[
+        "bind", "--domain", "one", "--fsid", "py", py, "--remote", &url,
+    ]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("fsid py is already bound in domain one"));
+
+    for (dom, fsid) in [
+        (Some("one"), "py"),
+        (Some("one"), "web"),
+        (Some("two"), "web"),
+        (None, "lonely"),
+    ] {
+        d.prefetch_all(dom, fsid);
+    }
+    let base_size = std::fs::metadata(imgs.blobs.join(&imgs.base_blob))
+        .unwrap()
+        .len();
+    // Domain one fetched the shared base blob once for two images; domain
+    // two and the private volume fetched their own copies.
+    assert_eq!(nginx.bytes_for(&imgs.base_blob), 3 * base_size);
+    let web_blob = &blob_names(&imgs.web)[1];
+    let web_size = std::fs::metadata(imgs.blobs.join(web_blob)).unwrap().len();
+    assert_eq!(nginx.bytes_for(web_blob), 3 * web_size);
+    let st = d.status();
+    let one = st
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["domain_id"] == "one")
+        .unwrap();
+    let base = one["blobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["name"] == imgs.base_blob.as_str())
+        .unwrap();
+    assert_eq!(base["refs"], 2);
+    for vol in ["domains/one", "domains/two", "private/lonely"] {
+        assert!(assert_cache_correct(&d.work, vol, &imgs.blobs) > 0);
+    }
+    // Reads through the domain return the right bytes.
+    let out = tmp.path().join("ref");
+    run_shoal(&[
+        "extract".as_ref(),
+        imgs.web.as_os_str(),
+        out.as_os_str(),
+        "--blob-dir".as_ref(),
+        imgs.blobs.as_os_str(),
+    ]);
+    for f in [
+        "usr/bin/bash",
+        "etc/os-release",
+        "app/main.py",
+        "usr/bin/hello",
+    ] {
+        let p = out.join(f);
+        if p.is_file() && !p.is_symlink() {
+            assert_eq!(
+                d.ok(&["read", "--domain", "two", "web", f]),
+                std::fs::read(&p).unwrap(),
+                "{f}"
+            );
+        }
+    }
+    // A restart reuses the cache: nothing is fetched again.
+    let before = nginx.bytes_for(&imgs.base_blob);
+    drop(d);
+    let d = Daemon::start(tmp.path());
+    d.prefetch_all(Some("one"), "py");
+    assert_eq!(nginx.bytes_for(&imgs.base_blob), before);
+
+    // GC: unbinding domain two leaves its blobs unused; they go, others stay.
+    d.ok(&["unbind", "--domain", "two", "web"]);
+    d.ok(&["gc", "--max-bytes", "0"]);
+    assert!(!d
+        .work
+        .join("domains/two/blobs")
+        .join(&imgs.base_blob)
+        .exists());
+    assert!(d
+        .work
+        .join("domains/one/blobs")
+        .join(&imgs.base_blob)
+        .exists());
+    assert!(d
+        .work
+        .join("private/lonely/blobs")
+        .join(&imgs.base_blob)
+        .exists());
+    let metrics = d.cli(&["status"]);
+    assert!(String::from_utf8_lossy(&metrics.stdout).contains("one,py"));
+}
+
+#[test]
+fn remote_faults_give_eio_then_recover() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ex = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/demo");
+    let (img, blobs) = (tmp.path().join("demo.img"), tmp.path().join("blobs"));
+    run_shoal(&[
+        "build".as_ref(),
+        "-o".as_ref(),
+        img.as_os_str(),
+        "--blob-dir".as_ref(),
+        blobs.as_os_str(),
+        "--chunk-size".as_ref(),
+        "4096".as_ref(),
+        ex.join("base").as_os_str(),
+    ]);
+    let srv = Faulty::start(&blobs, tmp.path());
+    let d = Daemon::start(tmp.path());
+    d.ok(&[
+        "bind",
+        "--fsid",
+        "demo",
+        img.to_str().unwrap(),
+        "--remote",
+        &srv.url(),
+    ]);
+    let blob = &blob_names(&img)[0];
+    let want = std::fs::read(ex.join("base/usr/share/doc/shoal-demo/glossary.txt")).unwrap();
+    let file = "usr/share/doc/shoal-demo/glossary.txt";
+    for mode in ["down", "slow", "reset", "short", "wrong", "s500", "s404"] {
+        srv.set_mode(mode);
+        let o = d.cli(&["read", "demo", file]);
+        assert!(!o.status.success(), "{mode}: read succeeded");
+        assert!(o.stdout.len() < want.len(), "{mode}: got the whole file");
+        assert_eq!(
+            d.blob_cache("erofs,demo", blob).0,
+            0,
+            "{mode}: something was cached"
+        );
+        assert_eq!(assert_cache_correct(&d.work, "private/demo", &blobs), 0);
+    }
+    let log = d.log_text();
+    assert!(
+        log.contains(blob.as_str()) && log.contains("offset") && log.contains("sha256 mismatch"),
+        "{log}"
+    );
+    srv.set_mode("ok");
+    assert_eq!(d.ok(&["read", "demo", file]), want);
+    assert!(assert_cache_correct(&d.work, "private/demo", &blobs) > 0);
+}
+
+#[test]
+fn bearer_token_auth_on_oci_remote() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ex = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/demo");
+    let (img, blobs) = (tmp.path().join("demo.img"), tmp.path().join("blobs"));
+    run_shoal(&[
+        "build".as_ref(),
+        "-o".as_ref(),
+        img.as_os_str(),
+        "--blob-dir".as_ref(),
+        blobs.as_os_str(),
+        ex.join("base").as_os_str(),
+    ]);
+    let srv = Faulty::start(&blobs, tmp.path());
+    srv.set_mode("auth");
+    let d = Daemon::start(tmp.path());
+    let remote = format!("oci://127.0.0.1:{}/shoal/demo", srv.port);
+    d.ok(&[
+        "bind",
+        "--domain",
+        "d",
+        "--fsid",
+        "demo",
+        img.to_str().unwrap(),
+        "--remote",
+        &remote,
+    ]);
+    let want = std::fs::read(ex.join("base/usr/bin/hello")).unwrap();
+    assert_eq!(
+        d.ok(&["read", "--domain", "d", "demo", "usr/bin/hello"]),
+        want
+    );
+}
+
+#[test]
+fn kill9_during_fetching_never_serves_unverified_bytes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let imgs = build_images(tmp.path());
+    let srv = Faulty::start(&imgs.blobs, tmp.path());
+    let mut d = Daemon::start(tmp.path());
+    d.ok(&[
+        "bind",
+        "--domain",
+        "k",
+        "--fsid",
+        "py",
+        imgs.py.to_str().unwrap(),
+        "--remote",
+        &srv.url(),
+    ]);
+    for round in 0..8u64 {
+        d.ok(&["prefetch", "--domain", "k", "py"]);
+        std::thread::sleep(std::time::Duration::from_millis(40 + round * 37 % 200));
+        d.kill9();
+        assert_cache_correct(&d.work, "domains/k", &imgs.blobs);
+        d.restart(); // bindings come back from the work directory
+    }
+    d.prefetch_all(Some("k"), "py");
+    let ready = assert_cache_correct(&d.work, "domains/k", &imgs.blobs);
+    assert!(ready > 0);
+    for name in blob_names(&imgs.py) {
+        let (cached, size) = d.blob_cache("erofs,k", &name);
+        assert!(cached > 0 && cached <= size);
+    }
+}
+
+#[test]
+fn push_to_registry_and_bind_by_reference() {
+    let tmp = tempfile::tempdir().unwrap();
+    let Some(reg) = Registry::start(tmp.path()) else {
+        return skip("docker-registry not installed");
+    };
+    let imgs = build_images(tmp.path());
+    let reference = format!("oci://127.0.0.1:{}/shoal/py:v1", reg.port);
+    run_shoal(&[
+        "push".as_ref(),
+        imgs.py.as_os_str(),
+        "--blob-dir".as_ref(),
+        imgs.blobs.as_os_str(),
+        reference.as_ref(),
+    ]);
+    // Pushing an image sharing the base layer uploads only what is new.
+    let web_ref = format!("oci://127.0.0.1:{}/shoal/py:web", reg.port);
+    let out = run_shoal(&[
+        "push".as_ref(),
+        imgs.web.as_os_str(),
+        "--blob-dir".as_ref(),
+        imgs.blobs.as_os_str(),
+        web_ref.as_ref(),
+    ]);
+    assert!(out.contains("1 blobs already there"), "{out}");
+    let d = Daemon::start(tmp.path());
+    d.ok(&["bind", "--domain", "r", "--fsid", "py", &reference]);
+    d.ok(&["bind", "--domain", "r", "--fsid", "web", &web_ref]);
+    d.prefetch_all(Some("r"), "py");
+    d.prefetch_all(Some("r"), "web");
+    assert!(assert_cache_correct(&d.work, "domains/r", &imgs.blobs) > 0);
+    let out = tmp.path().join("ref");
+    run_shoal(&[
+        "extract".as_ref(),
+        imgs.py.as_os_str(),
+        out.as_os_str(),
+        "--blob-dir".as_ref(),
+        imgs.blobs.as_os_str(),
+    ]);
+    for f in ["usr/bin/bash", "usr/bin/hello", "app/main.py"] {
+        let p = out.join(f);
+        if p.is_file() && !p.is_symlink() {
+            assert_eq!(
+                d.ok(&["read", "--domain", "r", "py", f]),
+                std::fs::read(&p).unwrap(),
+                "{f}"
+            );
+        }
+    }
+    // Hostile references are refused before any request.
+    for bad in [
+        "oci://127.0.0.1:1/Bad/Repo:x",
+        "oci://127.0.0.1:1/a:../../etc",
+    ] {
+        assert!(!d
+            .cli(&["bind", "--domain", "r", "--fsid", "x", bad])
+            .status
+            .success());
+    }
+}
+
+#[test]
+fn invalid_names_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ex = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/demo");
+    let (img, blobs) = (tmp.path().join("demo.img"), tmp.path().join("blobs"));
+    run_shoal(&[
+        "build".as_ref(),
+        "-o".as_ref(),
+        img.as_os_str(),
+        "--blob-dir".as_ref(),
+        blobs.as_os_str(),
+        ex.join("base").as_os_str(),
+    ]);
+    let d = Daemon::start(tmp.path());
+    let remote = format!("file://{}", blobs.display());
+    for (dom, fsid) in [("../up", "x"), ("ok", ".."), ("ok", "a/b"), ("", "x")] {
+        let o = d.cli(&[
+            "bind",
+            "--domain",
+            dom,
+            "--fsid",
+            fsid,
+            img.to_str().unwrap(),
+            "--remote",
+            &remote,
+        ]);
+        assert!(!o.status.success(), "{dom:?} {fsid:?} accepted");
+        assert!(
+            String::from_utf8_lossy(&o.stderr).contains("invalid"),
+            "{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    assert!(!d.work.join("up").exists());
+}
