@@ -307,7 +307,16 @@ fn bearer_token_auth_on_oci_remote() {
 fn kill9_during_fetching_never_serves_unverified_bytes() {
     let tmp = tempfile::tempdir().unwrap();
     let imgs = build_images(tmp.path());
-    let srv = Faulty::start(&imgs.blobs, tmp.path());
+    // nginx keeps up with heavy fetching; the Python server is the fallback.
+    let nginx = Nginx::start(&imgs.blobs, tmp.path());
+    let faulty = nginx
+        .is_none()
+        .then(|| Faulty::start(&imgs.blobs, tmp.path()));
+    let url = nginx
+        .as_ref()
+        .map(|n| n.url())
+        .or(faulty.as_ref().map(|f| f.url()))
+        .unwrap();
     let mut d = Daemon::start(tmp.path());
     d.ok(&[
         "bind",
@@ -317,15 +326,27 @@ fn kill9_during_fetching_never_serves_unverified_bytes() {
         "py",
         imgs.py.to_str().unwrap(),
         "--remote",
-        &srv.url(),
+        &url,
     ]);
+    let total_blocks: u64 = blob_names(&imgs.py)
+        .iter()
+        .map(|n| std::fs::metadata(imgs.blobs.join(n)).unwrap().len() / 4096)
+        .sum();
+    let mut mid_fetch_kills = 0;
     for round in 0..8u64 {
         d.ok(&["prefetch", "--domain", "k", "py"]);
         std::thread::sleep(std::time::Duration::from_millis(40 + round * 37 % 200));
         d.kill9();
-        assert_cache_correct(&d.work, "domains/k", &imgs.blobs);
+        let ready = assert_cache_correct(&d.work, "domains/k", &imgs.blobs);
+        if ready > 0 && ready < total_blocks {
+            mid_fetch_kills += 1;
+        }
         d.restart(); // bindings come back from the work directory
     }
+    assert!(
+        mid_fetch_kills > 0,
+        "no kill landed in the middle of fetching"
+    );
     d.prefetch_all(Some("k"), "py");
     let ready = assert_cache_correct(&d.work, "domains/k", &imgs.blobs);
     assert!(ready > 0);

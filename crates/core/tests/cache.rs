@@ -1,0 +1,142 @@
+//! The blob cache against a real blob directory: single-flight fetches,
+//! verification before anything is written, durable readiness.
+
+use erofs::chunktable::ChunkEntry;
+use shoal_core::cache::BlobCache;
+use shoal_core::remote::{FileRemote, Remote, RemoteError};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// A real file remote that counts fetches and can corrupt what it returns.
+struct Counting {
+    inner: FileRemote,
+    fetches: AtomicU64,
+    corrupt: bool,
+}
+
+impl Remote for Counting {
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+    fn fetch(&self, name: &str, offset: u64, len: u64) -> Result<Vec<u8>, RemoteError> {
+        self.fetches.fetch_add(1, Ordering::SeqCst);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let mut b = self.inner.fetch(name, offset, len)?;
+        if self.corrupt {
+            b[0] ^= 1;
+        }
+        Ok(b)
+    }
+}
+
+/// Build an image with a few multi-block chunks; return (blob dir, blob
+/// name, blocks, chunk entries).
+fn fixture(dir: &Path) -> (PathBuf, String, u32, Vec<ChunkEntry>) {
+    let src = dir.join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    for i in 0..4u8 {
+        std::fs::write(src.join(format!("f{i}")), vec![i + 1; 100_000]).unwrap();
+    }
+    let blobs = dir.join("blobs");
+    let img = dir.join("img");
+    erofs::build(
+        &[src],
+        &blobs,
+        &img,
+        &erofs::BuildOptions {
+            chunk_size: 65536,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let image = erofs::Image::open(std::fs::read(&img).unwrap()).unwrap();
+    let name = image.device_tag(1).unwrap();
+    let entries = image
+        .chunk_table
+        .as_ref()
+        .unwrap()
+        .entries(1)
+        .unwrap()
+        .to_vec();
+    (blobs, name, image.devices[0].blocks.get(), entries)
+}
+
+fn remote(blobs: &Path, corrupt: bool) -> Arc<Counting> {
+    Arc::new(Counting {
+        inner: FileRemote::new(blobs.to_path_buf()),
+        fetches: AtomicU64::new(0),
+        corrupt,
+    })
+}
+
+#[test]
+fn concurrent_readers_of_a_missing_chunk_fetch_it_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (blobs, name, blocks, entries) = fixture(tmp.path());
+    let cache = BlobCache::open(&tmp.path().join("cache"), &name, blocks).unwrap();
+    let r = remote(&blobs, false);
+    let remotes: Vec<Arc<dyn Remote>> = vec![r.clone()];
+    std::thread::scope(|s| {
+        for _ in 0..16 {
+            s.spawn(|| cache.ensure(&entries[0], &remotes).unwrap());
+        }
+    });
+    assert_eq!(r.fetches.load(Ordering::SeqCst), 1);
+    assert!(cache.is_ready(entries[0].blkaddr.get(), entries[0].nblocks.get()));
+    let st = cache.stats();
+    assert_eq!(
+        (st.fetches, st.fetched_bytes),
+        (1, u64::from(entries[0].nblocks.get()) * 4096)
+    );
+}
+
+#[test]
+fn wrong_bytes_are_never_written_or_marked() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (blobs, name, blocks, entries) = fixture(tmp.path());
+    let dir = tmp.path().join("cache");
+    let cache = BlobCache::open(&dir, &name, blocks).unwrap();
+    let r = remote(&blobs, true);
+    let remotes: Vec<Arc<dyn Remote>> = vec![r.clone()];
+    let err = cache.ensure(&entries[1], &remotes).unwrap_err().to_string();
+    assert!(
+        err.contains(&name) && err.contains("sha256 mismatch"),
+        "{err}"
+    );
+    assert_eq!(
+        r.fetches.load(Ordering::SeqCst),
+        3,
+        "bounded re-fetches of wrong bytes"
+    );
+    assert_eq!(cache.ready_blocks(), 0);
+    cache.flush().unwrap();
+    let data = std::fs::read(dir.join(&name)).unwrap();
+    assert!(
+        data.iter().all(|&b| b == 0),
+        "wrong bytes reached the cache file"
+    );
+}
+
+#[test]
+fn readiness_survives_reopen_only_once_flushed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (blobs, name, blocks, entries) = fixture(tmp.path());
+    let dir = tmp.path().join("cache");
+    let remotes: Vec<Arc<dyn Remote>> = vec![remote(&blobs, false)];
+    {
+        let cache = BlobCache::open(&dir, &name, blocks).unwrap();
+        cache.ensure(&entries[0], &remotes).unwrap();
+        cache.flush().unwrap();
+        cache.ensure(&entries[1], &remotes).unwrap();
+        // no flush: as if the process died here
+    }
+    let cache = BlobCache::open(&dir, &name, blocks).unwrap();
+    let (a, b) = (&entries[0], &entries[1]);
+    assert!(cache.is_ready(a.blkaddr.get(), a.nblocks.get()));
+    assert!(!cache.is_ready(b.blkaddr.get(), b.nblocks.get()));
+    // A map for a blob of another size is not trusted.
+    drop(cache);
+    let other = BlobCache::open(&dir, &name, blocks + 1).unwrap();
+    assert_eq!(other.ready_blocks(), 0);
+}
