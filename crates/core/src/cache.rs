@@ -229,6 +229,115 @@ impl BlobCache {
         result.map(|_| true)
     }
 
+    /// Make many chunks ready, fetching each run of adjacent missing chunks
+    /// (up to `max_run` bytes) with one ranged request and verifying every
+    /// chunk on its own. Chunks another caller is fetching are waited for.
+    pub fn ensure_batch(
+        &self,
+        entries: &[ChunkEntry],
+        remotes: &[Arc<dyn Remote>],
+        max_run: u64,
+    ) -> Result<(), CoreError> {
+        let mut led: Vec<(ChunkEntry, Arc<Flight>)> = Vec::new();
+        let mut waits = Vec::new();
+        {
+            let mut map = self.inflight.lock().unwrap();
+            for e in entries {
+                if self.is_ready(e.blkaddr.get(), e.nblocks.get()) {
+                    self.counters.hits.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+                self.counters.misses.fetch_add(1, Ordering::Relaxed);
+                match map.get(&e.blkaddr.get()) {
+                    Some(f) => waits.push((*e, f.clone())),
+                    None => {
+                        let f = Arc::new(Flight::default());
+                        map.insert(e.blkaddr.get(), f.clone());
+                        led.push((*e, f));
+                    }
+                }
+            }
+        }
+        let mut first_err = None;
+        let mut i = 0;
+        while i < led.len() {
+            // A run of adjacent chunks, fetched with one request.
+            let start = led[i].0.blkaddr.get();
+            let mut end = start + led[i].0.nblocks.get();
+            let mut j = i + 1;
+            while j < led.len()
+                && led[j].0.blkaddr.get() == end
+                && u64::from(end + led[j].0.nblocks.get() - start) * BLOCK <= max_run
+            {
+                end += led[j].0.nblocks.get();
+                j += 1;
+            }
+            let (offset, len) = (u64::from(start) * BLOCK, u64::from(end - start) * BLOCK);
+            let run = if j - i > 1 {
+                remotes
+                    .iter()
+                    .find_map(|r| r.fetch(&self.name, offset, len).ok())
+            } else {
+                None
+            };
+            for (e, flight) in &led[i..j] {
+                let result = match &run {
+                    Some(bytes) => {
+                        let at = ((e.blkaddr.get() - start) as u64 * BLOCK) as usize;
+                        let slice = &bytes[at..at + e.nblocks.get() as usize * BLOCK as usize];
+                        if Sha256::digest(slice).as_slice() == e.digest {
+                            self.store(e, slice)
+                        } else {
+                            // Wrong bytes in the run: this chunk alone, with retries.
+                            self.fetch_verify_store(e, remotes)
+                        }
+                    }
+                    None => self.fetch_verify_store(e, remotes),
+                };
+                if result.is_err() {
+                    self.counters.failures.fetch_add(1, Ordering::Relaxed);
+                }
+                self.inflight.lock().unwrap().remove(&e.blkaddr.get());
+                *flight.done.lock().unwrap() =
+                    Some(result.as_ref().map(|_| ()).map_err(|e| e.to_string()));
+                flight.cv.notify_all();
+                if let Err(err) = result {
+                    first_err.get_or_insert(err);
+                }
+            }
+            i = j;
+        }
+        for (e, f) in waits {
+            let mut done = f.done.lock().unwrap();
+            while done.is_none() {
+                done = f.cv.wait(done).unwrap();
+            }
+            if let Some(Err(why)) = done.as_ref() {
+                first_err.get_or_insert(CoreError::Fetch {
+                    blob: self.name.clone(),
+                    offset: u64::from(e.blkaddr.get()) * BLOCK,
+                    len: u64::from(e.nblocks.get()) * BLOCK,
+                    why: why.clone(),
+                });
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
+    /// Write verified bytes of a chunk and mark them ready.
+    fn store(&self, entry: &ChunkEntry, bytes: &[u8]) -> Result<(), CoreError> {
+        let (start, n) = (entry.blkaddr.get(), entry.nblocks.get());
+        self.data
+            .write_all_at(bytes, u64::from(start) * BLOCK)
+            .map_err(io(&self.data_path, "writing cache"))?;
+        self.mark(start, n);
+        self.counters
+            .fetched_bytes
+            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        self.counters.fetches.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
     fn fetch_verify_store(
         &self,
         entry: &ChunkEntry,
@@ -277,14 +386,7 @@ impl BlobCache {
             }
         }
         let bytes = bytes.ok_or_else(|| fail(last))?;
-        self.data
-            .write_all_at(&bytes, offset)
-            .map_err(io(&self.data_path, "writing cache"))?;
-        self.mark(start, n);
-        self.counters
-            .fetched_bytes
-            .fetch_add(len, Ordering::Relaxed);
-        self.counters.fetches.fetch_add(1, Ordering::Relaxed);
+        self.store(entry, &bytes)?;
         tracing::debug!(blob = %self.name, offset, len, "chunk fetched and verified");
         Ok(())
     }

@@ -178,43 +178,55 @@ impl BoundImage {
     /// Fetch every chunk of every blob, in `order` first (an earlier run's
     /// access order), then the rest by address.
     pub fn prefetch(&self, order: &[(u16, u32)], threads: usize) -> Result<u64, CoreError> {
+        // Work items: runs of adjacent chunks of one blob, recorded order first.
         let mut seen = HashSet::new();
-        let all = self.blobs.iter().enumerate().flat_map(|(i, b)| {
-            b.all_chunks()
-                .into_iter()
-                .map(move |e| (i as u16 + 1, e.blkaddr.get()))
-        });
-        let queue: Vec<(u16, u32)> = order
-            .iter()
-            .copied()
-            .chain(all)
-            .filter(|k| seen.insert(*k))
-            .collect();
+        let mut items: Vec<(u16, Vec<ChunkEntry>)> = Vec::new();
+        let mut push = |dev: u16, e: ChunkEntry, items: &mut Vec<(u16, Vec<ChunkEntry>)>| {
+            if !seen.insert((dev, e.blkaddr.get())) {
+                return;
+            }
+            match items.last_mut() {
+                Some((d, run))
+                    if *d == dev
+                        && run.len() < 256
+                        && run.last().is_some_and(|l| {
+                            l.blkaddr.get() + l.nblocks.get() == e.blkaddr.get()
+                        }) =>
+                {
+                    run.push(e)
+                }
+                _ => items.push((dev, vec![e])),
+            }
+        };
+        for &(dev, blk) in order {
+            if let Some(e) = self
+                .blob(dev)
+                .and_then(|b| b.chunks.read().unwrap().get(&blk).copied())
+            {
+                push(dev, e, &mut items);
+            }
+        }
+        for (i, b) in self.blobs.iter().enumerate() {
+            for e in b.all_chunks() {
+                push(i as u16 + 1, e, &mut items);
+            }
+        }
         let next = std::sync::atomic::AtomicUsize::new(0);
-        let bytes = std::sync::atomic::AtomicU64::new(0);
         let first_err = Mutex::new(None);
         std::thread::scope(|s| {
             for _ in 0..threads.max(1) {
                 s.spawn(|| loop {
                     let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    let Some(&(dev, blk)) = queue.get(i) else {
+                    let Some((dev, run)) = items.get(i) else {
                         break;
                     };
                     if first_err.lock().unwrap().is_some() {
                         break;
                     }
-                    let Some(b) = self.blob(dev) else { continue };
-                    match b.ensure_range(u64::from(blk) * BLOCK, BLOCK) {
-                        Ok(entries) => {
-                            let n: u64 = entries
-                                .iter()
-                                .map(|e| u64::from(e.nblocks.get()) * BLOCK)
-                                .sum();
-                            bytes.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
-                        }
-                        Err(e) => {
-                            first_err.lock().unwrap().get_or_insert(e);
-                        }
+                    let b = self.blob(*dev).expect("device of a queued chunk");
+                    let remotes = b.remotes.read().unwrap().clone();
+                    if let Err(e) = b.cache.ensure_batch(run, &remotes, PREFETCH_RUN) {
+                        first_err.lock().unwrap().get_or_insert(e);
                     }
                 });
             }
@@ -222,9 +234,16 @@ impl BoundImage {
         if let Some(e) = first_err.into_inner().unwrap() {
             return Err(e);
         }
-        Ok(bytes.into_inner())
+        Ok(items
+            .iter()
+            .flat_map(|(_, r)| r)
+            .map(|e| u64::from(e.nblocks.get()) * BLOCK)
+            .sum())
     }
 }
+
+/// Largest single ranged request prefetch makes.
+const PREFETCH_RUN: u64 = 8 << 20;
 
 impl erofs::BlobSource for BoundImage {
     fn read_blob(&self, device_id: u16, buf: &mut [u8], offset: u64) -> std::io::Result<()> {

@@ -140,3 +140,46 @@ fn readiness_survives_reopen_only_once_flushed() {
     let other = BlobCache::open(&dir, &name, blocks + 1).unwrap();
     assert_eq!(other.ready_blocks(), 0);
 }
+
+#[test]
+fn batches_fetch_adjacent_chunks_with_one_request_and_verify_each() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (blobs, name, blocks, entries) = fixture(tmp.path());
+    let dir = tmp.path().join("cache");
+    let cache = BlobCache::open(&dir, &name, blocks).unwrap();
+    let r = remote(&blobs, false);
+    let remotes: Vec<Arc<dyn Remote>> = vec![r.clone()];
+    cache.ensure_batch(&entries, &remotes, 8 << 20).unwrap();
+    assert_eq!(
+        r.fetches.load(Ordering::SeqCst),
+        1,
+        "one request for the whole run"
+    );
+    cache.flush().unwrap();
+    assert_eq!(
+        std::fs::read(dir.join(&name)).unwrap(),
+        std::fs::read(blobs.join(&name)).unwrap()
+    );
+    // The corrupting remote flips the first byte of each reply: in the run,
+    // only the first chunk is wrong. Each chunk is checked on its own: the
+    // first is refused (its own re-fetches are wrong too), the rest are kept.
+    let other = tempfile::tempdir().unwrap();
+    let cache = BlobCache::open(other.path(), &name, blocks).unwrap();
+    let bad: Vec<Arc<dyn Remote>> = vec![remote(&blobs, true)];
+    assert!(cache.ensure_batch(&entries, &bad, 8 << 20).is_err());
+    let first = &entries[0];
+    assert!(!cache.is_ready(first.blkaddr.get(), first.nblocks.get()));
+    let total: u64 = entries.iter().map(|e| u64::from(e.nblocks.get())).sum();
+    assert_eq!(cache.ready_blocks(), total - u64::from(first.nblocks.get()));
+    cache.flush().unwrap();
+    let (got, want) = (
+        std::fs::read(other.path().join(&name)).unwrap(),
+        std::fs::read(blobs.join(&name)).unwrap(),
+    );
+    let skip = first.nblocks.get() as usize * 4096;
+    assert!(
+        got[..skip].iter().all(|&b| b == 0),
+        "wrong bytes reached the cache"
+    );
+    assert_eq!(got[skip..], want[skip..]);
+}

@@ -186,3 +186,118 @@ fn row(name: &str, who: &str, r: &Run, bootstrap: u64, erofs: u64, blob: u64) {
         bootstrap + blob
     );
 }
+
+/// `shoal bench fetch`: cold fetch of every chunk of an image into a fresh
+/// domain cache with N concurrent readers, vs `curl` of the same blobs; and
+/// the daemon's RSS with 10 bound images.
+pub fn fetch(
+    image: &Path,
+    remote: &str,
+    curl_prefix: Option<&str>,
+    readers: &[usize],
+) -> Result<()> {
+    use shoal_core::{BindSpec, Registry, RegistryOptions};
+    let img = crate::image_cmds::open_image(image)?;
+    let tags: Vec<String> = (1..=img.devices.len() as u16)
+        .filter_map(|d| img.device_tag(d))
+        .collect();
+    let total: u64 = img
+        .devices
+        .iter()
+        .map(|d| u64::from(d.blocks.get()) * 4096)
+        .sum();
+    println!("| remote | readers | bytes | seconds | MB/s |");
+    println!("|---|---:|---:|---:|---:|");
+    for &n in readers {
+        let work = tempfile::tempdir()?;
+        let reg = Registry::new(work.path(), RegistryOptions::default())?;
+        let bound = reg.bind(BindSpec {
+            domain: Some("bench".into()),
+            fsid: "bench".into(),
+            bootstrap: image.to_path_buf(),
+            remote: remote.to_string(),
+            reference: None,
+        })?;
+        let t = std::time::Instant::now();
+        let bytes = bound.prefetch(&[], n)?;
+        reg.flush_all();
+        let s = t.elapsed().as_secs_f64();
+        println!(
+            "| shoal {remote} | {n} | {bytes} | {s:.2} | {:.0} |",
+            bytes as f64 / s / 1e6
+        );
+    }
+    if let Some(prefix) = curl_prefix {
+        let t = std::time::Instant::now();
+        for tag in &tags {
+            let st = Command::new("curl")
+                .args(["-sf", "-o", "/dev/null"])
+                .arg(format!("{prefix}{tag}"))
+                .status()
+                .context("running curl")?;
+            if !st.success() {
+                bail!("curl {prefix}{tag} failed");
+            }
+        }
+        let s = t.elapsed().as_secs_f64();
+        println!(
+            "| curl {prefix} | 1 | {total} | {s:.2} | {:.0} |",
+            total as f64 / s / 1e6
+        );
+    }
+    Ok(())
+}
+
+/// RSS of a daemon with `n` images bound (each in its own private volume).
+pub fn daemon_rss(image: &Path, remote: &str, n: usize) -> Result<()> {
+    let me = std::env::current_exe()?;
+    let tmp = tempfile::tempdir()?;
+    let sock = tmp.path().join("s.sock");
+    let mut child = Command::new(&me)
+        .arg("daemon")
+        .arg("--socket")
+        .arg(&sock)
+        .arg("--work-dir")
+        .arg(tmp.path().join("work"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let t = std::time::Instant::now();
+    while std::os::unix::net::UnixStream::connect(&sock).is_err() {
+        if t.elapsed().as_secs() > 10 {
+            let _ = child.kill();
+            bail!("daemon did not start");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let rss = |pid: u32| -> u64 {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("VmRSS:")
+                    .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+            })
+            .unwrap_or(0)
+    };
+    let idle = rss(child.id());
+    let image = std::fs::canonicalize(image)?;
+    for i in 0..n {
+        crate::daemon_cmds::bind(
+            &sock,
+            None,
+            Some(format!("img{i}")),
+            image.to_str().unwrap(),
+            Some(remote.into()),
+        )?;
+    }
+    let bound = rss(child.id());
+    let _ = Command::new("kill").arg(child.id().to_string()).status();
+    let _ = child.wait();
+    println!("| daemon RSS idle | {:.1} MiB |", idle as f64 / 1024.0);
+    println!(
+        "| daemon RSS with {n} bound images | {:.1} MiB |",
+        bound as f64 / 1024.0
+    );
+    Ok(())
+}

@@ -203,6 +203,21 @@ enum BenchCmd {
         #[arg(long, default_value_t = 3)]
         runs: usize,
     },
+    /// Cold fetch of an image's blobs into a fresh domain cache (1 and 8
+    /// readers) vs curl of the same blobs; daemon RSS with 10 bound images.
+    Fetch {
+        image: PathBuf,
+        #[arg(long)]
+        remote: String,
+        /// URL prefix curl fetches each blob from (blob name appended).
+        #[arg(long)]
+        curl_prefix: Option<String>,
+        #[arg(long, default_values_t = vec![1, 8])]
+        readers: Vec<usize>,
+        /// Also measure daemon RSS with this many bound images.
+        #[arg(long)]
+        rss_images: Option<usize>,
+    },
 }
 
 fn main() -> Result<()> {
@@ -325,5 +340,21 @@ fn main() -> Result<()> {
                     runs,
                 },
         } => bench::run(&corpus, chunk_size, runs),
+        Cmd::Bench {
+            what:
+                BenchCmd::Fetch {
+                    image,
+                    remote,
+                    curl_prefix,
+                    readers,
+                    rss_images,
+                },
+        } => {
+            bench::fetch(&image, &remote, curl_prefix.as_deref(), &readers)?;
+            if let Some(n) = rss_images {
+                bench::daemon_rss(&image, &remote, n)?;
+            }
+            Ok(())
+        }
     }
 }
