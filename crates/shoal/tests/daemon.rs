@@ -215,8 +215,28 @@ fn domain_sharing_is_counted_at_the_remote() {
         .join("private/lonely/blobs")
         .join(&imgs.base_blob)
         .exists());
-    let metrics = d.cli(&["status"]);
-    assert!(String::from_utf8_lossy(&metrics.stdout).contains("one,py"));
+    let text = d.cli(&["status"]);
+    assert!(String::from_utf8_lossy(&text.stdout).contains("one,py"));
+    // The control socket is private; metrics are Prometheus text.
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&d.socket).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let m = std::process::Command::new("curl")
+        .args(["-sf", "--unix-socket"])
+        .arg(&d.socket)
+        .arg("http://shoal/metrics")
+        .output();
+    if let Ok(m) = m {
+        let m = String::from_utf8_lossy(&m.stdout);
+        let line = format!(
+            "shoal_blob_refs{{volume=\"erofs,one\",blob=\"{}\"}} 2",
+            imgs.base_blob
+        );
+        assert!(m.contains(&line), "{m}");
+        assert!(m.contains("# TYPE shoal_blob_fetched_bytes_total counter"));
+    }
 }
 
 #[test]
@@ -266,6 +286,30 @@ fn remote_faults_give_eio_then_recover() {
     );
     srv.set_mode("ok");
     assert_eq!(d.ok(&["read", "demo", file]), want);
+    assert!(assert_cache_correct(&d.work, "private/demo", &blobs) > 0);
+
+    // Recorded prefetch: the access order is kept at unbind; after GC and a
+    // rebind, prefetch --recorded fetches those chunks first, then the rest.
+    d.ok(&["read", "demo", "usr/bin/hello"]);
+    d.ok(&["unbind", "demo"]);
+    let order = d.work.join("access/-/demo.order");
+    let recorded = std::fs::read_to_string(&order).unwrap();
+    assert!(recorded.lines().count() >= 2, "{recorded}");
+    d.ok(&["gc"]);
+    d.ok(&[
+        "bind",
+        "--fsid",
+        "demo",
+        img.to_str().unwrap(),
+        "--remote",
+        &srv.url(),
+    ]);
+    let out = String::from_utf8(d.ok(&["prefetch", "demo", "--recorded"])).unwrap();
+    assert!(
+        out.contains(&format!("({} chunks", recorded.lines().count())),
+        "{out}"
+    );
+    d.prefetch_all(None, "demo");
     assert!(assert_cache_correct(&d.work, "private/demo", &blobs) > 0);
 }
 

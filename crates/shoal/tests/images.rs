@@ -260,6 +260,19 @@ fn reuse_and_layer_blobs_write_only_new_bytes() {
             blobs.as_os_str(),
         ]);
     }
+    // --reuse-blobs DIR: every bootstrap in the directory is a dictionary.
+    let dict = tmp.path().join("dict");
+    std::fs::create_dir(&dict).unwrap();
+    std::fs::copy(&a, dict.join("a.img")).unwrap();
+    std::fs::write(dict.join("not-an-image"), b"ignored").unwrap();
+    let rd: serde_json::Value = serde_json::from_str(&build(
+        &[&base, &py],
+        &tmp.path().join("d.img"),
+        &blobs,
+        &["--json", "--reuse-blobs", dict.to_str().unwrap()],
+    ))
+    .unwrap();
+    assert_eq!(rd["stats"]["bytes_written"], rb["stats"]["bytes_written"]);
 }
 
 fn mkfs_available() -> bool {

@@ -146,6 +146,12 @@ impl Daemon {
                     })
             })
         });
+        self.wait_flushed();
+    }
+
+    /// Readiness reaches the disk within the daemon's 100 ms flush period.
+    pub fn wait_flushed(&self) {
+        std::thread::sleep(Duration::from_millis(400));
     }
 
     pub fn log_text(&self) -> String {
