@@ -530,24 +530,43 @@ impl Registry {
         self.save_state()
     }
 
+    /// Every blob of every domain.
+    fn all_blobs(&self) -> Vec<Arc<SharedBlob>> {
+        let domains = self.domains.lock().unwrap();
+        domains
+            .values()
+            .flat_map(|d| {
+                d.state
+                    .lock()
+                    .unwrap()
+                    .blobs
+                    .values()
+                    .cloned()
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    /// Every bound image of every domain.
+    fn all_images(&self) -> Vec<Arc<BoundImage>> {
+        let domains = self.domains.lock().unwrap();
+        domains
+            .values()
+            .flat_map(|d| {
+                d.state
+                    .lock()
+                    .unwrap()
+                    .images
+                    .values()
+                    .cloned()
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
     /// Make every cache's readiness durable (see [`BlobCache::flush`]).
     pub fn flush_all(&self) {
-        let blobs: Vec<Arc<SharedBlob>> = {
-            let domains = self.domains.lock().unwrap();
-            domains
-                .values()
-                .flat_map(|d| {
-                    d.state
-                        .lock()
-                        .unwrap()
-                        .blobs
-                        .values()
-                        .cloned()
-                        .collect::<Vec<_>>()
-                })
-                .collect()
-        };
-        for b in blobs {
+        for b in self.all_blobs() {
             if let Err(e) = b.cache.flush() {
                 tracing::error!(blob = %b.cache.name, error = %e, "flushing readiness map");
             }
@@ -626,21 +645,7 @@ impl Registry {
 
     /// Persist the bindings (atomically) so a restarted daemon restores them.
     fn save_state(&self) -> Result<(), CoreError> {
-        let specs: Vec<BindSpec> = {
-            let domains = self.domains.lock().unwrap();
-            domains
-                .values()
-                .flat_map(|d| {
-                    d.state
-                        .lock()
-                        .unwrap()
-                        .images
-                        .values()
-                        .map(|i| i.spec.clone())
-                        .collect::<Vec<_>>()
-                })
-                .collect()
-        };
+        let specs: Vec<BindSpec> = self.all_images().iter().map(|i| i.spec.clone()).collect();
         let path = self.state_path();
         let tmp = path.with_extension("json.tmp");
         let io = |source| CoreError::Io {

@@ -55,6 +55,23 @@ fn build_images(dir: &Path) -> Images {
     }
 }
 
+/// The bundled demo base layer as an image: (example dir, image, blob dir).
+fn build_demo(dir: &Path, chunk_size: &str) -> (PathBuf, PathBuf, PathBuf) {
+    let ex = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/demo");
+    let (img, blobs) = (dir.join("demo.img"), dir.join("blobs"));
+    run_shoal(&[
+        "build".as_ref(),
+        "-o".as_ref(),
+        img.as_os_str(),
+        "--blob-dir".as_ref(),
+        blobs.as_os_str(),
+        "--chunk-size".as_ref(),
+        chunk_size.as_ref(),
+        ex.join("base").as_os_str(),
+    ]);
+    (ex, img, blobs)
+}
+
 fn blob_names(img: &Path) -> Vec<String> {
     let v: serde_json::Value = serde_json::from_str(&run_shoal(&[
         "inspect".as_ref(),
@@ -242,18 +259,7 @@ fn domain_sharing_is_counted_at_the_remote() {
 #[test]
 fn remote_faults_give_eio_then_recover() {
     let tmp = tempfile::tempdir().unwrap();
-    let ex = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/demo");
-    let (img, blobs) = (tmp.path().join("demo.img"), tmp.path().join("blobs"));
-    run_shoal(&[
-        "build".as_ref(),
-        "-o".as_ref(),
-        img.as_os_str(),
-        "--blob-dir".as_ref(),
-        blobs.as_os_str(),
-        "--chunk-size".as_ref(),
-        "4096".as_ref(),
-        ex.join("base").as_os_str(),
-    ]);
+    let (ex, img, blobs) = build_demo(tmp.path(), "4096");
     let srv = Faulty::start(&blobs, tmp.path());
     let d = Daemon::start(tmp.path());
     d.ok(&[
@@ -316,16 +322,7 @@ fn remote_faults_give_eio_then_recover() {
 #[test]
 fn bearer_token_auth_on_oci_remote() {
     let tmp = tempfile::tempdir().unwrap();
-    let ex = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/demo");
-    let (img, blobs) = (tmp.path().join("demo.img"), tmp.path().join("blobs"));
-    run_shoal(&[
-        "build".as_ref(),
-        "-o".as_ref(),
-        img.as_os_str(),
-        "--blob-dir".as_ref(),
-        blobs.as_os_str(),
-        ex.join("base").as_os_str(),
-    ]);
+    let (ex, img, blobs) = build_demo(tmp.path(), "1048576");
     let srv = Faulty::start(&blobs, tmp.path());
     srv.set_mode("auth");
     let d = Daemon::start(tmp.path());
@@ -464,16 +461,7 @@ fn push_to_registry_and_bind_by_reference() {
 #[test]
 fn invalid_names_are_refused() {
     let tmp = tempfile::tempdir().unwrap();
-    let ex = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/demo");
-    let (img, blobs) = (tmp.path().join("demo.img"), tmp.path().join("blobs"));
-    run_shoal(&[
-        "build".as_ref(),
-        "-o".as_ref(),
-        img.as_os_str(),
-        "--blob-dir".as_ref(),
-        blobs.as_os_str(),
-        ex.join("base").as_os_str(),
-    ]);
+    let (_, img, blobs) = build_demo(tmp.path(), "1048576");
     let d = Daemon::start(tmp.path());
     let remote = format!("file://{}", blobs.display());
     for (dom, fsid) in [("../up", "x"), ("ok", ".."), ("ok", "a/b"), ("", "x")] {
