@@ -170,6 +170,63 @@ impl BoundImage {
         self.blobs.get(usize::from(device_id).checked_sub(1)?)
     }
 
+    /// Read bytes of a regular file through the domain cache: holes are
+    /// zeros, blob chunks are made ready (fetched and verified once) and read
+    /// from the cache file. Returns the bytes read (short only at EOF).
+    pub fn read_at(
+        &self,
+        ino: &erofs::Inode,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<usize, CoreError> {
+        use std::os::unix::fs::FileExt;
+        let img_err = |source| CoreError::Image {
+            path: self.spec.bootstrap.clone(),
+            source,
+        };
+        let end = ino.size.min(offset.saturating_add(buf.len() as u64));
+        let mut pos = offset;
+        while pos < end {
+            let ((start, ext_end), ext) = self.image.map(ino, pos).map_err(img_err)?;
+            let n = (ext_end.min(end) - pos) as usize;
+            let out = &mut buf[(pos - offset) as usize..][..n];
+            match ext {
+                erofs::Extent::Hole => out.fill(0),
+                erofs::Extent::Image { offset: at } => self
+                    .image
+                    .source()
+                    .read_exact_at(out, at + (pos - start))
+                    .map_err(|source| CoreError::Io {
+                        path: self.spec.bootstrap.clone(),
+                        what: "reading bootstrap".into(),
+                        source,
+                    })?,
+                erofs::Extent::Chunk { device_id, blkaddr } => {
+                    let blob = self.blob(device_id).ok_or_else(|| CoreError::Unusable {
+                        path: self.spec.bootstrap.clone(),
+                        why: format!("no device {device_id}"),
+                    })?;
+                    let physical = u64::from(blkaddr) * BLOCK + (pos - start);
+                    let entries = blob.ensure_range(physical, n as u64)?;
+                    self.record(device_id, &entries);
+                    blob.cache.read_at(out, physical)?;
+                }
+            }
+            pos += n as u64;
+        }
+        Ok((end.saturating_sub(offset)) as usize)
+    }
+
+    fn record(&self, device_id: u16, entries: &[ChunkEntry]) {
+        let mut a = self.access.lock().unwrap();
+        for e in entries {
+            let k = (device_id, e.blkaddr.get());
+            if a.seen.insert(k) {
+                a.order.push(k);
+            }
+        }
+    }
+
     /// Chunks in the order this image first touched them.
     pub fn access_order(&self) -> Vec<(u16, u32)> {
         self.access.lock().unwrap().order.clone()
@@ -253,15 +310,7 @@ impl erofs::BlobSource for BoundImage {
         let entries = blob
             .ensure_range(offset, buf.len() as u64)
             .map_err(std::io::Error::other)?;
-        {
-            let mut a = self.access.lock().unwrap();
-            for e in entries {
-                let k = (device_id, e.blkaddr.get());
-                if a.seen.insert(k) {
-                    a.order.push(k);
-                }
-            }
-        }
+        self.record(device_id, &entries);
         blob.cache
             .read_at(buf, offset)
             .map_err(std::io::Error::other)
@@ -448,22 +497,26 @@ impl Registry {
                 }
             }
         }
-        let mut blobs = Vec::new();
-        for (name, blocks, entries) in wanted {
-            let blob = match st.blobs.get(&name) {
-                Some(b) => b.clone(),
-                None => {
-                    let cache = BlobCache::open(&domain.dir.join("blobs"), &name, blocks)?;
-                    let b = Arc::new(SharedBlob {
+        // Open every new cache first, so a failure leaves the domain as it was.
+        let mut opened: HashMap<String, Arc<SharedBlob>> = HashMap::new();
+        for (name, blocks, _) in &wanted {
+            if !st.blobs.contains_key(name) && !opened.contains_key(name) {
+                let cache = BlobCache::open(&domain.dir.join("blobs"), name, *blocks)?;
+                opened.insert(
+                    name.clone(),
+                    Arc::new(SharedBlob {
                         cache,
                         chunks: RwLock::new(BTreeMap::new()),
                         remotes: RwLock::new(Vec::new()),
                         refs: Mutex::new(0),
-                    });
-                    st.blobs.insert(name.clone(), b.clone());
-                    b
-                }
-            };
+                    }),
+                );
+            }
+        }
+        st.blobs.extend(opened);
+        let mut blobs = Vec::new();
+        for (name, _, entries) in wanted {
+            let blob = st.blobs[&name].clone();
             {
                 let mut chunks = blob.chunks.write().unwrap();
                 for e in entries {
@@ -597,6 +650,7 @@ impl Registry {
         let domains = self.domains.lock().unwrap();
         domains
             .values()
+            .filter(|d| !d.state.lock().unwrap().images.is_empty())
             .map(|d| {
                 let st = d.state.lock().unwrap();
                 let mut blobs: Vec<BlobStatus> = st

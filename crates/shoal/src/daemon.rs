@@ -48,7 +48,24 @@ impl Config {
     }
 }
 
-type Shared = Arc<Registry>;
+/// What the control API handlers share: the registry and live mounts.
+pub struct Daemon {
+    reg: Arc<Registry>,
+    /// FUSE sessions by mountpoint; dropping one unmounts it.
+    mounts: std::sync::Mutex<std::collections::BTreeMap<PathBuf, MountEntry>>,
+}
+
+/// (domain, fsid, session) of a daemon-hosted mount.
+type MountEntry = (Option<String>, String, fuser::BackgroundSession);
+
+impl std::ops::Deref for Daemon {
+    type Target = Registry;
+    fn deref(&self) -> &Registry {
+        &self.reg
+    }
+}
+
+type Shared = Arc<Daemon>;
 
 struct ApiError(StatusCode, String);
 
@@ -81,6 +98,19 @@ pub struct BindRequest {
     pub remote: Option<String>,
     /// `oci://host/repo:tag` as pushed by `shoal push`.
     pub reference: Option<String>,
+}
+
+#[derive(serde::Deserialize, serde::Serialize, Debug, Clone)]
+pub struct MountRequest {
+    #[serde(flatten)]
+    pub bind: BindRequest,
+    pub mountpoint: PathBuf,
+    pub frontend: String,
+}
+
+#[derive(serde::Deserialize, serde::Serialize, Debug, Clone)]
+pub struct UmountRequest {
+    pub mountpoint: PathBuf,
 }
 
 #[derive(serde::Deserialize, serde::Serialize, Debug, Clone)]
@@ -125,38 +155,117 @@ fn access_file(reg: &Registry, domain: Option<&str>, fsid: &str) -> PathBuf {
         .join(format!("{fsid}.order"))
 }
 
+fn do_bind(reg: &Registry, req: BindRequest) -> Result<Arc<shoal_core::BoundImage>, ApiError> {
+    let (bootstrap, remote) = match (&req.bootstrap, &req.reference) {
+        (Some(b), _) => (
+            b.clone(),
+            req.remote.clone().ok_or_else(|| {
+                ApiError(StatusCode::BAD_REQUEST, "a bootstrap needs a remote".into())
+            })?,
+        ),
+        (None, Some(r)) => {
+            let (b, default_remote) =
+                shoal_core::publish::pull_bootstrap(r, &reg.work_dir, &Default::default())?;
+            (b, req.remote.clone().unwrap_or(default_remote))
+        }
+        (None, None) => {
+            return Err(ApiError(
+                StatusCode::BAD_REQUEST,
+                "need a bootstrap or a reference".into(),
+            ))
+        }
+    };
+    Ok(reg.bind(BindSpec {
+        domain: req.domain,
+        fsid: req.fsid,
+        bootstrap,
+        remote,
+        reference: req.reference,
+    })?)
+}
+
+fn bound_json(img: &shoal_core::BoundImage) -> serde_json::Value {
+    serde_json::json!({
+        "fsid": img.spec.fsid,
+        "domain": img.key.domain_id(),
+        "bootstrap": img.spec.bootstrap,
+        "blobs": img.blobs.iter().map(|b| b.cache.data_path().to_path_buf()).collect::<Vec<_>>(),
+    })
+}
+
 async fn bind(
-    State(reg): State<Shared>,
+    State(d): State<Shared>,
     Json(req): Json<BindRequest>,
 ) -> Result<impl IntoResponse, ApiError> {
     blocking(move || {
-        let (bootstrap, remote) = match (&req.bootstrap, &req.reference) {
-            (Some(b), _) => (
-                b.clone(),
-                req.remote
-                    .clone()
-                    .ok_or_else(|| ApiError(StatusCode::BAD_REQUEST, "a bootstrap needs a remote".into()))?,
-            ),
-            (None, Some(r)) => {
-                let (b, default_remote) =
-                    shoal_core::publish::pull_bootstrap(r, &reg.work_dir, &Default::default())?;
-                (b, req.remote.clone().unwrap_or(default_remote))
-            }
-            (None, None) => return Err(ApiError(StatusCode::BAD_REQUEST, "need a bootstrap or a reference".into())),
-        };
-        let img = reg.bind(BindSpec {
-            domain: req.domain,
-            fsid: req.fsid,
-            bootstrap,
-            remote,
-            reference: req.reference,
+        let img = do_bind(&d.reg, req)?;
+        Ok(Json(bound_json(&img)))
+    })
+    .await
+}
+
+/// Bind and mount through a daemon-hosted frontend (FUSE).
+async fn mount(
+    State(d): State<Shared>,
+    Json(req): Json<MountRequest>,
+) -> Result<impl IntoResponse, ApiError> {
+    blocking(move || {
+        if req.frontend != "fuse" {
+            return Err(ApiError(
+                StatusCode::BAD_REQUEST,
+                format!("frontend {:?} is not served by the daemon", req.frontend),
+            ));
+        }
+        let mp = std::fs::canonicalize(&req.mountpoint).map_err(|e| {
+            ApiError(
+                StatusCode::BAD_REQUEST,
+                format!("mountpoint {}: {e}", req.mountpoint.display()),
+            )
         })?;
-        Ok(Json(serde_json::json!({
-            "fsid": img.spec.fsid,
-            "domain": img.key.domain_id(),
-            "bootstrap": img.spec.bootstrap,
-            "blobs": img.blobs.iter().map(|b| b.cache.data_path().to_path_buf()).collect::<Vec<_>>(),
-        })))
+        if d.mounts.lock().unwrap().contains_key(&mp) {
+            return Err(ApiError(
+                StatusCode::CONFLICT,
+                format!("{} is already a shoal mount", mp.display()),
+            ));
+        }
+        let (domain, fsid) = (req.bind.domain.clone(), req.bind.fsid.clone());
+        let img = do_bind(&d.reg, req.bind)?;
+        match shoal_fuse::mount(img.clone(), &mp) {
+            Ok(session) => {
+                d.mounts
+                    .lock()
+                    .unwrap()
+                    .insert(mp.clone(), (domain, fsid, session));
+                tracing::info!(mountpoint = %mp.display(), fsid = %img.spec.fsid, "fuse mount");
+                Ok(Json(bound_json(&img)))
+            }
+            Err(e) => {
+                let _ = d.reg.unbind(domain.as_deref(), &fsid);
+                Err(ApiError(
+                    StatusCode::BAD_GATEWAY,
+                    format!("fuse mount at {}: {e}", mp.display()),
+                ))
+            }
+        }
+    })
+    .await
+}
+
+async fn umount(
+    State(d): State<Shared>,
+    Json(req): Json<UmountRequest>,
+) -> Result<impl IntoResponse, ApiError> {
+    blocking(move || {
+        let mp = std::fs::canonicalize(&req.mountpoint).unwrap_or(req.mountpoint.clone());
+        let (domain, fsid, session) = d.mounts.lock().unwrap().remove(&mp).ok_or_else(|| {
+            ApiError(
+                StatusCode::NOT_FOUND,
+                format!("{} is not a shoal mount", mp.display()),
+            )
+        })?;
+        drop(session); // unmounts and ends the FUSE session
+        d.reg.unbind(domain.as_deref(), &fsid)?;
+        Ok(Json(serde_json::json!({"unmounted": mp, "fsid": fsid})))
     })
     .await
 }
@@ -245,29 +354,24 @@ async fn read(
     }
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(4);
     std::thread::spawn(move || {
-        let zeros = vec![0u8; 1 << 16];
-        let r = img
-            .image
-            .read_file(&ino, img.as_ref(), &mut |bytes, mut len| {
-                let send = |v: Vec<u8>| {
-                    tx.blocking_send(Ok(v))
-                        .map_err(|_| std::io::Error::other("client gone"))
-                };
-                match bytes {
-                    Some(b) => send(b.to_vec()),
-                    None => {
-                        while len > 0 {
-                            let n = len.min(zeros.len() as u64) as usize;
-                            send(zeros[..n].to_vec())?;
-                            len -= n as u64;
-                        }
-                        Ok(())
+        // The frontends' read path: chunks verified once, into the cache.
+        let mut pos = 0;
+        while pos < ino.size {
+            let mut buf = vec![0u8; (ino.size - pos).min(1 << 20) as usize];
+            match img.read_at(&ino, pos, &mut buf) {
+                Ok(n) => {
+                    buf.truncate(n);
+                    pos += n as u64;
+                    if tx.blocking_send(Ok(buf)).is_err() {
+                        return; // client gone
                     }
                 }
-            });
-        if let Err(e) = r {
-            tracing::error!(fsid = %req.fsid, path = %req.path, error = %e, "read failed");
-            let _ = tx.blocking_send(Err(std::io::Error::other(e.to_string())));
+                Err(e) => {
+                    tracing::error!(fsid = %req.fsid, path = %req.path, offset = pos, error = %e, "read failed");
+                    let _ = tx.blocking_send(Err(std::io::Error::other(e.to_string())));
+                    return;
+                }
+            }
         }
     });
     Ok(Response::new(Body::from_stream(
@@ -368,6 +472,8 @@ pub fn router(reg: Shared) -> Router {
         .route("/v1/gc", post(gc))
         .route("/v1/prefetch", post(prefetch))
         .route("/v1/read", get(read))
+        .route("/v1/mount", post(mount))
+        .route("/v1/umount", post(umount))
         .route("/metrics", get(metrics))
         .with_state(reg)
 }
@@ -421,7 +527,11 @@ pub fn run(socket: &Path, work_dir: &Path, cfg: &Config) -> Result<()> {
         std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))?;
         tracing::info!(socket = %socket.display(), work_dir = %work_dir.display(), "daemon listening");
         println!("shoal daemon listening on {}", socket.display());
-        axum::serve(listener, router(reg.clone()))
+        let daemon = Arc::new(Daemon {
+            reg: reg.clone(),
+            mounts: Default::default(),
+        });
+        axum::serve(listener, router(daemon.clone()))
             .with_graceful_shutdown(async {
                 let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).unwrap();
                 tokio::select! {
@@ -430,7 +540,10 @@ pub fn run(socket: &Path, work_dir: &Path, cfg: &Config) -> Result<()> {
                 }
             })
             .await
-            .context("serving the control API")
+            .context("serving the control API")?;
+        // Unmount FUSE mounts on a clean stop.
+        std::mem::take(&mut *daemon.mounts.lock().unwrap());
+        anyhow::Ok(())
     })?;
     reg.flush_all();
     Ok(())

@@ -23,14 +23,14 @@ pub fn default_fsid(bootstrap: &Path) -> Result<String> {
     Ok(stem)
 }
 
-pub fn bind(
-    socket: &Path,
+/// The bind request body for a bootstrap path or an `oci://` reference.
+fn bind_body(
     domain: Option<String>,
     fsid: Option<String>,
     image: &str,
     remote: Option<String>,
 ) -> Result<serde_json::Value> {
-    let body = if image.starts_with("oci://") {
+    Ok(if image.starts_with("oci://") {
         let fsid = fsid.unwrap_or_else(|| {
             image
                 .rsplit(['/', ':', '@'])
@@ -51,8 +51,68 @@ pub fn bind(
             bail!("binding a bootstrap needs --remote URL (file://, http(s)://, oci://)");
         };
         json!({"domain": domain, "fsid": fsid, "bootstrap": path, "remote": remote})
-    };
-    call(socket, "POST", "/v1/bind", Some(&body))
+    })
+}
+
+pub fn bind(
+    socket: &Path,
+    domain: Option<String>,
+    fsid: Option<String>,
+    image: &str,
+    remote: Option<String>,
+) -> Result<serde_json::Value> {
+    call(
+        socket,
+        "POST",
+        "/v1/bind",
+        Some(&bind_body(domain, fsid, image, remote)?),
+    )
+}
+
+pub fn mount_fuse(
+    socket: &Path,
+    domain: Option<String>,
+    fsid: Option<String>,
+    image: &str,
+    remote: Option<String>,
+    mountpoint: &Path,
+) -> Result<()> {
+    let mut body = bind_body(domain, fsid, image, remote)?;
+    let mp = std::fs::canonicalize(mountpoint)
+        .with_context(|| format!("mountpoint {}", mountpoint.display()))?;
+    body["mountpoint"] = json!(mp);
+    body["frontend"] = json!("fuse");
+    let v = call(socket, "POST", "/v1/mount", Some(&body))?;
+    println!(
+        "mounted {},{} at {} (fuse)",
+        v["domain"].as_str().unwrap_or("-"),
+        v["fsid"].as_str().unwrap_or("?"),
+        mp.display()
+    );
+    Ok(())
+}
+
+/// Unmount through the daemon when it hosts the mount, else directly.
+pub fn umount(socket: &Path, mountpoint: &Path) -> Result<()> {
+    let mp = std::fs::canonicalize(mountpoint).unwrap_or(mountpoint.to_path_buf());
+    if std::os::unix::net::UnixStream::connect(socket).is_ok() {
+        let mut r = request(
+            socket,
+            "POST",
+            "/v1/umount",
+            Some(&json!({"mountpoint": mp})),
+        )?;
+        if r.status < 400 {
+            return Ok(());
+        }
+        let mut t = String::new();
+        r.body.read_to_string(&mut t)?;
+        if r.status != 404 {
+            let v: serde_json::Value = serde_json::from_str(&t).unwrap_or(json!({"error": t}));
+            bail!("{}", v["error"].as_str().unwrap_or("umount failed"));
+        }
+    }
+    shoal_sys::umount(&mp).with_context(|| format!("unmounting {}", mp.display()))
 }
 
 pub fn unbind(socket: &Path, domain: Option<String>, fsid: &str) -> Result<()> {

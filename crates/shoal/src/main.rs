@@ -89,15 +89,36 @@ enum Cmd {
         #[command(flatten)]
         blobs: image_cmds::BlobArgs,
     },
-    /// Mount a bootstrap with the kernel, blobs local (file-backed erofs).
+    /// Mount an image (local: kernel, blobs local; fuse: served by the daemon).
+    ///
+    /// `--frontend local`: the kernel mounts the bootstrap file-backed with
+    /// local blobs (`--blob-dir`/`--device`). `--frontend fuse`: the daemon
+    /// binds the image into its domain and serves it over FUSE, blobs
+    /// fetched on demand from `--remote`.
     Mount {
-        image: PathBuf,
+        /// A bootstrap path, or oci://host/repo:tag (fuse).
+        image: String,
         mountpoint: PathBuf,
+        /// local or fuse (default: local with --blob-dir/--device, else fuse).
+        #[arg(long)]
+        frontend: Option<String>,
+        #[arg(long)]
+        domain: Option<String>,
+        #[arg(long)]
+        fsid: Option<String>,
+        #[arg(long)]
+        remote: Option<String>,
+        #[arg(long)]
+        socket: Option<PathBuf>,
         #[command(flatten)]
         blobs: image_cmds::BlobArgs,
     },
-    /// Unmount a shoal mount.
-    Umount { mountpoint: PathBuf },
+    /// Unmount a shoal mount (daemon-hosted mounts are also unbound).
+    Umount {
+        mountpoint: PathBuf,
+        #[arg(long)]
+        socket: Option<PathBuf>,
+    },
     /// Run the daemon: domains, blob caches and the control API.
     Daemon {
         /// Control socket (default /run/shoal/shoal.sock, or $SHOAL_SOCKET).
@@ -266,10 +287,33 @@ fn main() -> Result<()> {
         Cmd::Mount {
             image,
             mountpoint,
+            frontend,
+            domain,
+            fsid,
+            remote,
+            socket,
             blobs,
-        } => image_cmds::mount(&image, &mountpoint, &blobs),
-        Cmd::Umount { mountpoint } => shoal_sys::umount(&mountpoint)
-            .with_context(|| format!("unmounting {}", mountpoint.display())),
+        } => {
+            let local = !blobs.devices.is_empty() || blobs.blob_dir.is_some();
+            match frontend
+                .as_deref()
+                .unwrap_or(if local { "local" } else { "fuse" })
+            {
+                "local" => image_cmds::mount(std::path::Path::new(&image), &mountpoint, &blobs),
+                "fuse" => daemon_cmds::mount_fuse(
+                    &daemon_cmds::socket_arg(socket),
+                    domain,
+                    fsid,
+                    &image,
+                    remote,
+                    &mountpoint,
+                ),
+                other => anyhow::bail!("unknown frontend {other:?} (local, fuse)"),
+            }
+        }
+        Cmd::Umount { mountpoint, socket } => {
+            daemon_cmds::umount(&daemon_cmds::socket_arg(socket), &mountpoint)
+        }
         Cmd::Demo { work_dir } => demo::run(&work_dir),
         Cmd::Daemon {
             socket,

@@ -1,0 +1,315 @@
+//! FUSE frontend: a thin adapter from FUSE requests to a [`BoundImage`] of
+//! the domain core. Metadata comes from the format reader, file data from
+//! the domain cache, so images of one domain share blobs exactly as on the
+//! kernel frontends. The image is immutable: attributes and entries are
+//! cached by the kernel for a day and file pages are kept across opens.
+#![forbid(unsafe_code)]
+
+use erofs::ondisk::EROFS_FT_DIR;
+use erofs::tree::{S_IFBLK, S_IFCHR, S_IFDIR, S_IFIFO, S_IFLNK, S_IFMT, S_IFSOCK};
+use erofs::Inode;
+use fuser::{
+    FileAttr, FileType, Filesystem, KernelConfig, MountOption, ReplyAttr, ReplyData,
+    ReplyDirectory, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request, FUSE_ROOT_ID,
+};
+use shoal_core::BoundImage;
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, UNIX_EPOCH};
+
+const TTL: Duration = Duration::from_secs(86400);
+const READ_THREADS: usize = 8;
+
+type Job = Box<dyn FnOnce() + Send>;
+
+pub struct ShoalFs {
+    img: Arc<BoundImage>,
+    root_nid: u64,
+    /// Reads run on worker threads: a fetch from a slow remote must not
+    /// stall lookups and cached reads.
+    jobs: mpsc::Sender<Job>,
+}
+
+impl ShoalFs {
+    pub fn new(img: Arc<BoundImage>) -> Self {
+        let (tx, rx) = mpsc::channel::<Job>();
+        let rx = Arc::new(Mutex::new(rx));
+        for _ in 0..READ_THREADS {
+            let rx = rx.clone();
+            std::thread::spawn(move || loop {
+                let job = rx.lock().unwrap().recv();
+                match job {
+                    Ok(j) => j(),
+                    Err(_) => return,
+                }
+            });
+        }
+        ShoalFs {
+            root_nid: img.image.root_nid(),
+            img,
+            jobs: tx,
+        }
+    }
+
+    fn nid(&self, ino: u64) -> u64 {
+        if ino == FUSE_ROOT_ID {
+            self.root_nid
+        } else {
+            ino - 2
+        }
+    }
+
+    fn ino(&self, nid: u64) -> u64 {
+        if nid == self.root_nid {
+            FUSE_ROOT_ID
+        } else {
+            nid + 2
+        }
+    }
+
+    fn inode(&self, ino: u64) -> Result<Inode, i32> {
+        if ino != FUSE_ROOT_ID && ino < 2 {
+            return Err(libc::ENOENT);
+        }
+        self.img.image.inode(self.nid(ino)).map_err(|e| {
+            tracing::error!(ino, error = %e, "reading inode");
+            libc::EIO
+        })
+    }
+
+    fn attr(&self, i: &Inode) -> FileAttr {
+        let mtime = UNIX_EPOCH + Duration::new(i.mtime, i.mtime_nsec.min(999_999_999));
+        FileAttr {
+            ino: self.ino(i.nid),
+            size: i.size,
+            blocks: i.size.div_ceil(512),
+            atime: mtime,
+            mtime,
+            ctime: mtime,
+            crtime: mtime,
+            kind: kind(i.mode),
+            perm: (i.mode & 0o7777) as u16,
+            nlink: i.nlink,
+            uid: i.uid,
+            gid: i.gid,
+            rdev: match i.file_type() {
+                S_IFCHR | S_IFBLK => i.i_u,
+                _ => 0,
+            },
+            blksize: 4096,
+            flags: 0,
+        }
+    }
+}
+
+fn kind(mode: u32) -> FileType {
+    match mode & S_IFMT {
+        S_IFDIR => FileType::Directory,
+        S_IFLNK => FileType::Symlink,
+        S_IFCHR => FileType::CharDevice,
+        S_IFBLK => FileType::BlockDevice,
+        S_IFIFO => FileType::NamedPipe,
+        S_IFSOCK => FileType::Socket,
+        _ => FileType::RegularFile,
+    }
+}
+
+impl Filesystem for ShoalFs {
+    fn init(&mut self, _req: &Request<'_>, config: &mut KernelConfig) -> Result<(), libc::c_int> {
+        let _ = config.set_max_readahead(1 << 20);
+        Ok(())
+    }
+
+    fn lookup(&mut self, _req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEntry) {
+        let dir = match self.inode(parent) {
+            Ok(d) => d,
+            Err(e) => return reply.error(e),
+        };
+        if !dir.is_dir() {
+            return reply.error(libc::ENOTDIR);
+        }
+        let entries = match self.img.image.read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::error!(parent, error = %e, "reading directory");
+                return reply.error(libc::EIO);
+            }
+        };
+        match entries.iter().find(|e| e.name == name.as_bytes()) {
+            Some(e) => match self.img.image.inode(e.nid) {
+                Ok(i) => reply.entry(&TTL, &self.attr(&i), 0),
+                Err(_) => reply.error(libc::EIO),
+            },
+            None => reply.error(libc::ENOENT),
+        }
+    }
+
+    fn getattr(&mut self, _req: &Request<'_>, ino: u64, _fh: Option<u64>, reply: ReplyAttr) {
+        match self.inode(ino) {
+            Ok(i) => reply.attr(&TTL, &self.attr(&i)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn readlink(&mut self, _req: &Request<'_>, ino: u64, reply: ReplyData) {
+        match self
+            .inode(ino)
+            .and_then(|i| self.img.image.read_link(&i).map_err(|_| libc::EIO))
+        {
+            Ok(t) => reply.data(&t),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn open(&mut self, _req: &Request<'_>, ino: u64, flags: i32, reply: ReplyOpen) {
+        if flags & libc::O_ACCMODE != libc::O_RDONLY {
+            return reply.error(libc::EROFS);
+        }
+        match self.inode(ino) {
+            Ok(i) if i.is_dir() => reply.error(libc::EISDIR),
+            Ok(_) => reply.opened(0, fuser::consts::FOPEN_KEEP_CACHE),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn read(
+        &mut self,
+        _req: &Request<'_>,
+        ino: u64,
+        _fh: u64,
+        offset: i64,
+        size: u32,
+        _flags: i32,
+        _lock_owner: Option<u64>,
+        reply: ReplyData,
+    ) {
+        let i = match self.inode(ino) {
+            Ok(i) => i,
+            Err(e) => return reply.error(e),
+        };
+        let img = self.img.clone();
+        let job: Job = Box::new(move || {
+            let mut buf = vec![0u8; size as usize];
+            match img.read_at(&i, offset.max(0) as u64, &mut buf) {
+                Ok(n) => reply.data(&buf[..n]),
+                Err(e) => {
+                    tracing::error!(fsid = %img.spec.fsid, nid = i.nid, offset, size, error = %e, "read failed: EIO");
+                    reply.error(libc::EIO)
+                }
+            }
+        });
+        if let Err(mpsc::SendError(job)) = self.jobs.send(job) {
+            job();
+        }
+    }
+
+    fn readdir(
+        &mut self,
+        _req: &Request<'_>,
+        ino: u64,
+        _fh: u64,
+        offset: i64,
+        mut reply: ReplyDirectory,
+    ) {
+        let dir = match self.inode(ino) {
+            Ok(d) if d.is_dir() => d,
+            Ok(_) => return reply.error(libc::ENOTDIR),
+            Err(e) => return reply.error(e),
+        };
+        let entries = match self.img.image.read_dir(&dir) {
+            Ok(e) => e,
+            Err(_) => return reply.error(libc::EIO),
+        };
+        for (k, e) in entries.iter().enumerate().skip(offset.max(0) as usize) {
+            let kind = match e.file_type {
+                EROFS_FT_DIR => FileType::Directory,
+                _ => match self.img.image.inode(e.nid) {
+                    Ok(i) => kind(i.mode),
+                    Err(_) => FileType::RegularFile,
+                },
+            };
+            let ino = if e.name == b".." && ino == FUSE_ROOT_ID {
+                FUSE_ROOT_ID
+            } else {
+                self.ino(e.nid)
+            };
+            if reply.add(ino, (k + 1) as i64, kind, OsStr::from_bytes(&e.name)) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn statfs(&mut self, _req: &Request<'_>, _ino: u64, reply: ReplyStatfs) {
+        let sb = &self.img.image.sb;
+        let blocks: u64 = u64::from(sb.blocks.get())
+            + self
+                .img
+                .blobs
+                .iter()
+                .map(|b| u64::from(b.cache.blocks))
+                .sum::<u64>();
+        reply.statfs(blocks, 0, 0, sb.inos.get(), 0, 4096, 255, 4096);
+    }
+
+    fn getxattr(
+        &mut self,
+        _req: &Request<'_>,
+        ino: u64,
+        name: &OsStr,
+        size: u32,
+        reply: ReplyXattr,
+    ) {
+        let x = match self
+            .inode(ino)
+            .and_then(|i| self.img.image.xattrs(&i).map_err(|_| libc::EIO))
+        {
+            Ok(x) => x,
+            Err(e) => return reply.error(e),
+        };
+        match x.iter().find(|(n, _)| n == name.as_bytes()) {
+            None => reply.error(libc::ENODATA),
+            Some((_, v)) if size == 0 => reply.size(v.len() as u32),
+            Some((_, v)) if v.len() > size as usize => reply.error(libc::ERANGE),
+            Some((_, v)) => reply.data(v),
+        }
+    }
+
+    fn listxattr(&mut self, _req: &Request<'_>, ino: u64, size: u32, reply: ReplyXattr) {
+        let x = match self
+            .inode(ino)
+            .and_then(|i| self.img.image.xattrs(&i).map_err(|_| libc::EIO))
+        {
+            Ok(x) => x,
+            Err(e) => return reply.error(e),
+        };
+        let mut names = Vec::new();
+        for (n, _) in x {
+            names.extend_from_slice(&n);
+            names.push(0);
+        }
+        if size == 0 {
+            reply.size(names.len() as u32)
+        } else if names.len() > size as usize {
+            reply.error(libc::ERANGE)
+        } else {
+            reply.data(&names)
+        }
+    }
+}
+
+/// Mount `img` at `mountpoint` in the background; dropping the session
+/// unmounts.
+pub fn mount(img: Arc<BoundImage>, mountpoint: &Path) -> std::io::Result<fuser::BackgroundSession> {
+    let name = format!("shoal:{}", img.spec.fsid);
+    let opts = [
+        MountOption::RO,
+        MountOption::FSName(name),
+        MountOption::Subtype("shoal".into()),
+        MountOption::AllowOther,
+        MountOption::DefaultPermissions,
+    ];
+    fuser::spawn_mount2(ShoalFs::new(img), mountpoint, &opts)
+}
