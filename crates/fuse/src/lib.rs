@@ -7,12 +7,13 @@
 
 use erofs::ondisk::EROFS_FT_DIR;
 use erofs::tree::{S_IFBLK, S_IFCHR, S_IFDIR, S_IFIFO, S_IFLNK, S_IFMT, S_IFSOCK};
-use erofs::Inode;
+use erofs::{DirEntry, Inode};
 use fuser::{
     FileAttr, FileType, Filesystem, KernelConfig, MountOption, ReplyAttr, ReplyData,
     ReplyDirectory, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request, FUSE_ROOT_ID,
 };
 use shoal_core::BoundImage;
+use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
@@ -30,6 +31,10 @@ pub struct ShoalFs {
     /// Reads run on worker threads: a fetch from a slow remote must not
     /// stall lookups and cached reads.
     jobs: mpsc::Sender<Job>,
+    /// Decoded inodes and directories; the image never changes, and both
+    /// are bounded by its size.
+    inodes: HashMap<u64, Inode>,
+    dirs: HashMap<u64, Arc<Vec<DirEntry>>>,
 }
 
 impl ShoalFs {
@@ -50,6 +55,8 @@ impl ShoalFs {
             root_nid: img.image.root_nid(),
             img,
             jobs: tx,
+            inodes: HashMap::new(),
+            dirs: HashMap::new(),
         }
     }
 
@@ -69,14 +76,42 @@ impl ShoalFs {
         }
     }
 
-    fn inode(&self, ino: u64) -> Result<Inode, i32> {
+    fn inode(&mut self, ino: u64) -> Result<Inode, i32> {
         if ino != FUSE_ROOT_ID && ino < 2 {
             return Err(libc::ENOENT);
         }
-        self.img.image.inode(self.nid(ino)).map_err(|e| {
-            tracing::error!(ino, error = %e, "reading inode");
+        self.inode_by_nid(self.nid(ino))
+    }
+
+    fn inode_by_nid(&mut self, nid: u64) -> Result<Inode, i32> {
+        if let Some(i) = self.inodes.get(&nid) {
+            return Ok(i.clone());
+        }
+        let i = self.img.image.inode(nid).map_err(|e| {
+            tracing::error!(nid, error = %e, "reading inode");
             libc::EIO
-        })
+        })?;
+        self.inodes.insert(nid, i.clone());
+        Ok(i)
+    }
+
+    /// A directory's entries, sorted by name as on disk.
+    fn dir(&mut self, ino: u64) -> Result<Arc<Vec<DirEntry>>, i32> {
+        let d = self.inode(ino)?;
+        if !d.is_dir() {
+            return Err(libc::ENOTDIR);
+        }
+        if let Some(e) = self.dirs.get(&d.nid) {
+            return Ok(e.clone());
+        }
+        let mut entries = self.img.image.read_dir(&d).map_err(|e| {
+            tracing::error!(nid = d.nid, error = %e, "reading directory");
+            libc::EIO
+        })?;
+        entries.sort_by(|a, b| a.name.cmp(&b.name));
+        let entries = Arc::new(entries);
+        self.dirs.insert(d.nid, entries.clone());
+        Ok(entries)
     }
 
     fn attr(&self, i: &Inode) -> FileAttr {
@@ -123,26 +158,16 @@ impl Filesystem for ShoalFs {
     }
 
     fn lookup(&mut self, _req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEntry) {
-        let dir = match self.inode(parent) {
-            Ok(d) => d,
+        let entries = match self.dir(parent) {
+            Ok(e) => e,
             Err(e) => return reply.error(e),
         };
-        if !dir.is_dir() {
-            return reply.error(libc::ENOTDIR);
-        }
-        let entries = match self.img.image.read_dir(&dir) {
-            Ok(e) => e,
-            Err(e) => {
-                tracing::error!(parent, error = %e, "reading directory");
-                return reply.error(libc::EIO);
-            }
-        };
-        match entries.iter().find(|e| e.name == name.as_bytes()) {
-            Some(e) => match self.img.image.inode(e.nid) {
+        match entries.binary_search_by(|e| e.name.as_slice().cmp(name.as_bytes())) {
+            Ok(k) => match self.inode_by_nid(entries[k].nid) {
                 Ok(i) => reply.entry(&TTL, &self.attr(&i), 0),
-                Err(_) => reply.error(libc::EIO),
+                Err(e) => reply.error(e),
             },
-            None => reply.error(libc::ENOENT),
+            Err(_) => reply.error(libc::ENOENT),
         }
     }
 
@@ -213,29 +238,24 @@ impl Filesystem for ShoalFs {
         offset: i64,
         mut reply: ReplyDirectory,
     ) {
-        let dir = match self.inode(ino) {
-            Ok(d) if d.is_dir() => d,
-            Ok(_) => return reply.error(libc::ENOTDIR),
-            Err(e) => return reply.error(e),
-        };
-        let entries = match self.img.image.read_dir(&dir) {
+        let entries = match self.dir(ino) {
             Ok(e) => e,
-            Err(_) => return reply.error(libc::EIO),
+            Err(e) => return reply.error(e),
         };
         for (k, e) in entries.iter().enumerate().skip(offset.max(0) as usize) {
             let kind = match e.file_type {
                 EROFS_FT_DIR => FileType::Directory,
-                _ => match self.img.image.inode(e.nid) {
+                _ => match self.inode_by_nid(e.nid) {
                     Ok(i) => kind(i.mode),
                     Err(_) => FileType::RegularFile,
                 },
             };
-            let ino = if e.name == b".." && ino == FUSE_ROOT_ID {
+            let child = if e.name == b".." && ino == FUSE_ROOT_ID {
                 FUSE_ROOT_ID
             } else {
                 self.ino(e.nid)
             };
-            if reply.add(ino, (k + 1) as i64, kind, OsStr::from_bytes(&e.name)) {
+            if reply.add(child, (k + 1) as i64, kind, OsStr::from_bytes(&e.name)) {
                 break;
             }
         }
