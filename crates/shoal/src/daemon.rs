@@ -9,7 +9,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use shoal_core::domain::GcReport;
+use shoal_core::domain::{BlobStatus, GcReport};
 use shoal_core::{BindSpec, CoreError, Registry, RegistryOptions};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -379,88 +379,95 @@ async fn read(
     )))
 }
 
-async fn metrics(State(reg): State<Shared>) -> impl IntoResponse {
-    let mut out = String::new();
-    let mut line = |name: &str, help: &str, kind: &str, rows: Vec<(String, u64)>| {
-        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
-        for (labels, v) in rows {
-            out.push_str(&format!("{name}{{{labels}}} {v}\n"));
-        }
-    };
-    let st = reg.status();
-    let per_blob = |f: &dyn Fn(&shoal_core::domain::BlobStatus) -> u64| -> Vec<(String, u64)> {
-        st.iter()
-            .flat_map(|d| {
-                d.blobs.iter().map(move |b| {
-                    (
-                        format!("volume=\"{}\",blob=\"{}\"", d.volume_key, b.name),
-                        f(b),
-                    )
-                })
-            })
-            .collect()
-    };
-    line(
+/// Per-blob Prometheus series: (name, help, type, value).
+type BlobMetric = (
+    &'static str,
+    &'static str,
+    &'static str,
+    fn(&BlobStatus) -> u64,
+);
+
+const BLOB_METRICS: &[BlobMetric] = &[
+    (
         "shoal_blob_fetched_bytes_total",
         "Bytes fetched from remotes and verified.",
         "counter",
-        per_blob(&|b| b.stats.fetched_bytes),
-    );
-    line(
+        |b| b.stats.fetched_bytes,
+    ),
+    (
         "shoal_blob_fetches_total",
         "Chunks fetched.",
         "counter",
-        per_blob(&|b| b.stats.fetches),
-    );
-    line(
+        |b| b.stats.fetches,
+    ),
+    (
         "shoal_blob_hits_total",
         "Chunk reads served from the cache.",
         "counter",
-        per_blob(&|b| b.stats.hits),
-    );
-    line(
+        |b| b.stats.hits,
+    ),
+    (
         "shoal_blob_misses_total",
         "Chunk reads that needed a fetch.",
         "counter",
-        per_blob(&|b| b.stats.misses),
-    );
-    line(
+        |b| b.stats.misses,
+    ),
+    (
         "shoal_blob_fetch_failures_total",
         "Fetches that failed after retries.",
         "counter",
-        per_blob(&|b| b.stats.failures),
-    );
-    line(
+        |b| b.stats.failures,
+    ),
+    (
         "shoal_blob_inflight_fetches",
         "Fetches in progress.",
         "gauge",
-        per_blob(&|b| b.stats.inflight),
-    );
-    line(
+        |b| b.stats.inflight,
+    ),
+    (
         "shoal_blob_cached_bytes",
         "Verified bytes in the cache.",
         "gauge",
-        per_blob(&|b| b.cached_bytes),
-    );
-    line(
+        |b| b.cached_bytes,
+    ),
+    (
         "shoal_blob_refs",
         "Images of the volume using the blob.",
         "gauge",
-        per_blob(&|b| b.refs as u64),
+        |b| b.refs as u64,
+    ),
+];
+
+async fn metrics(State(reg): State<Shared>) -> impl IntoResponse {
+    use std::fmt::Write;
+    let st = reg.status();
+    let mut out = String::new();
+    for (name, help, kind, value) in BLOB_METRICS {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for d in &st {
+            for b in &d.blobs {
+                let _ = writeln!(
+                    out,
+                    "{name}{{volume=\"{}\",blob=\"{}\"}} {}",
+                    d.volume_key,
+                    b.name,
+                    value(b)
+                );
+            }
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP shoal_volume_images Images bound per volume.\n# TYPE shoal_volume_images gauge"
     );
-    line(
-        "shoal_volume_images",
-        "Images bound per volume.",
-        "gauge",
-        st.iter()
-            .map(|d| {
-                (
-                    format!("volume=\"{}\"", d.volume_key),
-                    d.images.len() as u64,
-                )
-            })
-            .collect(),
-    );
+    for d in &st {
+        let _ = writeln!(
+            out,
+            "shoal_volume_images{{volume=\"{}\"}} {}",
+            d.volume_key,
+            d.images.len()
+        );
+    }
     ([("content-type", "text/plain; version=0.0.4")], out)
 }
 
