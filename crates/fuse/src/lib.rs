@@ -154,7 +154,20 @@ fn kind(mode: u32) -> FileType {
 impl Filesystem for ShoalFs {
     fn init(&mut self, _req: &Request<'_>, config: &mut KernelConfig) -> Result<(), libc::c_int> {
         let _ = config.set_max_readahead(1 << 20);
+        // The image is immutable: let the kernel cache symlink targets too.
+        let _ = config.add_capabilities(fuser::consts::FUSE_CACHE_SYMLINKS);
         Ok(())
+    }
+
+    fn opendir(&mut self, _req: &Request<'_>, ino: u64, _flags: i32, reply: ReplyOpen) {
+        match self.dir(ino) {
+            // Directory contents may stay in the kernel's cache across opens.
+            Ok(_) => reply.opened(
+                0,
+                fuser::consts::FOPEN_CACHE_DIR | fuser::consts::FOPEN_KEEP_CACHE,
+            ),
+            Err(e) => reply.error(e),
+        }
     }
 
     fn lookup(&mut self, _req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEntry) {
