@@ -156,6 +156,10 @@ impl Filesystem for ShoalFs {
         let _ = config.set_max_readahead(1 << 20);
         // The image is immutable: let the kernel cache symlink targets too.
         let _ = config.add_capabilities(fuser::consts::FUSE_CACHE_SYMLINKS);
+        // READDIRPLUS: entries arrive with their attributes (fewer lookups).
+        let _ = config.add_capabilities(
+            fuser::consts::FUSE_DO_READDIRPLUS | fuser::consts::FUSE_READDIRPLUS_AUTO,
+        );
         Ok(())
     }
 
@@ -269,6 +273,41 @@ impl Filesystem for ShoalFs {
                 self.ino(e.nid)
             };
             if reply.add(child, (k + 1) as i64, kind, OsStr::from_bytes(&e.name)) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn readdirplus(
+        &mut self,
+        _req: &Request<'_>,
+        ino: u64,
+        _fh: u64,
+        offset: i64,
+        mut reply: fuser::ReplyDirectoryPlus,
+    ) {
+        let entries = match self.dir(ino) {
+            Ok(e) => e,
+            Err(e) => return reply.error(e),
+        };
+        for (k, e) in entries.iter().enumerate().skip(offset.max(0) as usize) {
+            let i = match self.inode_by_nid(e.nid) {
+                Ok(i) => i,
+                Err(err) => return reply.error(err),
+            };
+            let mut attr = self.attr(&i);
+            if e.name == b".." && ino == FUSE_ROOT_ID {
+                attr.ino = FUSE_ROOT_ID;
+            }
+            if reply.add(
+                attr.ino,
+                (k + 1) as i64,
+                OsStr::from_bytes(&e.name),
+                &TTL,
+                &attr,
+                0,
+            ) {
                 break;
             }
         }
