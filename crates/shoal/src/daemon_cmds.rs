@@ -3,7 +3,7 @@
 use crate::client::{call, request};
 use anyhow::{bail, Context, Result};
 use serde_json::json;
-use std::io::Write;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 /// The fsid to bind an image under when none is given: the superblock's
@@ -186,10 +186,12 @@ pub fn status(socket: &Path, as_json: bool) -> Result<()> {
 }
 
 pub fn read(socket: &Path, domain: Option<String>, fsid: &str, path: &str) -> Result<()> {
-    let mut q = format!("/v1/read?fsid={}&path={}", enc(fsid), enc(path));
-    if let Some(d) = domain {
-        q.push_str(&format!("&domain={}", enc(&d)));
+    let mut query = url::form_urlencoded::Serializer::new(String::new());
+    query.append_pair("fsid", fsid).append_pair("path", path);
+    if let Some(d) = &domain {
+        query.append_pair("domain", d);
     }
+    let q = format!("/v1/read?{}", query.finish());
     let mut reply = request(socket, "GET", &q, None)?;
     if reply.status >= 400 {
         let mut t = String::new();
@@ -201,20 +203,6 @@ pub fn read(socket: &Path, domain: Option<String>, fsid: &str, path: &str) -> Re
     std::io::copy(&mut reply.body, &mut out).context("reading through the daemon (EIO)")?;
     out.flush()?;
     Ok(())
-}
-
-use std::io::Read;
-
-/// Percent-encode a query value.
-fn enc(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'/' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }
 
 pub fn gc(socket: &Path, max_bytes: u64) -> Result<()> {
