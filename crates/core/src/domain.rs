@@ -302,21 +302,6 @@ impl BoundImage {
 /// Largest single ranged request prefetch makes.
 const PREFETCH_RUN: u64 = 8 << 20;
 
-impl erofs::BlobSource for BoundImage {
-    fn read_blob(&self, device_id: u16, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        let blob = self
-            .blob(device_id)
-            .ok_or_else(|| std::io::Error::other(format!("no device {device_id}")))?;
-        let entries = blob
-            .ensure_range(offset, buf.len() as u64)
-            .map_err(std::io::Error::other)?;
-        self.record(device_id, &entries);
-        blob.cache
-            .read_at(buf, offset)
-            .map_err(std::io::Error::other)
-    }
-}
-
 pub struct Domain {
     pub key: DomainKey,
     pub dir: PathBuf,
@@ -636,14 +621,6 @@ impl Registry {
                 domain: key.to_string(),
                 fsid: fsid.to_string(),
             })
-    }
-
-    /// The blob named `name` in the volume `key`, if an image there uses it.
-    pub fn blob(&self, key: &DomainKey, name: &str) -> Option<Arc<SharedBlob>> {
-        let domains = self.domains.lock().unwrap();
-        let d = domains.get(key)?;
-        let st = d.state.lock().unwrap();
-        st.blobs.get(name).cloned()
     }
 
     pub fn status(&self) -> Vec<DomainStatus> {

@@ -185,13 +185,7 @@ fn domain_sharing_is_counted_at_the_remote() {
     }
     // Reads through the domain return the right bytes.
     let out = tmp.path().join("ref");
-    run_shoal(&[
-        "extract".as_ref(),
-        imgs.web.as_os_str(),
-        out.as_os_str(),
-        "--blob-dir".as_ref(),
-        imgs.blobs.as_os_str(),
-    ]);
+    extract(&imgs.web, &imgs.blobs, &out);
     for f in [
         "usr/bin/bash",
         "etc/os-release",
@@ -429,13 +423,7 @@ fn push_to_registry_and_bind_by_reference() {
     d.prefetch_all(Some("r"), "web");
     assert!(assert_cache_correct(&d.work, "domains/r", &imgs.blobs) > 0);
     let out = tmp.path().join("ref");
-    run_shoal(&[
-        "extract".as_ref(),
-        imgs.py.as_os_str(),
-        out.as_os_str(),
-        "--blob-dir".as_ref(),
-        imgs.blobs.as_os_str(),
-    ]);
+    extract(&imgs.py, &imgs.blobs, &out);
     for f in ["usr/bin/bash", "usr/bin/hello", "app/main.py"] {
         let p = out.join(f);
         if p.is_file() && !p.is_symlink() {

@@ -128,13 +128,7 @@ fn synthetic_tree_survives_kernel_mount_and_extract() {
     // ~3 MiB of big (deduplicated), 3000 one-block files, 3 chunks of huge.
     assert!(blob_bytes < 16 << 20, "blobs hold {blob_bytes} bytes");
     let out = tmp.path().join("out");
-    run_shoal(&[
-        "extract".as_ref(),
-        img.as_os_str(),
-        out.as_os_str(),
-        "--blob-dir".as_ref(),
-        blobs.as_os_str(),
-    ]);
+    extract(&img, &blobs, &out);
     let diffs = compare_trees(&mnt, &out);
     assert!(
         diffs.is_empty(),

@@ -55,13 +55,7 @@ fn check_combo(name: &str, layers: &[&str]) {
     );
 
     let out = tmp.path().join("extract");
-    run_shoal(&[
-        "extract".as_ref(),
-        img.as_os_str(),
-        out.as_os_str(),
-        "--blob-dir".as_ref(),
-        blobs.as_os_str(),
-    ]);
+    extract(&img, &blobs, &out);
     let diffs = compare_trees(&mnt, &out);
     assert!(
         diffs.is_empty(),

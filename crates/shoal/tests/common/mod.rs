@@ -28,6 +28,17 @@ pub fn run_shoal(args: &[&std::ffi::OsStr]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// `shoal extract IMG OUT --blob-dir BLOBS`.
+pub fn extract(img: &Path, blobs: &Path, out: &Path) {
+    run_shoal(&[
+        "extract".as_ref(),
+        img.as_os_str(),
+        out.as_os_str(),
+        "--blob-dir".as_ref(),
+        blobs.as_os_str(),
+    ]);
+}
+
 #[macro_export]
 macro_rules! os {
     ($($a:expr),* $(,)?) => { &[$(std::ffi::OsStr::new($a)),*] };
