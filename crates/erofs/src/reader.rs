@@ -524,7 +524,11 @@ impl<R: ReadAt> Image<R> {
                 } else {
                     let at = ino.data_offset();
                     let tail = ino.size - block_end;
-                    if at % bs + tail > bs {
+                    // The tail shares the inode's block (as fs/erofs
+                    // requires); `at % bs` alone would accept a tail that
+                    // starts exactly at the next block.
+                    let inode_block_end = (ino.offset / bs + 1) * bs;
+                    if tail > 0 && at + tail > inode_block_end {
                         return Err(Error::corrupt(nid, "inline data crosses a block boundary"));
                     }
                     Ok(((block_end, ino.size), Extent::Image { offset: at }))
