@@ -75,18 +75,46 @@ fn io(path: &Path, what: &str) -> impl FnOnce(std::io::Error) -> CoreError {
     move |source| CoreError::Io { path, what, source }
 }
 
-impl BlobCache {
-    /// Open (or create) the cache of blob `name` in `dir`, reusing whatever
-    /// an earlier run left ready.
-    pub fn open(dir: &Path, name: &str, blocks: u32) -> Result<Self, CoreError> {
-        std::fs::create_dir_all(dir).map_err(io(dir, "creating cache directory"))?;
-        let data_path = dir.join(name);
-        let map_path = dir.join(format!("{name}.ready"));
-        let data = OpenOptions::new()
+/// Where a cache's data file descriptor comes from. A frontend whose kernel
+/// watches cache files (fanotify pre-content marks) must hand out descriptors
+/// opened *before* the watch, so the daemon's own I/O never raises events.
+pub trait DataFiles: Send + Sync {
+    /// Open `path` read-write, creating it if missing.
+    fn open(&self, path: &Path) -> std::io::Result<File>;
+}
+
+/// Plain `open(2)`.
+pub struct PlainFiles;
+
+impl DataFiles for PlainFiles {
+    fn open(&self, path: &Path) -> std::io::Result<File> {
+        OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
+            .open(path)
+    }
+}
+
+impl BlobCache {
+    /// Open (or create) the cache of blob `name` in `dir`, reusing whatever
+    /// an earlier run left ready.
+    pub fn open(dir: &Path, name: &str, blocks: u32) -> Result<Self, CoreError> {
+        Self::open_with(dir, name, blocks, &PlainFiles)
+    }
+
+    /// [`BlobCache::open`] with the data file from `files`.
+    pub fn open_with(
+        dir: &Path,
+        name: &str,
+        blocks: u32,
+        files: &dyn DataFiles,
+    ) -> Result<Self, CoreError> {
+        std::fs::create_dir_all(dir).map_err(io(dir, "creating cache directory"))?;
+        let data_path = dir.join(name);
+        let map_path = dir.join(format!("{name}.ready"));
+        let data = files
             .open(&data_path)
             .map_err(io(&data_path, "opening cache file"))?;
         let size = u64::from(blocks) * BLOCK;
@@ -147,6 +175,16 @@ impl BlobCache {
 
     pub fn map_path(&self) -> &Path {
         &self.map_path
+    }
+
+    /// The open data file, e.g. to hand its descriptor to a watcher.
+    pub fn data_file(&self) -> &File {
+        &self.data
+    }
+
+    /// Every block of the blob is ready: nothing can be fetched any more.
+    pub fn is_complete(&self) -> bool {
+        self.ready_blocks() == u64::from(self.blocks)
     }
 
     /// Whether every block of `[start, start + n)` is ready.

@@ -4,7 +4,7 @@
 //! user and released with its last, fetched and stored once however many
 //! images share it. An image bound without a domain gets a private volume.
 
-use crate::cache::{BlobCache, BlobStats, BLOCK};
+use crate::cache::{BlobCache, BlobStats, DataFiles, PlainFiles, BLOCK};
 use crate::error::CoreError;
 use crate::names::{check_blob, check_id};
 use crate::remote::{self, HttpOptions, Remote, Retrying};
@@ -355,6 +355,8 @@ pub struct RegistryOptions {
     pub http: HttpOptions,
     pub retries: u32,
     pub retry_delay: Duration,
+    /// Opens cache data files (see [`DataFiles`]).
+    pub data_files: Arc<dyn DataFiles>,
 }
 
 impl Default for RegistryOptions {
@@ -363,6 +365,7 @@ impl Default for RegistryOptions {
             http: HttpOptions::default(),
             retries: 4,
             retry_delay: Duration::from_millis(100),
+            data_files: Arc::new(PlainFiles),
         }
     }
 }
@@ -486,7 +489,12 @@ impl Registry {
         let mut opened: HashMap<String, Arc<SharedBlob>> = HashMap::new();
         for (name, blocks, _) in &wanted {
             if !st.blobs.contains_key(name) && !opened.contains_key(name) {
-                let cache = BlobCache::open(&domain.dir.join("blobs"), name, *blocks)?;
+                let cache = BlobCache::open_with(
+                    &domain.dir.join("blobs"),
+                    name,
+                    *blocks,
+                    &*self.opts.data_files,
+                )?;
                 opened.insert(
                     name.clone(),
                     Arc::new(SharedBlob {
@@ -569,7 +577,7 @@ impl Registry {
     }
 
     /// Every blob of every domain.
-    fn all_blobs(&self) -> Vec<Arc<SharedBlob>> {
+    pub fn all_blobs(&self) -> Vec<Arc<SharedBlob>> {
         let domains = self.domains.lock().unwrap();
         domains
             .values()

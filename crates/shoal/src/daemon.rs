@@ -33,6 +33,8 @@ pub struct Config {
     pub retries: Option<u32>,
     pub connect_timeout_secs: Option<u64>,
     pub read_timeout_secs: Option<u64>,
+    /// Threads answering fanotify events.
+    pub fanotify_threads: Option<usize>,
 }
 
 impl Config {
@@ -48,15 +50,14 @@ impl Config {
     }
 }
 
-/// What the control API handlers share: the registry and live mounts.
+/// What the control API handlers share: the registry, the fanotify
+/// frontend, the kernel's features and the daemon-hosted mounts.
 pub struct Daemon {
     reg: Arc<Registry>,
-    /// FUSE sessions by mountpoint; dropping one unmounts it.
-    mounts: std::sync::Mutex<std::collections::BTreeMap<PathBuf, MountEntry>>,
+    fan: Arc<shoal_fanotify::Frontend>,
+    features: crate::features::Features,
+    mounts: crate::mounts::Mounts,
 }
-
-/// (domain, fsid, session) of a daemon-hosted mount.
-type MountEntry = (Option<String>, String, fuser::BackgroundSession);
 
 impl std::ops::Deref for Daemon {
     type Target = Registry;
@@ -67,7 +68,7 @@ impl std::ops::Deref for Daemon {
 
 type Shared = Arc<Daemon>;
 
-struct ApiError(StatusCode, String);
+pub struct ApiError(pub StatusCode, pub String);
 
 impl From<CoreError> for ApiError {
     fn from(e: CoreError) -> Self {
@@ -155,7 +156,7 @@ fn access_file(reg: &Registry, domain: Option<&str>, fsid: &str) -> PathBuf {
         .join(format!("{fsid}.order"))
 }
 
-fn do_bind(reg: &Registry, req: BindRequest) -> Result<Arc<shoal_core::BoundImage>, ApiError> {
+pub fn do_bind(reg: &Registry, req: BindRequest) -> Result<Arc<shoal_core::BoundImage>, ApiError> {
     let (bootstrap, remote) = match (&req.bootstrap, &req.reference) {
         (Some(b), _) => (
             b.clone(),
@@ -204,49 +205,17 @@ async fn bind(
     .await
 }
 
-/// Bind and mount through a daemon-hosted frontend (FUSE).
+/// Bind and mount through a daemon-hosted frontend (fanotify or FUSE;
+/// `auto` picks by the kernel's features).
 async fn mount(
     State(d): State<Shared>,
     Json(req): Json<MountRequest>,
 ) -> Result<impl IntoResponse, ApiError> {
     blocking(move || {
-        if req.frontend != "fuse" {
-            return Err(ApiError(
-                StatusCode::BAD_REQUEST,
-                format!("frontend {:?} is not served by the daemon", req.frontend),
-            ));
-        }
-        let mp = std::fs::canonicalize(&req.mountpoint).map_err(|e| {
-            ApiError(
-                StatusCode::BAD_REQUEST,
-                format!("mountpoint {}: {e}", req.mountpoint.display()),
-            )
-        })?;
-        if d.mounts.lock().unwrap().contains_key(&mp) {
-            return Err(ApiError(
-                StatusCode::CONFLICT,
-                format!("{} is already a shoal mount", mp.display()),
-            ));
-        }
-        let (domain, fsid) = (req.bind.domain.clone(), req.bind.fsid.clone());
-        let img = do_bind(&d.reg, req.bind)?;
-        match shoal_fuse::mount(img.clone(), &mp) {
-            Ok(session) => {
-                d.mounts
-                    .lock()
-                    .unwrap()
-                    .insert(mp.clone(), (domain, fsid, session));
-                tracing::info!(mountpoint = %mp.display(), fsid = %img.spec.fsid, "fuse mount");
-                Ok(Json(bound_json(&img)))
-            }
-            Err(e) => {
-                let _ = d.reg.unbind(domain.as_deref(), &fsid);
-                Err(ApiError(
-                    StatusCode::BAD_GATEWAY,
-                    format!("fuse mount at {}: {e}", mp.display()),
-                ))
-            }
-        }
+        let (img, frontend) = d.mounts.mount(&d.reg, &d.fan, &d.features, req)?;
+        let mut v = bound_json(&img);
+        v["frontend"] = serde_json::json!(frontend);
+        Ok(Json(v))
     })
     .await
 }
@@ -257,17 +226,27 @@ async fn umount(
 ) -> Result<impl IntoResponse, ApiError> {
     blocking(move || {
         let mp = std::fs::canonicalize(&req.mountpoint).unwrap_or(req.mountpoint.clone());
-        let (domain, fsid, session) = d.mounts.lock().unwrap().remove(&mp).ok_or_else(|| {
+        let fsid = d.mounts.umount(&d.reg, &d.fan, &mp)?.ok_or_else(|| {
             ApiError(
                 StatusCode::NOT_FOUND,
                 format!("{} is not a shoal mount", mp.display()),
             )
         })?;
-        drop(session); // unmounts and ends the FUSE session
-        d.reg.unbind(domain.as_deref(), &fsid)?;
         Ok(Json(serde_json::json!({"unmounted": mp, "fsid": fsid})))
     })
     .await
+}
+
+/// Kernel features, the frontend `auto` picks, and live mounts.
+async fn doctor(State(d): State<Shared>) -> impl IntoResponse {
+    Json(serde_json::json!({
+        "features": d.features,
+        "mounts": d.mounts.list(),
+        "fanotify": {
+            "pump_connected": d.fan.pump_connected(),
+            "marked": d.fan.marked(),
+        },
+    }))
 }
 
 async fn unbind(
@@ -481,6 +460,7 @@ pub fn router(reg: Shared) -> Router {
         .route("/v1/read", get(read))
         .route("/v1/mount", post(mount))
         .route("/v1/umount", post(umount))
+        .route("/v1/doctor", get(doctor))
         .route("/metrics", get(metrics))
         .with_state(reg)
 }
@@ -496,11 +476,40 @@ pub fn run(socket: &Path, work_dir: &Path, cfg: &Config) -> Result<()> {
     if let Some(s) = cfg.read_timeout_secs {
         opts.http.read_timeout = Duration::from_secs(s);
     }
+    let features = crate::features::detect(work_dir);
+    for f in &features.features {
+        tracing::info!(feature = f.name, available = f.available, detail = %f.detail, "kernel feature");
+    }
+    // Connect to a running pump before restoring bindings: its stored fds
+    // are the cache files' pre-mark descriptors.
+    let pump_socket = work_dir.join("fanotify-pump.sock");
+    let launcher = features
+        .features
+        .iter()
+        .any(|f| f.name == "fanotify pre-content" && f.available)
+        .then(|| -> Result<shoal_fanotify::PumpLauncher> {
+            Ok(shoal_fanotify::PumpLauncher {
+                program: std::env::current_exe().context("locating the shoal binary")?,
+                args: vec![
+                    "fanotify-pump".into(),
+                    "--socket".into(),
+                    pump_socket.to_string_lossy().into_owned(),
+                ],
+                log: work_dir.join("fanotify-pump.log"),
+            })
+        })
+        .transpose()?;
+    std::fs::create_dir_all(work_dir)
+        .with_context(|| format!("creating {}", work_dir.display()))?;
+    let fan =
+        shoal_fanotify::Frontend::new(&pump_socket, launcher, cfg.fanotify_threads.unwrap_or(8));
+    opts.data_files = fan.clone();
     let reg = Arc::new(Registry::new(work_dir, opts)?);
     let failed = reg.restore()?;
     for (fsid, e) in &failed {
         tracing::error!(fsid, error = %e, "binding not restored");
     }
+    fan.serve(&reg);
     {
         let reg = reg.clone();
         std::thread::spawn(move || loop {
@@ -536,7 +545,9 @@ pub fn run(socket: &Path, work_dir: &Path, cfg: &Config) -> Result<()> {
         println!("shoal daemon listening on {}", socket.display());
         let daemon = Arc::new(Daemon {
             reg: reg.clone(),
-            mounts: Default::default(),
+            mounts: crate::mounts::Mounts::load(work_dir, &reg, &fan),
+            fan,
+            features,
         });
         axum::serve(listener, router(daemon.clone()))
             .with_graceful_shutdown(async {
@@ -548,8 +559,7 @@ pub fn run(socket: &Path, work_dir: &Path, cfg: &Config) -> Result<()> {
             })
             .await
             .context("serving the control API")?;
-        // Unmount FUSE mounts on a clean stop.
-        std::mem::take(&mut *daemon.mounts.lock().unwrap());
+        daemon.mounts.shutdown();
         anyhow::Ok(())
     })?;
     reg.flush_all();

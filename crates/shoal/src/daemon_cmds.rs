@@ -69,8 +69,10 @@ pub fn bind(
     )
 }
 
-pub fn mount_fuse(
+/// Bind and mount through the daemon with `frontend`.
+pub fn mount(
     socket: &Path,
+    frontend: &str,
     domain: Option<String>,
     fsid: Option<String>,
     image: &str,
@@ -81,14 +83,79 @@ pub fn mount_fuse(
     let mp = std::fs::canonicalize(mountpoint)
         .with_context(|| format!("mountpoint {}", mountpoint.display()))?;
     body["mountpoint"] = json!(mp);
-    body["frontend"] = json!("fuse");
+    body["frontend"] = json!(frontend);
     let v = call(socket, "POST", "/v1/mount", Some(&body))?;
     println!(
-        "mounted {},{} at {} (fuse)",
+        "mounted {},{} at {} ({})",
         v["domain"].as_str().unwrap_or("-"),
         v["fsid"].as_str().unwrap_or("?"),
-        mp.display()
+        mp.display(),
+        v["frontend"].as_str().unwrap_or(frontend),
     );
+    Ok(())
+}
+
+/// The daemon's view when one runs (it probed its own work dir), else a
+/// local probe.
+pub fn doctor(socket: &Path, as_json: bool) -> Result<()> {
+    let daemon = std::os::unix::net::UnixStream::connect(socket)
+        .ok()
+        .and_then(|_| call(socket, "GET", "/v1/doctor", None).ok());
+    let v = match daemon {
+        Some(v) => v,
+        None => {
+            let dir = std::env::temp_dir().join(format!("shoal-doctor-{}", std::process::id()));
+            let f = crate::features::detect(&dir);
+            let _ = std::fs::remove_dir_all(&dir);
+            json!({ "features": f })
+        }
+    };
+    if as_json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    let f = &v["features"];
+    println!("kernel {}", f["kernel"].as_str().unwrap_or("?"));
+    for x in f["features"].as_array().into_iter().flatten() {
+        println!(
+            "  {:<26} {:<4} {}",
+            x["name"].as_str().unwrap_or("?"),
+            if x["available"].as_bool() == Some(true) {
+                "yes"
+            } else {
+                "no"
+            },
+            x["detail"].as_str().unwrap_or("")
+        );
+    }
+    println!("frontend auto: {}", f["auto"].as_str().unwrap_or("none"));
+    for r in f["reasons"].as_array().into_iter().flatten() {
+        println!("  {}", r.as_str().unwrap_or(""));
+    }
+    if let Some(m) = v["mounts"].as_array() {
+        println!("daemon on {}: {} mount(s)", socket.display(), m.len());
+        for x in m {
+            println!(
+                "  {} {},{} ({})",
+                x["mountpoint"].as_str().unwrap_or("?"),
+                x["domain"].as_str().unwrap_or("-"),
+                x["fsid"].as_str().unwrap_or("?"),
+                x["frontend"].as_str().unwrap_or("?")
+            );
+        }
+        let fan = &v["fanotify"];
+        println!(
+            "  fanotify pump: {}, {} blob(s) marked",
+            if fan["pump_connected"].as_bool() == Some(true) {
+                "connected"
+            } else {
+                "not running"
+            },
+            fan["marked"].as_array().map_or(0, |a| a.len())
+        );
+    } else {
+        println!("no daemon on {}", socket.display());
+    }
     Ok(())
 }
 

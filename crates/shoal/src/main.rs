@@ -7,7 +7,9 @@ mod client;
 mod daemon;
 mod daemon_cmds;
 mod demo;
+mod features;
 mod image_cmds;
+mod mounts;
 mod walk;
 
 use anyhow::{Context, Result};
@@ -89,17 +91,20 @@ enum Cmd {
         #[command(flatten)]
         blobs: image_cmds::BlobArgs,
     },
-    /// Mount an image (local: kernel, blobs local; fuse: served by the daemon).
+    /// Mount an image.
     ///
     /// `--frontend local`: the kernel mounts the bootstrap file-backed with
-    /// local blobs (`--blob-dir`/`--device`). `--frontend fuse`: the daemon
-    /// binds the image into its domain and serves it over FUSE, blobs
-    /// fetched on demand from `--remote`.
+    /// local blobs (`--blob-dir`/`--device`). Otherwise the daemon binds the
+    /// image into its domain, blobs fetched on demand from `--remote`, and
+    /// mounts it with `fanotify` (file-backed erofs over the domain's cache
+    /// files, filled on first access; Linux 6.14+) or `fuse`; `auto` (the
+    /// default) picks what the kernel supports (see `shoal doctor`).
     Mount {
-        /// A bootstrap path, or oci://host/repo:tag (fuse).
+        /// A bootstrap path, or oci://host/repo:tag.
         image: String,
         mountpoint: PathBuf,
-        /// local or fuse (default: local with --blob-dir/--device, else fuse).
+        /// auto, fanotify, fuse or local (default: local with
+        /// --blob-dir/--device, else auto).
         #[arg(long)]
         frontend: Option<String>,
         #[arg(long)]
@@ -118,6 +123,23 @@ enum Cmd {
         mountpoint: PathBuf,
         #[arg(long)]
         socket: Option<PathBuf>,
+    },
+    /// Which kernel features each frontend needs, which are here, and
+    /// which frontend `--frontend auto` picks; live mounts if a daemon runs.
+    Doctor {
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The fanotify event pump (started by the daemon; not for direct use).
+    #[command(hide = true)]
+    FanotifyPump {
+        #[arg(long)]
+        socket: PathBuf,
+        /// Seconds an event waits for a daemon before its read gets EIO.
+        #[arg(long, default_value_t = 60)]
+        orphan_timeout: u64,
     },
     /// Run the daemon: domains, blob caches and the control API.
     Daemon {
@@ -297,24 +319,38 @@ fn main() -> Result<()> {
             let local = !blobs.devices.is_empty() || blobs.blob_dir.is_some();
             match frontend
                 .as_deref()
-                .unwrap_or(if local { "local" } else { "fuse" })
+                .unwrap_or(if local { "local" } else { "auto" })
             {
                 "local" => image_cmds::mount(std::path::Path::new(&image), &mountpoint, &blobs),
-                "fuse" => daemon_cmds::mount_fuse(
+                f @ ("auto" | "fanotify" | "fuse" | "fscache") => daemon_cmds::mount(
                     &daemon_cmds::socket_arg(socket),
+                    f,
                     domain,
                     fsid,
                     &image,
                     remote,
                     &mountpoint,
                 ),
-                other => anyhow::bail!("unknown frontend {other:?} (local, fuse)"),
+                other => {
+                    anyhow::bail!("unknown frontend {other:?} (auto, fanotify, fuse, local)")
+                }
             }
         }
         Cmd::Umount { mountpoint, socket } => {
             daemon_cmds::umount(&daemon_cmds::socket_arg(socket), &mountpoint)
         }
         Cmd::Demo { work_dir } => demo::run(&work_dir),
+        Cmd::Doctor { socket, json } => daemon_cmds::doctor(&daemon_cmds::socket_arg(socket), json),
+        Cmd::FanotifyPump {
+            socket,
+            orphan_timeout,
+        } => Ok(shoal_fanotify::pump::run(
+            &socket,
+            &shoal_fanotify::pump::PumpOptions {
+                orphan_timeout: std::time::Duration::from_secs(orphan_timeout),
+            },
+        )
+        .with_context(|| format!("fanotify pump on {}", socket.display()))?),
         Cmd::Daemon {
             socket,
             work_dir,

@@ -1,6 +1,4 @@
-//! System interfaces: the new mount API for file-backed EROFS mounts.
-//! rustix wraps these syscalls safely today; later frontends (ioctls on
-//! /dev/cachefiles, fanotify) put their unavoidable `unsafe` here only.
+//! The new mount API for file-backed EROFS mounts (rustix wraps it safely).
 
 use rustix::fd::AsFd;
 use rustix::mount::{

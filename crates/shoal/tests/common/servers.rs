@@ -14,7 +14,7 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
+pub fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
     let t = Instant::now();
     while !ok() {
         assert!(
@@ -175,6 +175,12 @@ impl Drop for Daemon {
             let _ = Command::new("kill").arg(c.id().to_string()).status();
             let _ = c.wait();
         }
+        // The fanotify pump outlives daemons by design; not tests.
+        let pump = self.work.join("fanotify-pump.sock");
+        let _ = Command::new("pkill")
+            .arg("-f")
+            .arg(format!("fanotify-pump --socket {}", pump.display()))
+            .status();
     }
 }
 

@@ -1,0 +1,331 @@
+//! The event pump: a tiny process that owns the fanotify group and must
+//! outlive daemon restarts.
+//!
+//! Why it exists: closing the group's last fd answers every queued event
+//! with ALLOW, so readers of unfilled ranges would see zeros; and an event
+//! read by a daemon that dies is lost for good. The pump therefore owns the
+//! group, reads every event, forwards it (its fd attached) to the connected
+//! daemon, writes the daemon's answer, and re-sends unanswered events to the
+//! next daemon. While no daemon is connected, readers wait; after
+//! `orphan_timeout` they get EIO, never zeros. It also keeps each watched
+//! cache file's pre-mark fd (I/O through it raises no events) and hands
+//! those back to a restarted daemon.
+//!
+//! It holds no domain logic, so it never needs restarting with the daemon.
+
+use crate::proto::{self, FromPump, ToPump, MAX_MSG};
+use rustix::event::{poll, PollFd, PollFlags, Timespec};
+use rustix::fd::{AsFd, AsRawFd, OwnedFd};
+use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
+use shoal_sys::fanotify::{fan_deny_errno, Group, FAN_PRE_ACCESS};
+use std::collections::BTreeMap;
+use std::io;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// How long the pump lingers with nothing to protect and no daemon.
+const IDLE_EXIT: Duration = Duration::from_secs(5);
+
+pub struct PumpOptions {
+    /// How long an event waits for a daemon before it fails with EIO.
+    pub orphan_timeout: Duration,
+}
+
+impl Default for PumpOptions {
+    fn default() -> Self {
+        PumpOptions {
+            orphan_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+struct Pending {
+    fd: OwnedFd,
+    range: Option<(u64, u64)>,
+    pid: i32,
+    /// When it was last without a daemon to answer it.
+    orphaned: Option<Instant>,
+}
+
+struct Pump {
+    group: Group,
+    stored: BTreeMap<String, OwnedFd>,
+    pending: BTreeMap<u64, Pending>,
+    client: Option<OwnedFd>,
+    next_id: u64,
+    served: bool,
+}
+
+/// Listen on a new `SOCK_SEQPACKET` socket at `path` (mode 0600).
+pub fn listen(path: &Path) -> io::Result<OwnedFd> {
+    let sock = rustix::net::socket_with(
+        AddressFamily::UNIX,
+        SocketType::SEQPACKET,
+        SocketFlags::CLOEXEC,
+        None,
+    )?;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let _ = std::fs::remove_file(path);
+    rustix::net::bind(&sock, &SocketAddrUnix::new(path)?)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    rustix::net::listen(&sock, 4)?;
+    Ok(sock)
+}
+
+/// Run the pump on `socket` until nothing is left to protect: no daemon
+/// connected, no watched file, no pending event.
+pub fn run(socket: &Path, opts: &PumpOptions) -> io::Result<()> {
+    if crate::client::connect(socket).is_ok() {
+        return Err(io::Error::new(
+            io::ErrorKind::AddrInUse,
+            format!("a pump already listens on {}", socket.display()),
+        ));
+    }
+    let group = Group::pre_content(true)?;
+    let listener = listen(socket)?;
+    tracing::info!(socket = %socket.display(), "fanotify pump started");
+    // The launcher waits for this line (and nothing else is ever written
+    // to stdout, whose reader may be gone later).
+    {
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "ready").and_then(|_| out.flush());
+    }
+    let mut idle_since: Option<Instant> = None;
+    let mut p = Pump {
+        group,
+        stored: BTreeMap::new(),
+        pending: BTreeMap::new(),
+        client: None,
+        next_id: 1,
+        served: false,
+    };
+    let mut evbuf = vec![0u8; 64 * 1024];
+    let mut msg = vec![0u8; MAX_MSG];
+    loop {
+        let (g, l) = (p.group.as_fd(), listener.as_fd());
+        let mut fds = vec![
+            PollFd::from_borrowed_fd(g, PollFlags::IN),
+            PollFd::from_borrowed_fd(l, PollFlags::IN),
+        ];
+        if let Some(c) = &p.client {
+            fds.push(PollFd::from_borrowed_fd(c.as_fd(), PollFlags::IN));
+        }
+        let timeout = Timespec {
+            tv_sec: 1,
+            tv_nsec: 0,
+        };
+        match poll(&mut fds, Some(&timeout)) {
+            Ok(_) => {}
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+        let ready: Vec<PollFlags> = fds.iter().map(|f| f.revents()).collect();
+        drop(fds);
+        if !ready[0].is_empty() {
+            p.read_events(&mut evbuf)?;
+        }
+        if !ready[1].is_empty() {
+            let conn = rustix::net::accept_with(&listener, SocketFlags::CLOEXEC)?;
+            p.connect(conn);
+        }
+        if ready.len() > 2 && !ready[2].is_empty() {
+            p.serve_client(&mut msg);
+        }
+        p.expire_orphans(opts.orphan_timeout);
+        if p.served && p.client.is_none() && p.stored.is_empty() && p.pending.is_empty() {
+            if idle_since.get_or_insert_with(Instant::now).elapsed() >= IDLE_EXIT {
+                tracing::info!("fanotify pump: nothing left to protect, exiting");
+                let _ = std::fs::remove_file(socket);
+                return Ok(());
+            }
+        } else {
+            idle_since = None;
+        }
+    }
+}
+
+impl Pump {
+    fn read_events(&mut self, buf: &mut [u8]) -> io::Result<()> {
+        loop {
+            let events = match self.group.read_events(buf) {
+                Ok(e) => e,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            for ev in events {
+                let Some(fd) = ev.fd else {
+                    // Queue overflow carries no fd and needs no answer.
+                    tracing::warn!(mask = ev.mask, "fanotify event without fd");
+                    continue;
+                };
+                let id = self.next_id;
+                self.next_id += 1;
+                let pending = Pending {
+                    fd,
+                    range: ev.range,
+                    pid: ev.pid,
+                    orphaned: self.client.is_none().then(Instant::now),
+                };
+                self.forward(id, &pending);
+                self.pending.insert(id, pending);
+            }
+        }
+    }
+
+    fn forward(&mut self, id: u64, p: &Pending) {
+        let Some(c) = &self.client else { return };
+        let m = FromPump::Event {
+            id,
+            range: p.range,
+            pid: p.pid,
+        };
+        if let Err(e) = proto::send(c.as_fd(), &m.encode(), Some(p.fd.as_fd())) {
+            tracing::warn!(error = %e, "daemon connection lost");
+            self.drop_client();
+        }
+    }
+
+    fn drop_client(&mut self) {
+        self.client = None;
+        let now = Instant::now();
+        for p in self.pending.values_mut() {
+            p.orphaned.get_or_insert(now);
+        }
+    }
+
+    /// A (new) daemon: it replaces any earlier connection, receives the
+    /// stored fds, then every unanswered event.
+    fn connect(&mut self, conn: OwnedFd) {
+        tracing::info!("daemon connected");
+        self.client = Some(conn);
+        self.served = true;
+        let stored: Vec<(String, OwnedFd)> = self
+            .stored
+            .iter()
+            .filter_map(|(k, f)| Some((k.clone(), f.try_clone().ok()?)))
+            .collect();
+        let c = self.client.as_ref().unwrap().as_fd();
+        let mut ok = stored.iter().all(|(key, fd)| {
+            let m = FromPump::Stored { key: key.clone() };
+            proto::send(c, &m.encode(), Some(fd.as_fd())).is_ok()
+        });
+        ok = ok && proto::send(c, &FromPump::Ready.encode(), None).is_ok();
+        if !ok {
+            self.drop_client();
+            return;
+        }
+        let ids: Vec<u64> = self.pending.keys().copied().collect();
+        for id in ids {
+            let p = self.pending.remove(&id).unwrap();
+            self.forward(id, &p);
+            let mut p = p;
+            if self.client.is_some() {
+                p.orphaned = None;
+            }
+            self.pending.insert(id, p);
+        }
+    }
+
+    fn serve_client(&mut self, buf: &mut [u8]) {
+        let Some(c) = &self.client else { return };
+        let (n, fd) = match proto::recv(c.as_fd(), buf) {
+            Ok(Some(x)) => x,
+            Ok(None) => {
+                tracing::info!("daemon disconnected");
+                return self.drop_client();
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => return,
+            Err(e) => {
+                tracing::warn!(error = %e, "daemon connection failed");
+                return self.drop_client();
+            }
+        };
+        let Some(m) = ToPump::decode(&buf[..n]) else {
+            tracing::warn!("malformed message from the daemon");
+            return;
+        };
+        match m {
+            ToPump::Answer { id, response } => {
+                if let Some(p) = self.pending.remove(&id) {
+                    self.answer(p, response);
+                }
+            }
+            ToPump::Watch { req, key } => {
+                let errno = match fd {
+                    None => libc_einval(),
+                    Some(fd) => match self.group.mark(true, FAN_PRE_ACCESS, fd.as_fd()) {
+                        Ok(()) => {
+                            self.stored.insert(key, fd);
+                            0
+                        }
+                        Err(e) => e.raw_os_error().unwrap_or(libc_einval()),
+                    },
+                };
+                self.reply(req, errno);
+            }
+            ToPump::Unwatch { req, key } => {
+                let errno = match self.stored.remove(&key) {
+                    None => 0,
+                    Some(fd) => match self.group.mark(false, FAN_PRE_ACCESS, fd.as_fd()) {
+                        Ok(()) => 0,
+                        // No mark left (e.g. the file was deleted): fine.
+                        Err(e)
+                            if e.raw_os_error()
+                                == Some(rustix::io::Errno::NOENT.raw_os_error()) =>
+                        {
+                            0
+                        }
+                        Err(e) => e.raw_os_error().unwrap_or(libc_einval()),
+                    },
+                };
+                self.reply(req, errno);
+            }
+        }
+    }
+
+    fn reply(&mut self, req: u64, errno: i32) {
+        if let Some(c) = &self.client {
+            let m = FromPump::Reply { req, errno };
+            if proto::send(c.as_fd(), &m.encode(), None).is_err() {
+                self.drop_client();
+            }
+        }
+    }
+
+    /// Write the answer, then close the event fd (in that order: the kernel
+    /// matches the answer by fd number).
+    fn answer(&self, p: Pending, response: u32) {
+        if let Err(e) = self.group.respond(p.fd.as_raw_fd(), response) {
+            tracing::warn!(error = %e, pid = p.pid, "answering a fanotify event");
+        }
+        drop(p.fd);
+    }
+
+    fn expire_orphans(&mut self, timeout: Duration) {
+        let expired: Vec<u64> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.orphaned.is_some_and(|t| t.elapsed() >= timeout))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in expired {
+            let p = self.pending.remove(&id).unwrap();
+            tracing::error!(
+                pid = p.pid,
+                "no daemon answered in time: the read fails with EIO"
+            );
+            self.answer(p, fan_deny_errno(EIO));
+        }
+    }
+}
+
+const EIO: i32 = rustix::io::Errno::IO.raw_os_error();
+
+fn libc_einval() -> i32 {
+    rustix::io::Errno::INVAL.raw_os_error()
+}

@@ -1,0 +1,169 @@
+//! What this kernel offers each frontend, and which one `--frontend auto`
+//! picks: fanotify pre-content where it works, else cachefiles on-demand,
+//! else FUSE. `shoal doctor` prints this; the daemon decides with it.
+
+use std::io::Read;
+use std::path::Path;
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Feature {
+    pub name: &'static str,
+    pub available: bool,
+    pub detail: String,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Features {
+    pub kernel: String,
+    pub features: Vec<Feature>,
+    /// The frontend `auto` resolves to, and why.
+    pub auto: Option<&'static str>,
+    pub reasons: Vec<String>,
+}
+
+fn feature(name: &'static str, r: Result<String, String>) -> Feature {
+    match r {
+        Ok(detail) => Feature {
+            name,
+            available: true,
+            detail,
+        },
+        Err(detail) => Feature {
+            name,
+            available: false,
+            detail,
+        },
+    }
+}
+
+/// The kernel's build configuration, from /proc/config.gz or /boot.
+fn kernel_config(release: &str) -> Option<String> {
+    if let Ok(f) = std::fs::File::open("/proc/config.gz") {
+        let mut s = String::new();
+        if flate2::read::GzDecoder::new(f)
+            .read_to_string(&mut s)
+            .is_ok()
+        {
+            return Some(s);
+        }
+    }
+    std::fs::read_to_string(format!("/boot/config-{release}")).ok()
+}
+
+fn config_has(config: &Option<String>, opt: &str) -> Option<bool> {
+    let c = config.as_ref()?;
+    Some(
+        c.lines()
+            .any(|l| l == format!("{opt}=y") || l == format!("{opt}=m")),
+    )
+}
+
+fn version(release: &str) -> (u32, u32) {
+    let mut it = release
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|s| s.parse().ok());
+    (it.next().unwrap_or(0), it.next().unwrap_or(0))
+}
+
+pub fn detect(work_dir: &Path) -> Features {
+    let kernel = rustix::system::uname()
+        .release()
+        .to_string_lossy()
+        .into_owned();
+    let config = kernel_config(&kernel);
+    let (major, minor) = version(&kernel);
+    let filesystems = std::fs::read_to_string("/proc/filesystems").unwrap_or_default();
+    let erofs = feature(
+        "erofs",
+        if filesystems.lines().any(|l| l.trim_end().ends_with("erofs")) {
+            Ok("in /proc/filesystems".into())
+        } else if config_has(&config, "CONFIG_EROFS_FS") == Some(true) {
+            Ok("module (CONFIG_EROFS_FS=m)".into())
+        } else {
+            Err("not in /proc/filesystems".into())
+        },
+    );
+    let file_backed = feature(
+        "erofs file-backed mounts",
+        match config_has(&config, "CONFIG_EROFS_FS_BACKED_BY_FILE") {
+            Some(true) => Ok("CONFIG_EROFS_FS_BACKED_BY_FILE".into()),
+            Some(false) => Err("kernel built without CONFIG_EROFS_FS_BACKED_BY_FILE".into()),
+            None if (major, minor) >= (6, 12) => Ok(format!("assumed from kernel {kernel}")),
+            None => Err(format!("kernel {kernel} predates 6.12")),
+        },
+    );
+    let fanotify = feature(
+        "fanotify pre-content",
+        shoal_fanotify::probe(&work_dir.join("probe"))
+            .map(|()| "FAN_CLASS_PRE_CONTENT group and FAN_PRE_ACCESS mark work".to_string()),
+    );
+    let cachefiles = feature(
+        "cachefiles on-demand",
+        match (
+            Path::new("/dev/cachefiles").exists(),
+            config_has(&config, "CONFIG_CACHEFILES_ONDEMAND"),
+            config_has(&config, "CONFIG_EROFS_FS_ONDEMAND"),
+        ) {
+            (_, Some(false), _) => Err("kernel built without CONFIG_CACHEFILES_ONDEMAND".into()),
+            (_, _, Some(false)) => Err("kernel built without CONFIG_EROFS_FS_ONDEMAND".into()),
+            (false, _, _) => Err("no /dev/cachefiles (modprobe cachefiles?)".into()),
+            (true, Some(true), _) => Ok("/dev/cachefiles, CONFIG_CACHEFILES_ONDEMAND".into()),
+            (true, None, _) => Ok("/dev/cachefiles (config unknown)".into()),
+        },
+    );
+    let fuse = feature(
+        "fuse",
+        if Path::new("/dev/fuse").exists() {
+            Ok("/dev/fuse".into())
+        } else {
+            Err("no /dev/fuse".into())
+        },
+    );
+    let ishare = feature(
+        "erofs inode_share",
+        if Path::new("/sys/fs/erofs/features/ishare_xattrs").exists() {
+            Ok("/sys/fs/erofs/features/ishare_xattrs".into())
+        } else {
+            Err(
+                "not in /sys/fs/erofs/features (Linux 7.0+): page cache not shared across images"
+                    .into(),
+            )
+        },
+    );
+    let mut reasons = Vec::new();
+    let auto = if erofs.available && file_backed.available && fanotify.available {
+        reasons.push("fanotify: erofs file-backed mounts and pre-content events work".into());
+        Some("fanotify")
+    } else {
+        reasons.push(format!(
+            "not fanotify: {}",
+            [&erofs, &file_backed, &fanotify]
+                .iter()
+                .filter(|f| !f.available)
+                .map(|f| format!("{}: {}", f.name, f.detail))
+                .collect::<Vec<_>>()
+                .join("; ")
+        ));
+        if erofs.available && cachefiles.available {
+            reasons.push(
+                "not fscache: cachefiles on-demand is present, but this build has no fscache frontend yet"
+                    .into(),
+            );
+        } else {
+            reasons.push(format!("not fscache: {}", cachefiles.detail));
+        }
+        if fuse.available {
+            reasons.push("fuse: /dev/fuse is present".into());
+            Some("fuse")
+        } else {
+            reasons.push("not fuse: no /dev/fuse".into());
+            None
+        }
+    };
+    Features {
+        kernel,
+        features: vec![erofs, file_backed, fanotify, cachefiles, fuse, ishare],
+        auto,
+        reasons,
+    }
+}

@@ -1,0 +1,253 @@
+//! Daemon-hosted mounts: FUSE sessions the daemon serves, and fanotify
+//! mounts (kernel mounts whose cache files the daemon fills). Fanotify
+//! mounts outlive the daemon, so they are recorded in `mounts.json` and
+//! adopted again when the daemon starts.
+
+use crate::daemon::{do_bind, ApiError, MountRequest};
+use crate::features::Features;
+use axum::http::StatusCode;
+use shoal_core::{BoundImage, Registry};
+use shoal_fanotify::Frontend;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+pub enum Kind {
+    /// Dropping the session unmounts it.
+    Fuse {
+        _session: fuser::BackgroundSession,
+    },
+    Fanotify,
+}
+
+pub struct Entry {
+    domain: Option<String>,
+    fsid: String,
+    kind: Kind,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Record {
+    mountpoint: PathBuf,
+    domain: Option<String>,
+    fsid: String,
+    frontend: String,
+}
+
+pub struct Mounts {
+    path: PathBuf,
+    map: Mutex<BTreeMap<PathBuf, Entry>>,
+}
+
+/// Mount points in this namespace (`/proc/self/mountinfo`, field 5, with
+/// its octal escapes undone).
+pub fn mounted(mp: &Path) -> bool {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    info.lines().any(|l| {
+        l.split(' ').nth(4).is_some_and(|f| {
+            let mut out = Vec::new();
+            let b = f.as_bytes();
+            let mut i = 0;
+            while i < b.len() {
+                if b[i] == b'\\' && i + 3 < b.len() {
+                    if let Ok(v) = u8::from_str_radix(&f[i + 1..i + 4], 8) {
+                        out.push(v);
+                        i += 4;
+                        continue;
+                    }
+                }
+                out.push(b[i]);
+                i += 1;
+            }
+            out == mp.as_os_str().as_encoded_bytes()
+        })
+    })
+}
+
+fn kind_name(k: &Kind) -> &'static str {
+    match k {
+        Kind::Fuse { .. } => "fuse",
+        Kind::Fanotify => "fanotify",
+    }
+}
+
+impl Mounts {
+    /// Load the records of an earlier run and adopt the fanotify mounts that
+    /// are still mounted and whose binding was restored.
+    pub fn load(work_dir: &Path, reg: &Registry, fan: &Arc<Frontend>) -> Mounts {
+        let path = work_dir.join("mounts.json");
+        let records: Vec<Record> = std::fs::read(&path)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        let mut map = BTreeMap::new();
+        for r in records {
+            if r.frontend != "fanotify" || !mounted(&r.mountpoint) {
+                continue;
+            }
+            match reg.get(r.domain.as_deref(), &r.fsid) {
+                Ok(img) => {
+                    fan.adopt(&img);
+                    tracing::info!(mountpoint = %r.mountpoint.display(), fsid = %r.fsid, "fanotify mount adopted");
+                    map.insert(
+                        r.mountpoint,
+                        Entry {
+                            domain: r.domain,
+                            fsid: r.fsid,
+                            kind: Kind::Fanotify,
+                        },
+                    );
+                }
+                Err(e) => {
+                    tracing::error!(mountpoint = %r.mountpoint.display(), error = %e, "mount without binding")
+                }
+            }
+        }
+        let m = Mounts {
+            path,
+            map: Mutex::new(map),
+        };
+        m.save(&m.map.lock().unwrap());
+        m
+    }
+
+    fn save(&self, map: &BTreeMap<PathBuf, Entry>) {
+        let records: Vec<Record> = map
+            .iter()
+            .filter(|(_, e)| matches!(e.kind, Kind::Fanotify))
+            .map(|(mp, e)| Record {
+                mountpoint: mp.clone(),
+                domain: e.domain.clone(),
+                fsid: e.fsid.clone(),
+                frontend: kind_name(&e.kind).into(),
+            })
+            .collect();
+        let tmp = self.path.with_extension("json.tmp");
+        let r = std::fs::write(&tmp, serde_json::to_vec_pretty(&records).unwrap())
+            .and_then(|_| std::fs::rename(&tmp, &self.path));
+        if let Err(e) = r {
+            tracing::error!(path = %self.path.display(), error = %e, "saving mounts");
+        }
+    }
+
+    /// Bind and mount through `frontend` (`auto` resolved from `features`).
+    pub fn mount(
+        &self,
+        reg: &Registry,
+        fan: &Arc<Frontend>,
+        features: &Features,
+        req: MountRequest,
+    ) -> Result<(Arc<BoundImage>, &'static str), ApiError> {
+        let bad = |m: String| ApiError(StatusCode::BAD_REQUEST, m);
+        let feature = |name: &str| features.features.iter().find(|f| f.name == name);
+        let frontend: &'static str = match req.frontend.as_str() {
+            "auto" => features.auto.ok_or_else(|| {
+                bad(format!(
+                    "no frontend works on this kernel: {}",
+                    features.reasons.join("; ")
+                ))
+            })?,
+            "fanotify" => {
+                let f = feature("fanotify pre-content").unwrap();
+                if !f.available {
+                    return Err(bad(format!("fanotify frontend unavailable: {}", f.detail)));
+                }
+                "fanotify"
+            }
+            "fuse" => "fuse",
+            "fscache" => {
+                return Err(bad(
+                    "the fscache (cachefiles on-demand) frontend is not built yet".into(),
+                ))
+            }
+            other => return Err(bad(format!("unknown frontend {other:?}"))),
+        };
+        let mp = std::fs::canonicalize(&req.mountpoint)
+            .map_err(|e| bad(format!("mountpoint {}: {e}", req.mountpoint.display())))?;
+        if self.map.lock().unwrap().contains_key(&mp) {
+            return Err(ApiError(
+                StatusCode::CONFLICT,
+                format!("{} is already a shoal mount", mp.display()),
+            ));
+        }
+        let (domain, fsid) = (req.bind.domain.clone(), req.bind.fsid.clone());
+        let img = do_bind(reg, req.bind)?;
+        let kind = match frontend {
+            "fuse" => shoal_fuse::mount(img.clone(), &mp)
+                .map(|s| Kind::Fuse { _session: s })
+                .map_err(|e| format!("fuse mount at {}: {e}", mp.display())),
+            _ => fan
+                .mount(&img, &mp)
+                .map(|()| Kind::Fanotify)
+                .map_err(|e| e.to_string()),
+        };
+        let kind = match kind {
+            Ok(k) => k,
+            Err(e) => {
+                let _ = reg.unbind(domain.as_deref(), &fsid);
+                return Err(ApiError(StatusCode::BAD_GATEWAY, e));
+            }
+        };
+        tracing::info!(mountpoint = %mp.display(), fsid = %fsid, frontend, "mounted");
+        let mut map = self.map.lock().unwrap();
+        map.insert(mp, Entry { domain, fsid, kind });
+        self.save(&map);
+        Ok((img, frontend))
+    }
+
+    /// Unmount and unbind. `Ok(None)`: not a daemon-hosted mount.
+    pub fn umount(
+        &self,
+        reg: &Registry,
+        fan: &Arc<Frontend>,
+        mp: &Path,
+    ) -> Result<Option<String>, ApiError> {
+        let mut map = self.map.lock().unwrap();
+        let Some(e) = map.remove(mp) else {
+            return Ok(None);
+        };
+        if let Kind::Fanotify = e.kind {
+            let r = match reg.get(e.domain.as_deref(), &e.fsid) {
+                Ok(img) => fan.umount(&img, mp).map_err(|e| e.to_string()),
+                Err(_) => {
+                    shoal_sys::umount(mp).map_err(|e| format!("unmounting {}: {e}", mp.display()))
+                }
+            };
+            if let Err(err) = r {
+                map.insert(mp.to_path_buf(), e);
+                return Err(ApiError(StatusCode::CONFLICT, err));
+            }
+        }
+        // Dropping a FUSE session unmounts it and ends the session.
+        drop(e.kind);
+        self.save(&map);
+        drop(map);
+        reg.unbind(e.domain.as_deref(), &e.fsid)?;
+        Ok(Some(e.fsid))
+    }
+
+    pub fn list(&self) -> Vec<serde_json::Value> {
+        self.map
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(mp, e)| {
+                serde_json::json!({
+                    "mountpoint": mp, "domain": e.domain, "fsid": e.fsid,
+                    "frontend": kind_name(&e.kind),
+                })
+            })
+            .collect()
+    }
+
+    /// On a clean stop: FUSE mounts end with the daemon; fanotify mounts
+    /// stay (the pump holds their events until the next daemon).
+    pub fn shutdown(&self) {
+        self.map
+            .lock()
+            .unwrap()
+            .retain(|_, e| matches!(e.kind, Kind::Fanotify));
+    }
+}

@@ -1,0 +1,388 @@
+//! One suite for every daemon-hosted frontend (FUSE, fanotify): the same
+//! tree comparison as the kernel mounts; domain sharing counted at nginx;
+//! EIO from a failing remote and recovery; and what a daemon's death does
+//! (FUSE: ENOTCONN and a documented remount; fanotify: nothing, readers
+//! wait for the restarted daemon and get the right bytes).
+
+mod common;
+use common::servers::*;
+use common::*;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// Why `frontend` cannot run here, if it cannot.
+fn unavailable(frontend: &str) -> Option<String> {
+    if !rustix::process::geteuid().is_root() {
+        return Some("not root".into());
+    }
+    match frontend {
+        "fuse" => (!Path::new("/dev/fuse").exists()).then(|| "no /dev/fuse".into()),
+        _ => {
+            let o = shoal()
+                .args(["doctor", "--json", "--socket", "/nonexistent"])
+                .output()
+                .unwrap();
+            let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+            let f = v["features"]["features"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|f| f["name"] == "fanotify pre-content")
+                .unwrap()
+                .clone();
+            (f["available"] != true).then(|| f["detail"].as_str().unwrap().to_string())
+        }
+    }
+}
+
+fn build(dir: &Path, name: &str, layers: &[PathBuf], blobs: &Path) -> PathBuf {
+    let img = dir.join(format!("{name}.img"));
+    let mut args: Vec<&std::ffi::OsStr> = os!["build", "--layer-blobs", "-o"].to_vec();
+    args.push(img.as_os_str());
+    args.extend(os!["--blob-dir"]);
+    args.push(blobs.as_os_str());
+    args.extend(layers.iter().map(|l| l.as_os_str()));
+    run_shoal(&args);
+    img
+}
+
+fn layers(names: &[&str]) -> Option<Vec<PathBuf>> {
+    let c = corpus_dir();
+    c.join("base.tar.gz")
+        .exists()
+        .then(|| names.iter().map(|n| c.join(n)).collect())
+}
+
+/// Unmounts (lazily, in case the daemon is gone) on drop.
+struct Mount(PathBuf);
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn mount(
+    d: &Daemon,
+    frontend: &str,
+    dom: &str,
+    fsid: &str,
+    img: &Path,
+    remote: &str,
+    mnt: &Path,
+) -> Mount {
+    std::fs::create_dir_all(mnt).unwrap();
+    let out = d.ok(&[
+        "mount",
+        "--frontend",
+        frontend,
+        "--domain",
+        dom,
+        "--fsid",
+        fsid,
+        img.to_str().unwrap(),
+        mnt.to_str().unwrap(),
+        "--remote",
+        remote,
+    ]);
+    assert!(String::from_utf8_lossy(&out).contains(&format!("({frontend})")));
+    Mount(mnt.to_path_buf())
+}
+
+/// Read every byte of every file under `dir` (as `tar cf - . | cat` does).
+fn read_all(dir: &Path) {
+    let st = Command::new("sh")
+        .arg("-c")
+        .arg("tar cf - . | cat > /dev/null")
+        .current_dir(dir)
+        .status()
+        .unwrap();
+    assert!(st.success());
+}
+
+#[test]
+fn fuse_mounts_equal_the_layers_and_share_a_domain() {
+    mounts_equal_the_layers_and_share_a_domain("fuse");
+}
+
+#[test]
+fn fanotify_mounts_equal_the_layers_and_share_a_domain() {
+    mounts_equal_the_layers_and_share_a_domain("fanotify");
+}
+
+fn mounts_equal_the_layers_and_share_a_domain(frontend: &str) {
+    if let Some(why) = unavailable(frontend) {
+        return skip(&why);
+    }
+    let Some(py_layers) = layers(&["base.tar.gz", "py-layer.tar.gz"]) else {
+        return skip("no corpus");
+    };
+    let web_layers = layers(&["base.tar.gz", "web-layer.tar.zst"]).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let blobs = tmp.path().join("blobs");
+    let py = build(tmp.path(), "py", &py_layers, &blobs);
+    let web = build(tmp.path(), "web", &web_layers, &blobs);
+    let Some(nginx) = Nginx::start(&blobs, tmp.path()) else {
+        return skip("nginx not installed");
+    };
+    let d = Daemon::start(tmp.path());
+    let m1 = mount(
+        &d,
+        frontend,
+        "dom",
+        "py",
+        &py,
+        &nginx.url(),
+        &tmp.path().join("m1"),
+    );
+    let reference = tmp.path().join("ref");
+    reference_tree(&py_layers, &reference);
+    let diffs = compare_trees(&reference, &m1.0);
+    assert!(
+        diffs.is_empty(),
+        "{frontend} view differs from the layers:\n{}",
+        diffs.join("\n")
+    );
+    let v: serde_json::Value = serde_json::from_str(&run_shoal(&[
+        "inspect".as_ref(),
+        py.as_os_str(),
+        "--json".as_ref(),
+    ]))
+    .unwrap();
+    let base_blob = v["devices"][0]["tag"].as_str().unwrap().to_string();
+    let after_first = nginx.bytes_for(&base_blob);
+    assert!(after_first > 0);
+    // The second image of the domain reads the shared base from the cache.
+    let m2 = mount(
+        &d,
+        frontend,
+        "dom",
+        "web",
+        &web,
+        &nginx.url(),
+        &tmp.path().join("m2"),
+    );
+    read_all(&m2.0);
+    assert_eq!(
+        nginx.bytes_for(&base_blob),
+        after_first,
+        "base fetched twice in one domain"
+    );
+    // Another domain fetches its own copy.
+    let m3 = mount(
+        &d,
+        frontend,
+        "other",
+        "web",
+        &web,
+        &nginx.url(),
+        &tmp.path().join("m3"),
+    );
+    read_all(&m3.0);
+    assert!(nginx.bytes_for(&base_blob) > after_first);
+    // The same fsid twice in a domain is refused.
+    std::fs::create_dir_all(tmp.path().join("m4")).unwrap();
+    let o = d.cli(&[
+        "mount",
+        "--frontend",
+        frontend,
+        "--domain",
+        "dom",
+        "--fsid",
+        "py",
+        py.to_str().unwrap(),
+        tmp.path().join("m4").to_str().unwrap(),
+        "--remote",
+        &nginx.url(),
+    ]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("already bound"));
+    for m in [&m1, &m2, &m3] {
+        d.ok(&["umount", m.0.to_str().unwrap()]);
+    }
+    assert!(d.status().as_array().unwrap().is_empty(), "umount unbinds");
+}
+
+#[test]
+fn fuse_read_fails_with_eio_then_recovers_and_survives_daemon_death() {
+    if let Some(why) = unavailable("fuse") {
+        return skip(&why);
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let ex = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/demo");
+    let blobs = tmp.path().join("blobs");
+    let img = build(tmp.path(), "demo", &[ex.join("base")], &blobs);
+    let srv = Faulty::start(&blobs, tmp.path());
+    let mut d = Daemon::start(tmp.path());
+    let mnt = tmp.path().join("mnt");
+    let m = mount(&d, "fuse", "f", "demo", &img, &srv.url(), &mnt);
+    let file = mnt.join("usr/share/doc/shoal-demo/glossary.txt");
+    let want = std::fs::read(ex.join("base/usr/share/doc/shoal-demo/glossary.txt")).unwrap();
+    srv.set_mode("s500");
+    let err = std::fs::read(&file).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc_eio()), "{err}");
+    srv.set_mode("ok");
+    assert_eq!(std::fs::read(&file).unwrap(), want);
+    // kill -9: the mount stops answering (ENOTCONN), never with wrong bytes.
+    d.kill9();
+    let hello = mnt.join("usr/bin/hello");
+    match std::fs::read(&hello) {
+        Ok(b) => assert_eq!(b, std::fs::read(ex.join("base/usr/bin/hello")).unwrap()),
+        Err(e) => assert_eq!(e.raw_os_error(), Some(107), "{e}"), // ENOTCONN
+    }
+    // Documented recovery: lazy-unmount the dead mount, restart, mount again.
+    assert!(Command::new("umount")
+        .arg("-l")
+        .arg(&mnt)
+        .status()
+        .unwrap()
+        .success());
+    d.restart();
+    d.ok(&["unbind", "--domain", "f", "demo"]); // the restored binding of the dead mount
+    let _m = mount(&d, "fuse", "f", "demo", &img, &srv.url(), &mnt);
+    assert_eq!(std::fs::read(&file).unwrap(), want);
+    drop(m);
+}
+
+fn libc_eio() -> i32 {
+    5
+}
+
+#[test]
+fn fanotify_read_fails_with_eio_then_recovers() {
+    if let Some(why) = unavailable("fanotify") {
+        return skip(&why);
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let ex = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/demo");
+    let blobs = tmp.path().join("blobs");
+    let img = build(tmp.path(), "demo", &[ex.join("base")], &blobs);
+    let srv = Faulty::start(&blobs, tmp.path());
+    let d = Daemon::start(tmp.path());
+    let mnt = tmp.path().join("mnt");
+    let m = mount(&d, "fanotify", "f", "demo", &img, &srv.url(), &mnt);
+    let file = mnt.join("usr/share/doc/shoal-demo/glossary.txt");
+    let want = std::fs::read(ex.join("base/usr/share/doc/shoal-demo/glossary.txt")).unwrap();
+    for mode in ["s500", "wrong", "down"] {
+        srv.set_mode(mode);
+        let err = std::fs::read(&file).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc_eio()), "{mode}: {err}");
+    }
+    srv.set_mode("ok");
+    assert_eq!(std::fs::read(&file).unwrap(), want);
+    let doctor: serde_json::Value = serde_json::from_slice(&d.ok(&["doctor", "--json"])).unwrap();
+    assert_eq!(doctor["features"]["auto"], "fanotify");
+    assert_eq!(doctor["mounts"][0]["frontend"], "fanotify");
+    assert_eq!(doctor["fanotify"]["marked"].as_array().unwrap().len(), 1);
+    // Once every block is present the mark goes: reads run natively.
+    read_all(&mnt);
+    wait_for("the mark of the complete blob to go", || {
+        let v: serde_json::Value = serde_json::from_slice(&d.ok(&["doctor", "--json"])).unwrap();
+        v["fanotify"]["marked"].as_array().unwrap().is_empty()
+    });
+    srv.set_mode("down");
+    let tree = tmp.path().join("tree");
+    extract(&img, &blobs, &tree);
+    assert!(compare_trees(&tree, &mnt).is_empty());
+    d.ok(&["umount", mnt.to_str().unwrap()]);
+    assert!(!mounted(&mnt));
+    drop(m);
+}
+
+/// kill -9 the daemon again and again while a reader reads every byte of
+/// a cold corpus mount: every read completes with the right bytes (no EIO,
+/// no zeros), because the pump holds the events for the next daemon.
+#[test]
+fn fanotify_survives_daemon_kill9_during_cold_reads() {
+    if let Some(why) = unavailable("fanotify") {
+        return skip(&why);
+    }
+    let Some(base) = layers(&["base.tar.gz"]) else {
+        return skip("no corpus");
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let blobs = tmp.path().join("blobs");
+    let img = build(tmp.path(), "base", &base, &blobs);
+    let tree = tmp.path().join("tree");
+    extract(&img, &blobs, &tree);
+    let srv = Faulty::start(&blobs, tmp.path());
+    srv.set_mode("delay5");
+    let mut d = Daemon::start(tmp.path());
+    let mnt = tmp.path().join("mnt");
+    let m = mount(&d, "fanotify", "k", "base", &img, &srv.url(), &mnt);
+    let (t, mp) = (tree.clone(), mnt.clone());
+    let reader = std::thread::spawn(move || compare_contents(&t, &mp));
+    let mut kills = 0;
+    while !reader.is_finished() && kills < 6 {
+        std::thread::sleep(std::time::Duration::from_millis(400));
+        d.kill9();
+        kills += 1;
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        d.restart();
+    }
+    let bad = reader.join().unwrap();
+    assert!(
+        kills >= 2,
+        "the reader finished before the daemon was killed twice"
+    );
+    assert!(
+        bad.is_empty(),
+        "after {kills} kills:\n{}\ndaemon log:\n{}",
+        bad[..bad.len().min(20)].join("\n"),
+        d.log_text()
+            .lines()
+            .filter(|l| !l.contains(" INFO "))
+            .take(40)
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    srv.set_mode("ok");
+    let diffs = compare_trees(&tree, &mnt);
+    assert!(diffs.is_empty(), "{}", diffs.join("\n"));
+    d.ok(&["umount", mnt.to_str().unwrap()]);
+    drop(m);
+}
+
+/// Read every regular file under `b` and compare it with the same path
+/// under `a`; returns what differed or failed.
+fn compare_contents(a: &Path, b: &Path) -> Vec<String> {
+    let mut bad = Vec::new();
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel) = stack.pop() {
+        let dir = b.join(&rel);
+        let mut entries: Vec<_> = match std::fs::read_dir(&dir) {
+            Ok(r) => r.map(|e| e.unwrap()).collect(),
+            Err(e) => {
+                bad.push(format!("{}: {e}", dir.display()));
+                continue;
+            }
+        };
+        entries.sort_by_key(|e| e.file_name());
+        for e in entries {
+            let r = rel.join(e.file_name());
+            let ft = e.file_type().unwrap();
+            if ft.is_dir() {
+                stack.push(r);
+            } else if ft.is_file() {
+                match std::fs::read(b.join(&r)) {
+                    Ok(got) => {
+                        if got != std::fs::read(a.join(&r)).unwrap() {
+                            bad.push(format!("{}: wrong bytes", r.display()));
+                        }
+                    }
+                    Err(e) => bad.push(format!("{}: {e}", r.display())),
+                }
+            }
+        }
+    }
+    bad
+}
+
+fn mounted(mnt: &Path) -> bool {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let mp = mnt.to_str().unwrap();
+    info.lines().any(|l| l.split(' ').nth(4) == Some(mp))
+}
