@@ -97,6 +97,31 @@ impl DataFiles for PlainFiles {
     }
 }
 
+/// Whether blocks `[first, first + n)` are marked ready in the readiness map
+/// *on disk* (`map`: a `.ready` file). A bit on disk means durable, verified
+/// bytes, so a process without the [`BlobCache`] (the fanotify pump) can
+/// answer reads from it; bits set in memory but not yet flushed read as
+/// missing, which is only ever conservative.
+pub fn durably_ready(map: &File, first: u32, n: u32) -> bool {
+    let mut header = [0u8; MAP_HEADER as usize];
+    if map.read_exact_at(&mut header, 0).is_err() || &header[..8] != MAP_MAGIC {
+        return false;
+    }
+    let blocks = u32::from_le_bytes(header[8..12].try_into().unwrap());
+    let Some(end) = first.checked_add(n).filter(|e| *e <= blocks && n > 0) else {
+        return false;
+    };
+    let (lo, hi) = (first as usize / 8, (end as usize).div_ceil(8));
+    let mut bits = vec![0u8; hi - lo];
+    if map
+        .read_exact_at(&mut bits, MAP_HEADER + lo as u64)
+        .is_err()
+    {
+        return false;
+    }
+    (first..end).all(|b| bits[b as usize / 8 - lo] & (1 << (b % 8)) != 0)
+}
+
 impl BlobCache {
     /// Open (or create) the cache of blob `name` in `dir`, reusing whatever
     /// an earlier run left ready.

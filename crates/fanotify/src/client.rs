@@ -146,11 +146,20 @@ impl PumpConn {
         }
     }
 
-    /// Have the pump keep `fd` (opened before any mark) and mark its inode.
-    pub fn watch(&self, key: &str, fd: BorrowedFd<'_>) -> io::Result<()> {
+    /// Have the pump keep `fd` (opened before any mark) and mark its inode;
+    /// it answers reads that `ready_map` shows durably ready by itself.
+    pub fn watch(&self, key: &str, ready_map: &Path, fd: BorrowedFd<'_>) -> io::Result<()> {
         let key = key.to_string();
         let k = key.clone();
-        self.request(move |req| ToPump::Watch { req, key: k }, Some(fd))?;
+        let ready_map = ready_map.to_string_lossy().into_owned();
+        self.request(
+            move |req| ToPump::Watch {
+                req,
+                key: k,
+                ready_map,
+            },
+            Some(fd),
+        )?;
         self.stored
             .lock()
             .unwrap()

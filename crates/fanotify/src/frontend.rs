@@ -232,7 +232,7 @@ impl Frontend {
         if blob.cache.is_ready(first as u32, (last - first) as u32) {
             return FAN_ALLOW;
         }
-        match blob.ensure_range(off, len) {
+        match blob.ensure_range_ahead(off, len) {
             Ok(_) => {
                 if blob.cache.is_complete() {
                     self.drop_mark(&blob);
@@ -275,9 +275,10 @@ impl Frontend {
             *self.users.lock().unwrap().entry(key.clone()).or_insert(0) += 1;
             watched.push(blob.clone());
             if !blob.cache.is_complete() && conn.stored_fd(&key).is_none() {
-                if let Err(source) =
-                    conn.watch(&key, rustix::fd::AsFd::as_fd(blob.cache.data_file()))
-                {
+                // Durable bits first: the pump answers from the map on disk.
+                let _ = blob.cache.flush();
+                let data = rustix::fd::AsFd::as_fd(blob.cache.data_file());
+                if let Err(source) = conn.watch(&key, blob.cache.map_path(), data) {
                     self.release(&watched);
                     return Err(FanotifyError::Watch {
                         path: key.into(),

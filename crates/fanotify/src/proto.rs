@@ -20,8 +20,13 @@ pub enum ToPump {
     /// Keep the attached fd under `key` and mark its inode `FAN_PRE_ACCESS`.
     /// The fd must have been opened before any mark existed on the inode,
     /// so I/O through it raises no events; the pump hands it back to every
-    /// daemon that connects later.
-    Watch { req: u64, key: String },
+    /// daemon that connects later. `ready_map` is the file's readiness map:
+    /// the pump answers reads of durably ready ranges itself.
+    Watch {
+        req: u64,
+        key: String,
+        ready_map: String,
+    },
     /// Remove the mark of `key` and forget its fd.
     Unwatch { req: u64, key: String },
     /// The answer to event `id` (`FAN_ALLOW` or `FAN_DENY_ERRNO(e)`).
@@ -60,12 +65,19 @@ impl ToPump {
     pub fn encode(&self) -> Vec<u8> {
         let mut b = Vec::new();
         match self {
-            ToPump::Watch { req, key } | ToPump::Unwatch { req, key } => {
-                b.push(if matches!(self, ToPump::Watch { .. }) {
-                    b'W'
-                } else {
-                    b'U'
-                });
+            ToPump::Watch {
+                req,
+                key,
+                ready_map,
+            } => {
+                b.push(b'W');
+                b.extend_from_slice(&req.to_le_bytes());
+                b.extend_from_slice(key.as_bytes());
+                b.push(0);
+                b.extend_from_slice(ready_map.as_bytes());
+            }
+            ToPump::Unwatch { req, key } => {
+                b.push(b'U');
                 b.extend_from_slice(&req.to_le_bytes());
                 b.extend_from_slice(key.as_bytes());
             }
@@ -80,10 +92,16 @@ impl ToPump {
 
     pub fn decode(b: &[u8]) -> Option<ToPump> {
         Some(match *b.first()? {
-            b'W' => ToPump::Watch {
-                req: u64_at(b, 1)?,
-                key: key_at(b, 9)?,
-            },
+            b'W' => {
+                let (key, map) = key_at(b, 9)?
+                    .split_once('\0')
+                    .map(|(k, m)| (k.to_string(), m.to_string()))?;
+                ToPump::Watch {
+                    req: u64_at(b, 1)?,
+                    key,
+                    ready_map: map,
+                }
+            }
             b'U' => ToPump::Unwatch {
                 req: u64_at(b, 1)?,
                 key: key_at(b, 9)?,
@@ -197,6 +215,7 @@ mod tests {
             ToPump::Watch {
                 req: 7,
                 key: "/var/lib/shoal/d/blobs/ab".into(),
+                ready_map: "/var/lib/shoal/d/blobs/ab.ready".into(),
             },
             ToPump::Unwatch {
                 req: 8,

@@ -17,7 +17,8 @@ use crate::proto::{self, FromPump, ToPump, MAX_MSG};
 use rustix::event::{poll, PollFd, PollFlags, Timespec};
 use rustix::fd::{AsFd, AsRawFd, OwnedFd};
 use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
-use shoal_sys::fanotify::{fan_deny_errno, Group, FAN_PRE_ACCESS};
+use shoal_core::cache::{durably_ready, BLOCK};
+use shoal_sys::fanotify::{fan_deny_errno, Group, FAN_ALLOW, FAN_PRE_ACCESS};
 use std::collections::BTreeMap;
 use std::io;
 use std::os::unix::fs::PermissionsExt;
@@ -48,9 +49,17 @@ struct Pending {
     orphaned: Option<Instant>,
 }
 
+/// A watched file as the pump knows it.
+struct Watched {
+    fd: OwnedFd,
+    /// Its readiness map, for answering ready ranges without the daemon.
+    ready_map: Option<std::fs::File>,
+    dev_ino: (u64, u64),
+}
+
 struct Pump {
     group: Group,
-    stored: BTreeMap<String, OwnedFd>,
+    stored: BTreeMap<String, Watched>,
     pending: BTreeMap<u64, Pending>,
     client: Option<OwnedFd>,
     next_id: u64,
@@ -163,6 +172,13 @@ impl Pump {
                     tracing::warn!(mask = ev.mask, "fanotify event without fd");
                     continue;
                 };
+                if self.durably_ready(&fd, ev.range) {
+                    // Fast path: no daemon round trip for bytes on disk.
+                    if let Err(e) = self.group.respond(fd.as_raw_fd(), FAN_ALLOW) {
+                        tracing::warn!(error = %e, "answering a fanotify event");
+                    }
+                    continue;
+                }
                 let id = self.next_id;
                 self.next_id += 1;
                 let pending = Pending {
@@ -175,6 +191,29 @@ impl Pump {
                 self.pending.insert(id, pending);
             }
         }
+    }
+
+    /// Whether the whole range of this event is durably ready.
+    fn durably_ready(&self, fd: &OwnedFd, range: Option<(u64, u64)>) -> bool {
+        let (Some((off, len)), Ok(st)) = (range, rustix::fs::fstat(fd)) else {
+            return false;
+        };
+        let Some(w) = self
+            .stored
+            .values()
+            .find(|w| w.dev_ino == (st.st_dev, st.st_ino))
+        else {
+            return false;
+        };
+        let Some(map) = &w.ready_map else {
+            return false;
+        };
+        let end = off.saturating_add(len).min(st.st_size as u64);
+        if off >= end {
+            return false;
+        }
+        let (first, last) = (off / BLOCK, end.div_ceil(BLOCK));
+        durably_ready(map, first as u32, (last - first) as u32)
     }
 
     fn forward(&mut self, id: u64, p: &Pending) {
@@ -207,7 +246,7 @@ impl Pump {
         let stored: Vec<(String, OwnedFd)> = self
             .stored
             .iter()
-            .filter_map(|(k, f)| Some((k.clone(), f.try_clone().ok()?)))
+            .filter_map(|(k, w)| Some((k.clone(), w.fd.try_clone().ok()?)))
             .collect();
         let c = self.client.as_ref().unwrap().as_fd();
         let mut ok = stored.iter().all(|(key, fd)| {
@@ -255,14 +294,15 @@ impl Pump {
                     self.answer(p, response);
                 }
             }
-            ToPump::Watch { req, key } => {
+            ToPump::Watch {
+                req,
+                key,
+                ready_map,
+            } => {
                 let errno = match fd {
                     None => libc_einval(),
-                    Some(fd) => match self.group.mark(true, FAN_PRE_ACCESS, fd.as_fd()) {
-                        Ok(()) => {
-                            self.stored.insert(key, fd);
-                            0
-                        }
+                    Some(fd) => match self.watch(key, fd, &ready_map) {
+                        Ok(()) => 0,
                         Err(e) => e.raw_os_error().unwrap_or(libc_einval()),
                     },
                 };
@@ -271,7 +311,7 @@ impl Pump {
             ToPump::Unwatch { req, key } => {
                 let errno = match self.stored.remove(&key) {
                     None => 0,
-                    Some(fd) => match self.group.mark(false, FAN_PRE_ACCESS, fd.as_fd()) {
+                    Some(w) => match self.group.mark(false, FAN_PRE_ACCESS, w.fd.as_fd()) {
                         Ok(()) => 0,
                         // No mark left (e.g. the file was deleted): fine.
                         Err(e)
@@ -286,6 +326,23 @@ impl Pump {
                 self.reply(req, errno);
             }
         }
+    }
+
+    fn watch(&mut self, key: String, fd: OwnedFd, ready_map: &str) -> io::Result<()> {
+        let st = rustix::fs::fstat(&fd)?;
+        self.group.mark(true, FAN_PRE_ACCESS, fd.as_fd())?;
+        let ready_map = std::fs::File::open(ready_map)
+            .map_err(|e| tracing::warn!(path = ready_map, error = %e, "readiness map"))
+            .ok();
+        self.stored.insert(
+            key,
+            Watched {
+                fd,
+                ready_map,
+                dev_ino: (st.st_dev, st.st_ino),
+            },
+        );
+        Ok(())
     }
 
     fn reply(&mut self, req: u64, errno: i32) {

@@ -249,6 +249,27 @@ pub fn status(socket: &Path, as_json: bool) -> Result<()> {
             );
         }
     }
+    // Which frontend `auto` uses here, and why (details: `shoal doctor`).
+    if let Ok(v) = call(socket, "GET", "/v1/doctor", None) {
+        let f = &v["features"];
+        let found: Vec<&str> = f["features"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|x| x["available"] == true)
+            .filter_map(|x| x["name"].as_str())
+            .collect();
+        println!(
+            "frontend auto: {} (kernel {}: {}); mounts: {}",
+            f["auto"].as_str().unwrap_or("none"),
+            f["kernel"].as_str().unwrap_or("?"),
+            found.join(", "),
+            v["mounts"].as_array().map_or(0, |m| m.len())
+        );
+        for r in f["reasons"].as_array().into_iter().flatten() {
+            println!("  {}", r.as_str().unwrap_or(""));
+        }
+    }
     Ok(())
 }
 

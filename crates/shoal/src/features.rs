@@ -130,36 +130,43 @@ pub fn detect(work_dir: &Path) -> Features {
             )
         },
     );
+    // Every frontend gets a line: chosen, passed over, or impossible.
     let mut reasons = Vec::new();
-    let auto = if erofs.available && file_backed.available && fanotify.available {
-        reasons.push("fanotify: erofs file-backed mounts and pre-content events work".into());
-        Some("fanotify")
+    let missing = |fs: &[&Feature]| {
+        fs.iter()
+            .filter(|f| !f.available)
+            .map(|f| format!("{}: {}", f.name, f.detail))
+            .collect::<Vec<_>>()
+            .join("; ")
+    };
+    let fanotify_ok = erofs.available && file_backed.available && fanotify.available;
+    let fscache_ok = false; // no fscache frontend in this build yet
+    let mut auto = None;
+    if fanotify_ok {
+        reasons
+            .push("fanotify: chosen (erofs file-backed mounts and pre-content events work)".into());
+        auto = Some("fanotify");
     } else {
         reasons.push(format!(
-            "not fanotify: {}",
-            [&erofs, &file_backed, &fanotify]
-                .iter()
-                .filter(|f| !f.available)
-                .map(|f| format!("{}: {}", f.name, f.detail))
-                .collect::<Vec<_>>()
-                .join("; ")
+            "fanotify: unavailable ({})",
+            missing(&[&erofs, &file_backed, &fanotify])
         ));
-        if erofs.available && cachefiles.available {
-            reasons.push(
-                "not fscache: cachefiles on-demand is present, but this build has no fscache frontend yet"
-                    .into(),
-            );
-        } else {
-            reasons.push(format!("not fscache: {}", cachefiles.detail));
+    }
+    if !(erofs.available && cachefiles.available) {
+        reasons.push(format!("not fscache: {}", missing(&[&erofs, &cachefiles])));
+    } else if !fscache_ok {
+        reasons.push("not fscache: cachefiles on-demand is present, but this build has no fscache frontend yet".into());
+    }
+    match (auto, fuse.available) {
+        (None, true) => {
+            reasons.push("fuse: chosen (/dev/fuse is present)".into());
+            auto = Some("fuse");
         }
-        if fuse.available {
-            reasons.push("fuse: /dev/fuse is present".into());
-            Some("fuse")
-        } else {
-            reasons.push("not fuse: no /dev/fuse".into());
-            None
+        (Some(_), true) => {
+            reasons.push("fuse: available, used only when asked for (--frontend fuse)".into())
         }
-    };
+        (_, false) => reasons.push("not fuse: no /dev/fuse".into()),
+    }
     Features {
         kernel,
         features: vec![erofs, file_backed, fanotify, cachefiles, fuse, ishare],

@@ -227,7 +227,11 @@ fn domain_sharing_is_counted_at_the_remote() {
         .join(&imgs.base_blob)
         .exists());
     let text = d.cli(&["status"]);
-    assert!(String::from_utf8_lossy(&text.stdout).contains("one,py"));
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains("one,py"));
+    // It says which frontend `auto` picks on this kernel, and why.
+    assert!(text.contains("frontend auto: "), "{text}");
+    assert!(text.contains("not fscache: "), "{text}");
     // The control socket is private; metrics are Prometheus text.
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(
@@ -286,6 +290,7 @@ fn remote_faults_give_eio_then_recover() {
     );
     srv.set_mode("ok");
     assert_eq!(d.ok(&["read", "demo", file]), want);
+    d.wait_flushed();
     assert!(assert_cache_correct(&d.work, "private/demo", &blobs) > 0);
 
     // Recorded prefetch: the access order is kept at unbind; after GC and a
