@@ -198,6 +198,12 @@ impl SharedBlob {
     }
 }
 
+/// See [`Registry::find_cookie`].
+pub enum Cookie {
+    Bootstrap(Arc<BoundImage>),
+    Blob(Arc<SharedBlob>),
+}
+
 /// An image bound into a domain.
 pub struct BoundImage {
     pub spec: BindSpec,
@@ -628,6 +634,24 @@ impl Registry {
         drop(domains);
         tracing::info!(fsid, domain = %key, "image unbound");
         self.save_state()
+    }
+
+    /// What a kernel cookie names, fs/erofs/fscache.c style: in volume
+    /// `erofs,<domain_id or fsid>`, the cookie `fsid` is an image's
+    /// bootstrap and a device tag is a data blob.
+    pub fn find_cookie(&self, volume_key: &str, cookie: &str) -> Option<Cookie> {
+        let domain = {
+            let domains = self.domains.lock().unwrap();
+            domains
+                .iter()
+                .find(|(k, _)| k.volume_key() == volume_key)
+                .map(|(_, d)| d.clone())?
+        };
+        let st = domain.state.lock().unwrap();
+        if let Some(img) = st.images.get(cookie) {
+            return Some(Cookie::Bootstrap(img.clone()));
+        }
+        st.blobs.get(cookie).map(|b| Cookie::Blob(b.clone()))
     }
 
     /// Every blob of every domain.

@@ -53,10 +53,29 @@ impl Config {
 /// What the control API handlers share: the registry, the fanotify
 /// frontend, the kernel's features and the daemon-hosted mounts.
 pub struct Daemon {
-    reg: Arc<Registry>,
-    fan: Arc<shoal_fanotify::Frontend>,
-    features: crate::features::Features,
+    pub(crate) reg: Arc<Registry>,
+    pub(crate) fan: Arc<shoal_fanotify::Frontend>,
+    pub(crate) features: crate::features::Features,
     mounts: crate::mounts::Mounts,
+    /// `/dev/cachefiles`, bound on the first fscache mount.
+    fscache: std::sync::Mutex<Option<Arc<shoal_fscache::Frontend>>>,
+}
+
+impl Daemon {
+    /// The cachefiles frontend, binding `/dev/cachefiles` on first use.
+    pub(crate) fn fscache(&self) -> Result<Arc<shoal_fscache::Frontend>, ApiError> {
+        let mut g = self.fscache.lock().unwrap();
+        if let Some(f) = g.as_ref() {
+            return Ok(f.clone());
+        }
+        let dir = shoal_fscache::cache_dir(&self.reg.work_dir);
+        let dev = shoal_fscache::open_device(&dir, "shoal")
+            .map_err(|e| ApiError(StatusCode::BAD_GATEWAY, e.to_string()))?;
+        let f = shoal_fscache::Frontend::start(dev, &self.reg, 8, false)
+            .map_err(|e| ApiError(StatusCode::BAD_GATEWAY, format!("cachefiles: {e}")))?;
+        *g = Some(f.clone());
+        Ok(f)
+    }
 }
 
 impl std::ops::Deref for Daemon {
@@ -212,7 +231,7 @@ async fn mount(
     Json(req): Json<MountRequest>,
 ) -> Result<impl IntoResponse, ApiError> {
     blocking(move || {
-        let (img, frontend) = d.mounts.mount(&d.reg, &d.fan, &d.features, req)?;
+        let (img, frontend) = d.mounts.mount(&d, req)?;
         let mut v = bound_json(&img);
         v["frontend"] = serde_json::json!(frontend);
         Ok(Json(v))
@@ -226,7 +245,7 @@ async fn umount(
 ) -> Result<impl IntoResponse, ApiError> {
     blocking(move || {
         let mp = std::fs::canonicalize(&req.mountpoint).unwrap_or(req.mountpoint.clone());
-        let fsid = d.mounts.umount(&d.reg, &d.fan, &mp)?.ok_or_else(|| {
+        let fsid = d.mounts.umount(&d, &mp)?.ok_or_else(|| {
             ApiError(
                 StatusCode::NOT_FOUND,
                 format!("{} is not a shoal mount", mp.display()),
@@ -246,6 +265,13 @@ async fn doctor(State(d): State<Shared>) -> impl IntoResponse {
             "pump_connected": d.fan.pump_connected(),
             "marked": d.fan.marked(),
         },
+        "fscache": d.fscache.lock().unwrap().as_ref().map(|f| serde_json::json!({
+            "opens": f.counters.opens.load(std::sync::atomic::Ordering::Relaxed),
+            "closes": f.counters.closes.load(std::sync::atomic::Ordering::Relaxed),
+            "reads": f.counters.reads.load(std::sync::atomic::Ordering::Relaxed),
+            "failed_reads": f.counters.failed_reads.load(std::sync::atomic::Ordering::Relaxed),
+            "objects": f.open_objects(),
+        })),
     }))
 }
 
@@ -548,6 +574,7 @@ pub fn run(socket: &Path, work_dir: &Path, cfg: &Config) -> Result<()> {
             mounts: crate::mounts::Mounts::load(work_dir, &reg, &fan),
             fan,
             features,
+            fscache: Default::default(),
         });
         axum::serve(listener, router(daemon.clone()))
             .with_graceful_shutdown(async {

@@ -140,7 +140,7 @@ pub fn detect(work_dir: &Path) -> Features {
             .join("; ")
     };
     let fanotify_ok = erofs.available && file_backed.available && fanotify.available;
-    let fscache_ok = false; // no fscache frontend in this build yet
+    let fscache_ok = erofs.available && cachefiles.available;
     let mut auto = None;
     if fanotify_ok {
         reasons
@@ -152,10 +152,16 @@ pub fn detect(work_dir: &Path) -> Features {
             missing(&[&erofs, &file_backed, &fanotify])
         ));
     }
-    if !(erofs.available && cachefiles.available) {
-        reasons.push(format!("not fscache: {}", missing(&[&erofs, &cachefiles])));
-    } else if !fscache_ok {
-        reasons.push("not fscache: cachefiles on-demand is present, but this build has no fscache frontend yet".into());
+    match (fscache_ok, auto) {
+        (false, _) => reasons.push(format!("not fscache: {}", missing(&[&erofs, &cachefiles]))),
+        (true, None) => {
+            reasons
+                .push("fscache: chosen (cachefiles on-demand; erofs fsid/domain_id mounts)".into());
+            auto = Some("fscache");
+        }
+        (true, Some(_)) => {
+            reasons.push("fscache: available, used only when asked for (--frontend fscache)".into())
+        }
     }
     match (auto, fuse.available) {
         (None, true) => {

@@ -3,8 +3,7 @@
 //! mounts outlive the daemon, so they are recorded in `mounts.json` and
 //! adopted again when the daemon starts.
 
-use crate::daemon::{do_bind, ApiError, MountRequest};
-use crate::features::Features;
+use crate::daemon::{do_bind, ApiError, Daemon, MountRequest};
 use axum::http::StatusCode;
 use shoal_core::{BoundImage, Registry};
 use shoal_fanotify::Frontend;
@@ -18,6 +17,7 @@ pub enum Kind {
         _session: fuser::BackgroundSession,
     },
     Fanotify,
+    Fscache,
 }
 
 pub struct Entry {
@@ -70,6 +70,7 @@ fn kind_name(k: &Kind) -> &'static str {
     match k {
         Kind::Fuse { .. } => "fuse",
         Kind::Fanotify => "fanotify",
+        Kind::Fscache => "fscache",
     }
 }
 
@@ -116,7 +117,7 @@ impl Mounts {
     fn save(&self, map: &BTreeMap<PathBuf, Entry>) {
         let records: Vec<Record> = map
             .iter()
-            .filter(|(_, e)| matches!(e.kind, Kind::Fanotify))
+            .filter(|(_, e)| matches!(e.kind, Kind::Fanotify | Kind::Fscache))
             .map(|(mp, e)| Record {
                 mountpoint: mp.clone(),
                 domain: e.domain.clone(),
@@ -135,11 +136,10 @@ impl Mounts {
     /// Bind and mount through `frontend` (`auto` resolved from `features`).
     pub fn mount(
         &self,
-        reg: &Registry,
-        fan: &Arc<Frontend>,
-        features: &Features,
+        d: &Daemon,
         req: MountRequest,
     ) -> Result<(Arc<BoundImage>, &'static str), ApiError> {
+        let (reg, fan, features) = (&*d.reg, &d.fan, &d.features);
         let bad = |m: String| ApiError(StatusCode::BAD_REQUEST, m);
         let feature = |name: &str| features.features.iter().find(|f| f.name == name);
         let frontend: &'static str = match req.frontend.as_str() {
@@ -157,11 +157,7 @@ impl Mounts {
                 "fanotify"
             }
             "fuse" => "fuse",
-            "fscache" => {
-                return Err(bad(
-                    "the fscache (cachefiles on-demand) frontend is not built yet".into(),
-                ))
-            }
+            "fscache" => "fscache",
             other => return Err(bad(format!("unknown frontend {other:?}"))),
         };
         let mp = std::fs::canonicalize(&req.mountpoint)
@@ -178,6 +174,11 @@ impl Mounts {
             "fuse" => shoal_fuse::mount(img.clone(), &mp)
                 .map(|s| Kind::Fuse { _session: s })
                 .map_err(|e| format!("fuse mount at {}: {e}", mp.display())),
+            "fscache" => d.fscache().map_err(|e| e.1).and_then(|_| {
+                shoal_sys::mount_erofs_fscache(&fsid, domain.as_deref(), &mp)
+                    .map(|()| Kind::Fscache)
+                    .map_err(|e| format!("fscache mount at {}: {e}", mp.display()))
+            }),
             _ => fan
                 .mount(&img, &mp)
                 .map(|()| Kind::Fanotify)
@@ -198,12 +199,8 @@ impl Mounts {
     }
 
     /// Unmount and unbind. `Ok(None)`: not a daemon-hosted mount.
-    pub fn umount(
-        &self,
-        reg: &Registry,
-        fan: &Arc<Frontend>,
-        mp: &Path,
-    ) -> Result<Option<String>, ApiError> {
+    pub fn umount(&self, d: &Daemon, mp: &Path) -> Result<Option<String>, ApiError> {
+        let (reg, fan) = (&*d.reg, &d.fan);
         let mut map = self.map.lock().unwrap();
         let Some(e) = map.remove(mp) else {
             return Ok(None);
@@ -218,6 +215,15 @@ impl Mounts {
             if let Err(err) = r {
                 map.insert(mp.to_path_buf(), e);
                 return Err(ApiError(StatusCode::CONFLICT, err));
+            }
+        }
+        if let Kind::Fscache = e.kind {
+            if let Err(err) = shoal_sys::umount(mp) {
+                map.insert(mp.to_path_buf(), e);
+                return Err(ApiError(
+                    StatusCode::CONFLICT,
+                    format!("unmounting {}: {err}", mp.display()),
+                ));
             }
         }
         // Dropping a FUSE session unmounts it and ends the session.

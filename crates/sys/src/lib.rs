@@ -6,4 +6,5 @@
 pub mod fanotify;
 mod mount;
 
-pub use mount::{mount_erofs, umount};
+pub use mount::{mount_erofs, mount_erofs_fscache, umount};
+pub mod cachefiles;

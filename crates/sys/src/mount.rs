@@ -40,3 +40,56 @@ pub fn umount(target: &Path) -> std::io::Result<()> {
     unmount(target, UnmountFlags::empty())?;
     Ok(())
 }
+
+/// Mount an EROFS image in fscache (cachefiles on-demand) mode: the
+/// bootstrap is the cookie `fsid` in volume `erofs,<domain_id or fsid>`,
+/// read through the cachefiles daemon (`mount -t erofs none -o fsid=F[,domain_id=D]`).
+pub fn mount_erofs_fscache(
+    fsid: &str,
+    domain_id: Option<&str>,
+    target: &Path,
+) -> std::io::Result<()> {
+    let fs = fsopen("erofs", FsOpenFlags::FSOPEN_CLOEXEC)?;
+    let ctx = |e: rustix::io::Errno, what: &str| {
+        let kind = std::io::Error::from(e).kind();
+        (e, std::io::Error::new(kind, format!("erofs {what}: {e}")))
+    };
+    let step = |r: rustix::io::Result<()>, what: &str| r.map_err(|e| ctx(e, what));
+    let run = || -> Result<(), (rustix::io::Errno, std::io::Error)> {
+        step(fsconfig_set_string(fs.as_fd(), "source", "none"), "source")?;
+        step(fsconfig_set_string(fs.as_fd(), "fsid", fsid), "fsid")?;
+        if let Some(d) = domain_id {
+            step(fsconfig_set_string(fs.as_fd(), "domain_id", d), "domain_id")?;
+        }
+        step(fsconfig_create(fs.as_fd()), "create")?;
+        let mnt = fsmount(
+            fs.as_fd(),
+            FsMountFlags::FSMOUNT_CLOEXEC,
+            MountAttrFlags::MOUNT_ATTR_RDONLY,
+        )
+        .map_err(|e| ctx(e, "fsmount"))?;
+        step(
+            move_mount(
+                mnt.as_fd(),
+                "",
+                rustix::fs::CWD,
+                target,
+                MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH,
+            ),
+            "move_mount",
+        )
+    };
+    run().map_err(|(e, err)| {
+        if e == rustix::io::Errno::EXIST {
+            let d = domain_id.map_or(String::from("its private volume"), |d| {
+                format!("domain {d}")
+            });
+            std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                format!("fsid {fsid} is already mounted in {d}"),
+            )
+        } else {
+            err
+        }
+    })
+}
