@@ -167,6 +167,17 @@ impl PumpConn {
         Ok(())
     }
 
+    /// Have the pump keep `fd` across daemon restarts, unmarked.
+    pub fn keep(&self, key: &str, fd: BorrowedFd<'_>) -> io::Result<()> {
+        let k = key.to_string();
+        self.request(move |req| ToPump::Keep { req, key: k }, Some(fd))?;
+        self.stored
+            .lock()
+            .unwrap()
+            .insert(key.to_string(), fd.try_clone_to_owned()?);
+        Ok(())
+    }
+
     pub fn unwatch(&self, key: &str) -> io::Result<()> {
         let k = key.to_string();
         self.request(move |req| ToPump::Unwatch { req, key: k }, None)?;

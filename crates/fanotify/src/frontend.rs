@@ -9,6 +9,7 @@
 //! mark, and reads of it run at native speed.
 
 use crate::client::{PumpConn, PumpEvent};
+use rustix::fd::{BorrowedFd, OwnedFd};
 use shoal_core::cache::{DataFiles, PlainFiles, BLOCK};
 use shoal_core::domain::SharedBlob;
 use shoal_core::{BoundImage, Registry};
@@ -133,7 +134,9 @@ impl Frontend {
         {
             let mut users = self.users.lock().unwrap();
             for k in conn.stored_keys() {
-                users.entry(k).or_insert(0);
+                if !k.starts_with("keep:") {
+                    users.entry(k).or_insert(0);
+                }
             }
         }
         self.spawn_workers(events, conn.clone());
@@ -344,6 +347,22 @@ impl Frontend {
         }
     }
 
+    /// Have the pump keep `fd` across daemon restarts under `key` (which
+    /// must start with `keep:`), launching the pump if needed.
+    pub fn keep(self: &Arc<Self>, key: &str, fd: BorrowedFd<'_>) -> Result<(), FanotifyError> {
+        let conn = self.connect()?;
+        conn.keep(key, fd).map_err(|source| FanotifyError::Pump {
+            socket: self.socket.clone(),
+            source,
+        })
+    }
+
+    /// A descriptor the pump kept for an earlier daemon.
+    pub fn kept(&self, key: &str) -> Option<OwnedFd> {
+        let conn = self.conn.lock().unwrap().clone()?;
+        conn.stored_fd(key)
+    }
+
     /// Blobs currently marked (for status).
     pub fn marked(&self) -> Vec<String> {
         self.conn
@@ -352,6 +371,9 @@ impl Frontend {
             .as_ref()
             .map(|c| c.stored_keys())
             .unwrap_or_default()
+            .into_iter()
+            .filter(|k| !k.starts_with("keep:"))
+            .collect()
     }
 
     pub fn pump_connected(&self) -> bool {

@@ -27,7 +27,10 @@ pub enum ToPump {
         key: String,
         ready_map: String,
     },
-    /// Remove the mark of `key` and forget its fd.
+    /// Keep the attached fd under `key` without marking anything: a
+    /// descriptor that must outlive the daemon (`/dev/cachefiles`).
+    Keep { req: u64, key: String },
+    /// Remove the mark of `key` (if any) and forget its fd.
     Unwatch { req: u64, key: String },
     /// The answer to event `id` (`FAN_ALLOW` or `FAN_DENY_ERRNO(e)`).
     Answer { id: u64, response: u32 },
@@ -76,6 +79,11 @@ impl ToPump {
                 b.push(0);
                 b.extend_from_slice(ready_map.as_bytes());
             }
+            ToPump::Keep { req, key } => {
+                b.push(b'K');
+                b.extend_from_slice(&req.to_le_bytes());
+                b.extend_from_slice(key.as_bytes());
+            }
             ToPump::Unwatch { req, key } => {
                 b.push(b'U');
                 b.extend_from_slice(&req.to_le_bytes());
@@ -102,6 +110,10 @@ impl ToPump {
                     ready_map: map,
                 }
             }
+            b'K' => ToPump::Keep {
+                req: u64_at(b, 1)?,
+                key: key_at(b, 9)?,
+            },
             b'U' => ToPump::Unwatch {
                 req: u64_at(b, 1)?,
                 key: key_at(b, 9)?,
@@ -220,6 +232,10 @@ mod tests {
             ToPump::Unwatch {
                 req: 8,
                 key: "k".into(),
+            },
+            ToPump::Keep {
+                req: 9,
+                key: "cachefiles".into(),
             },
             ToPump::Answer {
                 id: u64::MAX,

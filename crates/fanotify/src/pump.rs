@@ -52,13 +52,17 @@ struct Pending {
 /// A watched file as the pump knows it.
 struct Watched {
     fd: OwnedFd,
+    /// Marked `FAN_PRE_ACCESS` (else only kept, e.g. `/dev/cachefiles`).
+    marked: bool,
     /// Its readiness map, for answering ready ranges without the daemon.
     ready_map: Option<std::fs::File>,
     dev_ino: (u64, u64),
 }
 
 struct Pump {
-    group: Group,
+    /// None where pre-content events are unavailable: the pump then only
+    /// keeps fds (the cachefiles device) across daemon restarts.
+    group: Option<Group>,
     stored: BTreeMap<String, Watched>,
     pending: BTreeMap<u64, Pending>,
     client: Option<OwnedFd>,
@@ -93,7 +97,13 @@ pub fn run(socket: &Path, opts: &PumpOptions) -> io::Result<()> {
             format!("a pump already listens on {}", socket.display()),
         ));
     }
-    let group = Group::pre_content(true)?;
+    let group = match Group::pre_content(true) {
+        Ok(g) => Some(g),
+        Err(e) => {
+            tracing::info!(error = %e, "no fanotify pre-content group: keeping fds only");
+            None
+        }
+    };
     let listener = listen(socket)?;
     tracing::info!(socket = %socket.display(), "fanotify pump started");
     // The launcher waits for this line (and nothing else is ever written
@@ -115,14 +125,15 @@ pub fn run(socket: &Path, opts: &PumpOptions) -> io::Result<()> {
     let mut evbuf = vec![0u8; 64 * 1024];
     let mut msg = vec![0u8; MAX_MSG];
     loop {
-        let (g, l) = (p.group.as_fd(), listener.as_fd());
-        let mut fds = vec![
-            PollFd::from_borrowed_fd(g, PollFlags::IN),
-            PollFd::from_borrowed_fd(l, PollFlags::IN),
-        ];
-        if let Some(c) = &p.client {
+        let mut fds = vec![PollFd::from_borrowed_fd(listener.as_fd(), PollFlags::IN)];
+        let gi = p.group.as_ref().map(|g| {
+            fds.push(PollFd::from_borrowed_fd(g.as_fd(), PollFlags::IN));
+            fds.len() - 1
+        });
+        let ci = p.client.as_ref().map(|c| {
             fds.push(PollFd::from_borrowed_fd(c.as_fd(), PollFlags::IN));
-        }
+            fds.len() - 1
+        });
         let timeout = Timespec {
             tv_sec: 1,
             tv_nsec: 0,
@@ -132,16 +143,16 @@ pub fn run(socket: &Path, opts: &PumpOptions) -> io::Result<()> {
             Err(rustix::io::Errno::INTR) => continue,
             Err(e) => return Err(e.into()),
         }
-        let ready: Vec<PollFlags> = fds.iter().map(|f| f.revents()).collect();
+        let ready: Vec<bool> = fds.iter().map(|f| !f.revents().is_empty()).collect();
         drop(fds);
-        if !ready[0].is_empty() {
+        if gi.is_some_and(|i| ready[i]) {
             p.read_events(&mut evbuf)?;
         }
-        if !ready[1].is_empty() {
+        if ready[0] {
             let conn = rustix::net::accept_with(&listener, SocketFlags::CLOEXEC)?;
             p.connect(conn);
         }
-        if ready.len() > 2 && !ready[2].is_empty() {
+        if ci.is_some_and(|i| ready[i]) {
             p.serve_client(&mut msg);
         }
         p.expire_orphans(opts.orphan_timeout);
@@ -160,7 +171,10 @@ pub fn run(socket: &Path, opts: &PumpOptions) -> io::Result<()> {
 impl Pump {
     fn read_events(&mut self, buf: &mut [u8]) -> io::Result<()> {
         loop {
-            let events = match self.group.read_events(buf) {
+            let Some(group) = &self.group else {
+                return Ok(());
+            };
+            let events = match group.read_events(buf) {
                 Ok(e) => e,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -174,7 +188,7 @@ impl Pump {
                 };
                 if self.durably_ready(&fd, ev.range) {
                     // Fast path: no daemon round trip for bytes on disk.
-                    if let Err(e) = self.group.respond(fd.as_raw_fd(), FAN_ALLOW) {
+                    if let Err(e) = self.group()?.respond(fd.as_raw_fd(), FAN_ALLOW) {
                         tracing::warn!(error = %e, "answering a fanotify event");
                     }
                     continue;
@@ -308,10 +322,35 @@ impl Pump {
                 };
                 self.reply(req, errno);
             }
+            ToPump::Keep { req, key } => {
+                let errno = match fd {
+                    None => libc_einval(),
+                    Some(fd) => {
+                        self.stored.insert(
+                            key,
+                            Watched {
+                                fd,
+                                marked: false,
+                                ready_map: None,
+                                dev_ino: (0, 0),
+                            },
+                        );
+                        0
+                    }
+                };
+                self.reply(req, errno);
+            }
             ToPump::Unwatch { req, key } => {
                 let errno = match self.stored.remove(&key) {
                     None => 0,
-                    Some(w) => match self.group.mark(false, FAN_PRE_ACCESS, w.fd.as_fd()) {
+                    Some(w) if !w.marked => {
+                        drop(w);
+                        0
+                    }
+                    Some(w) => match self
+                        .group()
+                        .and_then(|g| g.mark(false, FAN_PRE_ACCESS, w.fd.as_fd()))
+                    {
                         Ok(()) => 0,
                         // No mark left (e.g. the file was deleted): fine.
                         Err(e)
@@ -330,7 +369,7 @@ impl Pump {
 
     fn watch(&mut self, key: String, fd: OwnedFd, ready_map: &str) -> io::Result<()> {
         let st = rustix::fs::fstat(&fd)?;
-        self.group.mark(true, FAN_PRE_ACCESS, fd.as_fd())?;
+        self.group()?.mark(true, FAN_PRE_ACCESS, fd.as_fd())?;
         let ready_map = std::fs::File::open(ready_map)
             .map_err(|e| tracing::warn!(path = ready_map, error = %e, "readiness map"))
             .ok();
@@ -338,11 +377,18 @@ impl Pump {
             key,
             Watched {
                 fd,
+                marked: true,
                 ready_map,
                 dev_ino: (st.st_dev, st.st_ino),
             },
         );
         Ok(())
+    }
+
+    fn group(&self) -> io::Result<&Group> {
+        self.group.as_ref().ok_or_else(|| {
+            io::Error::from_raw_os_error(rustix::io::Errno::OPNOTSUPP.raw_os_error())
+        })
     }
 
     fn reply(&mut self, req: u64, errno: i32) {
@@ -357,7 +403,8 @@ impl Pump {
     /// Write the answer, then close the event fd (in that order: the kernel
     /// matches the answer by fd number).
     fn answer(&self, p: Pending, response: u32) {
-        if let Err(e) = self.group.respond(p.fd.as_raw_fd(), response) {
+        let Some(group) = &self.group else { return };
+        if let Err(e) = group.respond(p.fd.as_raw_fd(), response) {
             tracing::warn!(error = %e, pid = p.pid, "answering a fanotify event");
         }
         drop(p.fd);

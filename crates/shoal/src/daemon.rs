@@ -16,6 +16,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+/// Where the pump keeps the bound `/dev/cachefiles` fd.
+const CACHEFILES_KEY: &str = "keep:/dev/cachefiles";
+
 pub const DEFAULT_SOCKET: &str = "/run/shoal/shoal.sock";
 pub const DEFAULT_WORK_DIR: &str = "/var/lib/shoal";
 
@@ -71,6 +74,11 @@ impl Daemon {
         let dir = shoal_fscache::cache_dir(&self.reg.work_dir);
         let dev = shoal_fscache::open_device(&dir, "shoal")
             .map_err(|e| ApiError(StatusCode::BAD_GATEWAY, e.to_string()))?;
+        // The pump keeps the bound device across daemon restarts: closing
+        // it would unbind the cache under live mounts.
+        if let Err(e) = self.fan.keep(CACHEFILES_KEY, rustix::fd::AsFd::as_fd(&dev)) {
+            tracing::warn!(error = %e, "cannot keep /dev/cachefiles across restarts");
+        }
         let f = shoal_fscache::Frontend::start(dev, &self.reg, 8, false)
             .map_err(|e| ApiError(StatusCode::BAD_GATEWAY, format!("cachefiles: {e}")))?;
         *g = Some(f.clone());
@@ -509,11 +517,10 @@ pub fn run(socket: &Path, work_dir: &Path, cfg: &Config) -> Result<()> {
     // Connect to a running pump before restoring bindings: its stored fds
     // are the cache files' pre-mark descriptors.
     let pump_socket = work_dir.join("fanotify-pump.sock");
-    let launcher = features
-        .features
-        .iter()
-        .any(|f| f.name == "fanotify pre-content" && f.available)
-        .then(|| -> Result<shoal_fanotify::PumpLauncher> {
+    // The pump owns the fanotify group where pre-content events work, and
+    // keeps the cachefiles device everywhere.
+    let launcher = Some(())
+        .map(|()| -> Result<shoal_fanotify::PumpLauncher> {
             Ok(shoal_fanotify::PumpLauncher {
                 program: std::env::current_exe().context("locating the shoal binary")?,
                 args: vec![
@@ -536,6 +543,21 @@ pub fn run(socket: &Path, work_dir: &Path, cfg: &Config) -> Result<()> {
         tracing::error!(fsid, error = %e, "binding not restored");
     }
     fan.serve(&reg);
+    // A cachefiles device kept from an earlier run: restore it, so the
+    // kernel re-sends what the dead daemon had not answered.
+    let fscache = match fan.kept(CACHEFILES_KEY) {
+        Some(dev) => match shoal_fscache::Frontend::start(dev, &reg, 8, true) {
+            Ok(f) => {
+                tracing::info!("cachefiles device restored");
+                Some(f)
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "restoring /dev/cachefiles");
+                None
+            }
+        },
+        None => None,
+    };
     {
         let reg = reg.clone();
         std::thread::spawn(move || loop {
@@ -574,7 +596,7 @@ pub fn run(socket: &Path, work_dir: &Path, cfg: &Config) -> Result<()> {
             mounts: crate::mounts::Mounts::load(work_dir, &reg, &fan),
             fan,
             features,
-            fscache: Default::default(),
+            fscache: std::sync::Mutex::new(fscache),
         });
         axum::serve(listener, router(daemon.clone()))
             .with_graceful_shutdown(async {

@@ -85,19 +85,24 @@ impl Mounts {
             .unwrap_or_default();
         let mut map = BTreeMap::new();
         for r in records {
-            if r.frontend != "fanotify" || !mounted(&r.mountpoint) {
+            if !matches!(r.frontend.as_str(), "fanotify" | "fscache") || !mounted(&r.mountpoint) {
                 continue;
             }
             match reg.get(r.domain.as_deref(), &r.fsid) {
                 Ok(img) => {
-                    fan.adopt(&img);
-                    tracing::info!(mountpoint = %r.mountpoint.display(), fsid = %r.fsid, "fanotify mount adopted");
+                    let kind = if r.frontend == "fanotify" {
+                        fan.adopt(&img);
+                        Kind::Fanotify
+                    } else {
+                        Kind::Fscache
+                    };
+                    tracing::info!(mountpoint = %r.mountpoint.display(), fsid = %r.fsid, frontend = %r.frontend, "mount adopted");
                     map.insert(
                         r.mountpoint,
                         Entry {
                             domain: r.domain,
                             fsid: r.fsid,
-                            kind: Kind::Fanotify,
+                            kind,
                         },
                     );
                 }
@@ -169,7 +174,16 @@ impl Mounts {
             ));
         }
         let (domain, fsid) = (req.bind.domain.clone(), req.bind.fsid.clone());
-        let img = do_bind(reg, req.bind)?;
+        let img = do_bind(reg, req.bind).map_err(|e| {
+            if e.0 == StatusCode::CONFLICT {
+                let d = domain
+                    .as_deref()
+                    .map_or("its private volume".to_string(), |d| format!("domain {d}"));
+                ApiError(e.0, format!("fsid {fsid} is already mounted in {d}"))
+            } else {
+                e
+            }
+        })?;
         let kind = match frontend {
             "fuse" => shoal_fuse::mount(img.clone(), &mp)
                 .map(|s| Kind::Fuse { _session: s })

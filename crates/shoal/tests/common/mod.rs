@@ -329,3 +329,38 @@ pub fn compare_trees(a: &Path, b: &Path) -> Vec<String> {
     }
     diffs
 }
+
+/// Read every regular file under `b` and compare it with the same path
+/// under `a`; returns what differed or failed.
+pub fn compare_contents(a: &Path, b: &Path) -> Vec<String> {
+    let mut bad = Vec::new();
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel) = stack.pop() {
+        let dir = b.join(&rel);
+        let mut entries: Vec<_> = match std::fs::read_dir(&dir) {
+            Ok(r) => r.map(|e| e.unwrap()).collect(),
+            Err(e) => {
+                bad.push(format!("{}: {e}", dir.display()));
+                continue;
+            }
+        };
+        entries.sort_by_key(|e| e.file_name());
+        for e in entries {
+            let r = rel.join(e.file_name());
+            let ft = e.file_type().unwrap();
+            if ft.is_dir() {
+                stack.push(r);
+            } else if ft.is_file() {
+                match std::fs::read(b.join(&r)) {
+                    Ok(got) => {
+                        if got != std::fs::read(a.join(&r)).unwrap() {
+                            bad.push(format!("{}: wrong bytes", r.display()));
+                        }
+                    }
+                    Err(e) => bad.push(format!("{}: {e}", r.display())),
+                }
+            }
+        }
+    }
+    bad
+}

@@ -1,0 +1,275 @@
+//! The cachefiles on-demand frontend. The host kernel lacks
+//! CONFIG_CACHEFILES_ONDEMAND, so the host test builds the images and runs
+//! `fscache_suite_in_vm` inside ../shared/vm (Linux 6.12 with it), where
+//! the daemon serves /dev/cachefiles for real erofs `fsid=`/`domain_id=`
+//! mounts: content equals the layers, one OPEN (and one fetch) per blob
+//! per domain with a CLOSE only after the last unmount, EIO from a failing
+//! remote and recovery, and kill -9 of the daemon during cold reads.
+
+mod common;
+use common::servers::*;
+use common::*;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn vm_script() -> PathBuf {
+    corpus_dir().join("../vm/run-in-vm.sh")
+}
+
+fn build(dir: &Path, name: &str, layers: &[PathBuf], blobs: &Path) -> PathBuf {
+    let img = dir.join(format!("{name}.img"));
+    let mut args: Vec<&std::ffi::OsStr> = os!["build", "--layer-blobs", "-o"].to_vec();
+    args.push(img.as_os_str());
+    args.extend(os!["--blob-dir"]);
+    args.push(blobs.as_os_str());
+    args.extend(layers.iter().map(|l| l.as_os_str()));
+    run_shoal(&args);
+    img
+}
+
+#[test]
+fn fscache_frontend_in_vm() {
+    if std::env::var_os("IN_TEST_VM").is_some() {
+        return; // inside the VM only the suite itself runs
+    }
+    if !rustix::process::geteuid().is_root() {
+        return skip("not root");
+    }
+    let vm = vm_script();
+    if !vm.exists() {
+        return skip("no ../shared/vm/run-in-vm.sh");
+    }
+    if !Path::new("/usr/bin/qemu-system-x86_64").exists() {
+        return skip("qemu-system-x86 not installed");
+    }
+    let c = corpus_dir();
+    if !c.join("base.tar.gz").exists() {
+        return skip("no corpus");
+    }
+    // Inputs are built here (fast) and read by the VM, which sees the
+    // host's root file system read-only.
+    let tmp = tempfile::tempdir_in("/var/tmp").unwrap();
+    let blobs = tmp.path().join("blobs");
+    let py = build(
+        tmp.path(),
+        "py",
+        &[c.join("base.tar.gz"), c.join("py-layer.tar.gz")],
+        &blobs,
+    );
+    build(
+        tmp.path(),
+        "web",
+        &[c.join("base.tar.gz"), c.join("web-layer.tar.zst")],
+        &blobs,
+    );
+    let ex = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/demo");
+    build(tmp.path(), "demo", &[ex.join("base")], &blobs);
+    extract(&py, &blobs, &tmp.path().join("py-tree"));
+    let out = Command::new(&vm)
+        .args([
+            "--timeout",
+            "1200",
+            "--mem",
+            "2G",
+            "--smp",
+            "2",
+            "--disk",
+            "4G",
+            "--",
+        ])
+        .arg(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "fscache_suite_in_vm",
+            "--include-ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("SHOAL_VM_INPUT", tmp.path())
+        .env_remove("RUST_BACKTRACE")
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "the VM suite failed:\n{text}");
+    assert!(
+        text.contains("test result: ok. 1 passed"),
+        "the VM suite did not run:\n{text}"
+    );
+    println!(
+        "{}",
+        text.lines()
+            .filter(|l| l.starts_with("vm: "))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}
+
+/// What the daemon's cachefiles frontend reports.
+fn fscache_state(d: &Daemon) -> serde_json::Value {
+    let v: serde_json::Value = serde_json::from_slice(&d.ok(&["doctor", "--json"])).unwrap();
+    v["fscache"].clone()
+}
+
+fn objects_named(d: &Daemon, name: &str) -> usize {
+    fscache_state(d)["objects"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|o| *o == name)
+        .count()
+}
+
+fn mount(d: &Daemon, dom: &str, fsid: &str, img: &Path, remote: &str, mnt: &Path) -> Vec<u8> {
+    std::fs::create_dir_all(mnt).unwrap();
+    d.ok(&[
+        "mount",
+        "--frontend",
+        "fscache",
+        "--domain",
+        dom,
+        "--fsid",
+        fsid,
+        img.to_str().unwrap(),
+        mnt.to_str().unwrap(),
+        "--remote",
+        remote,
+    ])
+}
+
+fn device_tag(img: &Path, slot: usize) -> String {
+    let v: serde_json::Value = serde_json::from_str(&run_shoal(&[
+        "inspect".as_ref(),
+        img.as_os_str(),
+        "--json".as_ref(),
+    ]))
+    .unwrap();
+    v["devices"][slot]["tag"].as_str().unwrap().to_string()
+}
+
+#[test]
+#[ignore = "runs inside ../shared/vm, driven by fscache_frontend_in_vm"]
+fn fscache_suite_in_vm() {
+    let input = PathBuf::from(std::env::var_os("SHOAL_VM_INPUT").expect("SHOAL_VM_INPUT"));
+    let scratch = std::env::var_os("VM_SCRATCH").unwrap_or("/scratch".into());
+    // cachefiles needs a real file system for its cache (not tmpfs).
+    let tmp = tempfile::tempdir_in(scratch).unwrap();
+    let blobs = input.join("blobs");
+    let (py, web, demo) = (
+        input.join("py.img"),
+        input.join("web.img"),
+        input.join("demo.img"),
+    );
+    let srv = Faulty::start(&blobs, tmp.path());
+    let mut d = Daemon::start(tmp.path());
+    let m = |n: &str| tmp.path().join(n);
+    let base = device_tag(&py, 0);
+
+    // Content through fscache equals the layers (as extracted on the host,
+    // which the host suite compares with GNU tar's view).
+    mount(&d, "dom", "py", &py, &srv.url(), &m("py"));
+    let diffs = compare_trees(&input.join("py-tree"), &m("py"));
+    assert!(diffs.is_empty(), "{}", diffs.join("\n"));
+    let fetched = srv.bytes_for(&base);
+    assert!(fetched > 0);
+    println!("vm: py tree equal through fscache; base blob fetched {fetched} bytes");
+
+    // Same domain: the shared base blob is one cookie, one OPEN, one fetch.
+    let opens = fscache_state(&d)["opens"].as_u64().unwrap();
+    mount(&d, "dom", "web", &web, &srv.url(), &m("web"));
+    assert_eq!(
+        objects_named(&d, &base),
+        1,
+        "base opened twice in one domain"
+    );
+    assert_eq!(fscache_state(&d)["opens"].as_u64().unwrap(), opens + 2);
+    assert!(compare_contents(&m("web"), &m("web")).is_empty());
+    assert_eq!(
+        srv.bytes_for(&base),
+        fetched,
+        "base fetched twice in one domain"
+    );
+    // Another domain: its own OPEN and its own fetch.
+    mount(&d, "other", "web", &web, &srv.url(), &m("web2"));
+    assert_eq!(objects_named(&d, &base), 2);
+    assert!(compare_contents(&m("web2"), &m("web2")).is_empty());
+    assert!(
+        srv.bytes_for(&base) > fetched,
+        "other domain shared the cache"
+    );
+    // The same fsid twice in a domain is refused, clearly.
+    std::fs::create_dir_all(m("again")).unwrap();
+    let o = d.cli(&[
+        "mount",
+        "--frontend",
+        "fscache",
+        "--domain",
+        "dom",
+        "--fsid",
+        "py",
+        py.to_str().unwrap(),
+        m("again").to_str().unwrap(),
+        "--remote",
+        &srv.url(),
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("fsid py is already mounted in domain dom"),
+        "{err}"
+    );
+    // CLOSE of the shared blob only after its last user in the domain.
+    d.ok(&["umount", m("py").to_str().unwrap()]);
+    assert_eq!(objects_named(&d, &base), 2);
+    d.ok(&["umount", m("web").to_str().unwrap()]);
+    assert_eq!(objects_named(&d, &base), 1);
+    d.ok(&["umount", m("web2").to_str().unwrap()]);
+    assert_eq!(objects_named(&d, &base), 0);
+    println!("vm: one OPEN per blob per domain, CLOSE after the last unmount");
+
+    // A failing remote gives EIO, never wrong bytes; recovery works.
+    let ex = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/demo");
+    mount(&d, "f", "demo", &demo, &srv.url(), &m("demo"));
+    let file = m("demo").join("usr/share/doc/shoal-demo/glossary.txt");
+    let want = std::fs::read(ex.join("base/usr/share/doc/shoal-demo/glossary.txt")).unwrap();
+    for mode in ["s500", "wrong"] {
+        srv.set_mode(mode);
+        let e = std::fs::read(&file).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(5), "{mode}: {e}");
+    }
+    srv.set_mode("ok");
+    assert_eq!(std::fs::read(&file).unwrap(), want);
+    d.ok(&["umount", m("demo").to_str().unwrap()]);
+    println!("vm: failing remote -> EIO, then recovery");
+
+    // kill -9 during cold reads: the pump keeps /dev/cachefiles, the new
+    // daemon writes `restore`, and every read completes with right bytes.
+    srv.set_mode("delay2");
+    mount(&d, "k", "py", &py, &srv.url(), &m("k"));
+    let (t, mp) = (input.join("py-tree"), m("k"));
+    let reader = std::thread::spawn(move || compare_contents(&t, &mp));
+    let mut kills = 0;
+    while !reader.is_finished() && kills < 3 {
+        std::thread::sleep(std::time::Duration::from_millis(1500));
+        d.kill9();
+        kills += 1;
+        d.restart();
+    }
+    let bad = reader.join().unwrap();
+    assert!(kills >= 1, "the reader finished before any kill");
+    assert!(
+        bad.is_empty(),
+        "after {kills} kills:\n{}\n{}",
+        bad[..bad.len().min(20)].join("\n"),
+        d.log_text()
+            .lines()
+            .filter(|l| !l.contains("INFO"))
+            .take(30)
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    d.ok(&["umount", m("k").to_str().unwrap()]);
+    println!("vm: {kills} kill -9 during cold reads: no EIO, no wrong bytes");
+}
