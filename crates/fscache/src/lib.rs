@@ -273,7 +273,7 @@ impl Frontend {
         match &o.kind {
             Kind::Bootstrap(f) => f.read_exact_at(&mut buf[..have], start)?,
             Kind::Blob(b) => {
-                b.ensure_range(start, data_end - start)
+                b.ensure_range_ahead(start, data_end - start)
                     .map_err(|e| io::Error::other(e.to_string()))?;
                 b.cache
                     .read_at(&mut buf[..have], start)
