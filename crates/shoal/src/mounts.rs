@@ -1,7 +1,7 @@
-//! Daemon-hosted mounts: FUSE sessions the daemon serves, and fanotify
-//! mounts (kernel mounts whose cache files the daemon fills). Fanotify
-//! mounts outlive the daemon, so they are recorded in `mounts.json` and
-//! adopted again when the daemon starts.
+//! Daemon-hosted mounts: FUSE sessions the daemon serves, and kernel
+//! (fanotify, fscache) mounts whose data the daemon supplies. All are
+//! recorded in `mounts.json`: a restarted daemon adopts the kernel mounts
+//! and re-establishes FUSE mounts that died with its predecessor.
 
 use crate::daemon::{do_bind, ApiError, Daemon, MountRequest};
 use axum::http::StatusCode;
@@ -85,6 +85,33 @@ impl Mounts {
             .unwrap_or_default();
         let mut map = BTreeMap::new();
         for r in records {
+            if r.frontend == "fuse" {
+                // A FUSE mount dies with its daemon: detach the dead one and
+                // serve the same image at the same place again.
+                let _ = shoal_sys::umount_lazy(&r.mountpoint);
+                match reg
+                    .get(r.domain.as_deref(), &r.fsid)
+                    .map_err(|e| e.to_string())
+                    .and_then(|img| {
+                        shoal_fuse::mount(img, &r.mountpoint).map_err(|e| e.to_string())
+                    }) {
+                    Ok(session) => {
+                        tracing::info!(mountpoint = %r.mountpoint.display(), fsid = %r.fsid, "fuse mount re-established");
+                        map.insert(
+                            r.mountpoint,
+                            Entry {
+                                domain: r.domain,
+                                fsid: r.fsid,
+                                kind: Kind::Fuse { _session: session },
+                            },
+                        );
+                    }
+                    Err(e) => {
+                        tracing::error!(mountpoint = %r.mountpoint.display(), error = %e, "fuse mount not re-established")
+                    }
+                }
+                continue;
+            }
             if !matches!(r.frontend.as_str(), "fanotify" | "fscache") || !mounted(&r.mountpoint) {
                 continue;
             }
@@ -122,7 +149,6 @@ impl Mounts {
     fn save(&self, map: &BTreeMap<PathBuf, Entry>) {
         let records: Vec<Record> = map
             .iter()
-            .filter(|(_, e)| matches!(e.kind, Kind::Fanotify | Kind::Fscache))
             .map(|(mp, e)| Record {
                 mountpoint: mp.clone(),
                 domain: e.domain.clone(),
@@ -262,12 +288,12 @@ impl Mounts {
             .collect()
     }
 
-    /// On a clean stop: FUSE mounts end with the daemon; fanotify mounts
-    /// stay (the pump holds their events until the next daemon).
+    /// On a clean stop: FUSE mounts end with the daemon (and are not
+    /// re-established); kernel mounts stay (the pump holds their events or
+    /// device until the next daemon).
     pub fn shutdown(&self) {
-        self.map
-            .lock()
-            .unwrap()
-            .retain(|_, e| matches!(e.kind, Kind::Fanotify));
+        let mut map = self.map.lock().unwrap();
+        map.retain(|_, e| !matches!(e.kind, Kind::Fuse { .. }));
+        self.save(&map);
     }
 }

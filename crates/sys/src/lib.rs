@@ -6,5 +6,5 @@
 pub mod fanotify;
 mod mount;
 
-pub use mount::{mount_erofs, mount_erofs_fscache, umount};
+pub use mount::{mount_erofs, mount_erofs_fscache, umount, umount_lazy};
 pub mod cachefiles;

@@ -41,6 +41,13 @@ pub fn umount(target: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Detach `target` now, however busy (`umount -l`); e.g. a FUSE mount
+/// whose daemon died.
+pub fn umount_lazy(target: &Path) -> std::io::Result<()> {
+    unmount(target, UnmountFlags::DETACH)?;
+    Ok(())
+}
+
 /// Mount an EROFS image in fscache (cachefiles on-demand) mode: the
 /// bootstrap is the cookie `fsid` in volume `erofs,<domain_id or fsid>`,
 /// read through the cachefiles daemon (`mount -t erofs none -o fsid=F[,domain_id=D]`).
