@@ -207,6 +207,11 @@ impl BlobCache {
         &self.data
     }
 
+    /// Count a read served from the cache without [`BlobCache::ensure`].
+    pub fn count_hit(&self) {
+        self.counters.hits.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Every block of the blob is ready: nothing can be fetched any more.
     pub fn is_complete(&self) -> bool {
         self.ready_blocks() == u64::from(self.blocks)

@@ -238,6 +238,28 @@ impl BoundImage {
         offset: u64,
         buf: &mut [u8],
     ) -> Result<usize, CoreError> {
+        Ok(self.read_inner(ino, offset, buf, true)?.unwrap_or(0))
+    }
+
+    /// [`BoundImage::read_at`] only if every byte is already in the cache:
+    /// `Ok(None)` instead of fetching. Lets a frontend answer hits inline
+    /// and hand only misses to worker threads.
+    pub fn read_cached(
+        &self,
+        ino: &erofs::Inode,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<Option<usize>, CoreError> {
+        self.read_inner(ino, offset, buf, false)
+    }
+
+    fn read_inner(
+        &self,
+        ino: &erofs::Inode,
+        offset: u64,
+        buf: &mut [u8],
+        fetch: bool,
+    ) -> Result<Option<usize>, CoreError> {
         use std::os::unix::fs::FileExt;
         let img_err = |source| CoreError::Image {
             path: self.spec.bootstrap.clone(),
@@ -266,23 +288,36 @@ impl BoundImage {
                         why: format!("no device {device_id}"),
                     })?;
                     let physical = u64::from(blkaddr) * BLOCK + (pos - start);
-                    let entries = blob.ensure_range(physical, n as u64)?;
-                    self.record(device_id, &entries);
+                    if fetch {
+                        let entries = blob.ensure_range(physical, n as u64)?;
+                        self.record(device_id, &entries);
+                    } else {
+                        let first = physical / BLOCK;
+                        let last = (physical + n as u64).div_ceil(BLOCK);
+                        if !blob.cache.is_ready(first as u32, (last - first) as u32) {
+                            return Ok(None);
+                        }
+                        blob.cache.count_hit();
+                        self.record_chunk((device_id, blkaddr));
+                    }
                     blob.cache.read_at(out, physical)?;
                 }
             }
             pos += n as u64;
         }
-        Ok((end.saturating_sub(offset)) as usize)
+        Ok(Some((end.saturating_sub(offset)) as usize))
     }
 
     fn record(&self, device_id: u16, entries: &[ChunkEntry]) {
-        let mut a = self.access.lock().unwrap();
         for e in entries {
-            let k = (device_id, e.blkaddr.get());
-            if a.seen.insert(k) {
-                a.order.push(k);
-            }
+            self.record_chunk((device_id, e.blkaddr.get()));
+        }
+    }
+
+    fn record_chunk(&self, k: ChunkKey) {
+        let mut a = self.access.lock().unwrap();
+        if a.seen.insert(k) {
+            a.order.push(k);
         }
     }
 
