@@ -584,20 +584,20 @@ pub fn run(socket: &Path, work_dir: &Path, cfg: &Config) -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    let served = reg.clone();
+    // Mounts are adopted or re-established before the socket exists, so a
+    // client that can connect sees them.
+    let daemon = Arc::new(Daemon {
+        reg: reg.clone(),
+        mounts: crate::mounts::Mounts::load(work_dir, &reg, &fan),
+        fan,
+        features,
+        fscache: std::sync::Mutex::new(fscache),
+    });
     rt.block_on(async move {
-        let reg = served;
         let listener = tokio::net::UnixListener::bind(socket).with_context(|| format!("binding {}", socket.display()))?;
         std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))?;
         tracing::info!(socket = %socket.display(), work_dir = %work_dir.display(), "daemon listening");
         println!("shoal daemon listening on {}", socket.display());
-        let daemon = Arc::new(Daemon {
-            reg: reg.clone(),
-            mounts: crate::mounts::Mounts::load(work_dir, &reg, &fan),
-            fan,
-            features,
-            fscache: std::sync::Mutex::new(fscache),
-        });
         axum::serve(listener, router(daemon.clone()))
             .with_graceful_shutdown(async {
                 let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).unwrap();

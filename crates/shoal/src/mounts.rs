@@ -193,6 +193,21 @@ impl Mounts {
         };
         let mp = std::fs::canonicalize(&req.mountpoint)
             .map_err(|e| bad(format!("mountpoint {}: {e}", req.mountpoint.display())))?;
+        // A mount unmounted behind our back (`fusermount3 -u`, `umount`)
+        // leaves a stale record: forget it and its binding.
+        let stale = {
+            let mut map = self.map.lock().unwrap();
+            let stale = map.contains_key(&mp) && !mounted(&mp);
+            let e = if stale { map.remove(&mp) } else { None };
+            if e.is_some() {
+                self.save(&map);
+            }
+            e
+        };
+        if let Some(e) = stale {
+            tracing::info!(mountpoint = %mp.display(), fsid = %e.fsid, "forgetting a mount unmounted elsewhere");
+            let _ = reg.unbind(e.domain.as_deref(), &e.fsid);
+        }
         if self.map.lock().unwrap().contains_key(&mp) {
             return Err(ApiError(
                 StatusCode::CONFLICT,

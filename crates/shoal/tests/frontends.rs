@@ -252,6 +252,14 @@ fn fuse_read_fails_with_eio_then_recovers_and_survives_daemon_death() {
     } else {
         println!("skipped: fusermount3 -u (fuse3 not installed)");
     }
+    // A clean stop (SIGTERM) unmounts FUSE mounts; the next start does not
+    // bring them back.
+    let _m2 = mount(&d, "fuse", "f2", "demo", &img, &srv.url(), &mnt);
+    assert!(mounted(&mnt));
+    d.term();
+    assert!(!mounted(&mnt), "SIGTERM left the FUSE mount behind");
+    d.restart();
+    assert!(!mounted(&mnt));
     drop(m);
 }
 

@@ -76,6 +76,14 @@ impl Daemon {
         });
     }
 
+    /// SIGTERM, and wait for the clean stop.
+    pub fn term(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill").arg(c.id().to_string()).status();
+            let _ = c.wait();
+        }
+    }
+
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
