@@ -1,7 +1,8 @@
 //! System interfaces shoal needs beyond what safe crates wrap: the new
-//! mount API (safe, via rustix) and fanotify (raw `libc` calls: rustix has
-//! no fanotify). This is the only crate allowed `unsafe`, and each use is
-//! one documented syscall.
+//! mount API (safe, via rustix), fanotify (raw `libc` calls: rustix has no
+//! fanotify) and `/dev/cachefiles` (its messages carry fds the kernel
+//! installed; its ioctl). This is the only crate allowed `unsafe`, and each
+//! use is one documented syscall or fd adoption.
 
 pub mod fanotify;
 mod mount;
