@@ -3,12 +3,14 @@
 //! nothing of FUSE, fanotify or cachefiles; every frontend adapts to this.
 #![forbid(unsafe_code)]
 
+mod bound;
 pub mod cache;
 pub mod domain;
 pub mod error;
 pub mod names;
 pub mod publish;
 pub mod remote;
+mod shared;
 
 pub use domain::{BindSpec, BoundImage, DomainKey, Registry, RegistryOptions};
 pub use error::CoreError;

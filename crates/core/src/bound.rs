@@ -1,0 +1,204 @@
+//! An image bound into a domain: reads through the domain's blob caches,
+//! the access order it records, and prefetch.
+
+use crate::cache::BLOCK;
+use crate::domain::{BindSpec, DomainKey};
+use crate::error::CoreError;
+use crate::shared::SharedBlob;
+use erofs::chunktable::ChunkEntry;
+use erofs::Image;
+use std::collections::HashSet;
+use std::fs::File;
+use std::sync::{Arc, Mutex};
+
+/// An image bound into a domain.
+pub struct BoundImage {
+    pub spec: BindSpec,
+    pub key: DomainKey,
+    pub image: Image<File>,
+    /// Per device slot (index 0 = device 1).
+    pub blobs: Vec<Arc<SharedBlob>>,
+    pub(crate) access: Mutex<AccessLog>,
+}
+
+/// A chunk as (device id, block address).
+pub type ChunkKey = (u16, u32);
+
+/// Chunks in first-touch order, for recorded prefetch.
+#[derive(Default)]
+pub(crate) struct AccessLog {
+    seen: HashSet<ChunkKey>,
+    order: Vec<ChunkKey>,
+}
+
+impl BoundImage {
+    pub fn blob(&self, device_id: u16) -> Option<&Arc<SharedBlob>> {
+        self.blobs.get(usize::from(device_id).checked_sub(1)?)
+    }
+
+    /// Read bytes of a regular file through the domain cache: holes are
+    /// zeros, blob chunks are made ready (fetched and verified once) and read
+    /// from the cache file. Returns the bytes read (short only at EOF).
+    pub fn read_at(
+        &self,
+        ino: &erofs::Inode,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<usize, CoreError> {
+        Ok(self.read_inner(ino, offset, buf, true)?.unwrap_or(0))
+    }
+
+    /// [`BoundImage::read_at`] only if every byte is already in the cache:
+    /// `Ok(None)` instead of fetching. Lets a frontend answer hits inline
+    /// and hand only misses to worker threads.
+    pub fn read_cached(
+        &self,
+        ino: &erofs::Inode,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<Option<usize>, CoreError> {
+        self.read_inner(ino, offset, buf, false)
+    }
+
+    fn read_inner(
+        &self,
+        ino: &erofs::Inode,
+        offset: u64,
+        buf: &mut [u8],
+        fetch: bool,
+    ) -> Result<Option<usize>, CoreError> {
+        use std::os::unix::fs::FileExt;
+        let img_err = |source| CoreError::Image {
+            path: self.spec.bootstrap.clone(),
+            source,
+        };
+        let end = ino.size.min(offset.saturating_add(buf.len() as u64));
+        let mut pos = offset;
+        while pos < end {
+            let ((start, ext_end), ext) = self.image.map(ino, pos).map_err(img_err)?;
+            let n = (ext_end.min(end) - pos) as usize;
+            let out = &mut buf[(pos - offset) as usize..][..n];
+            match ext {
+                erofs::Extent::Hole => out.fill(0),
+                erofs::Extent::Image { offset: at } => self
+                    .image
+                    .source()
+                    .read_exact_at(out, at + (pos - start))
+                    .map_err(|source| CoreError::Io {
+                        path: self.spec.bootstrap.clone(),
+                        what: "reading bootstrap".into(),
+                        source,
+                    })?,
+                erofs::Extent::Chunk { device_id, blkaddr } => {
+                    let blob = self.blob(device_id).ok_or_else(|| CoreError::Unusable {
+                        path: self.spec.bootstrap.clone(),
+                        why: format!("no device {device_id}"),
+                    })?;
+                    let physical = u64::from(blkaddr) * BLOCK + (pos - start);
+                    if fetch {
+                        blob.ensure_range_ahead(physical, n as u64)?;
+                        self.record(device_id, &blob.chunks_for(physical, n as u64)?);
+                    } else {
+                        let first = physical / BLOCK;
+                        let last = (physical + n as u64).div_ceil(BLOCK);
+                        if !blob.cache.is_ready(first as u32, (last - first) as u32) {
+                            return Ok(None);
+                        }
+                        blob.cache.count_hit();
+                        self.record_chunk((device_id, blkaddr));
+                    }
+                    blob.cache.read_at(out, physical)?;
+                }
+            }
+            pos += n as u64;
+        }
+        Ok(Some((end.saturating_sub(offset)) as usize))
+    }
+
+    fn record(&self, device_id: u16, entries: &[ChunkEntry]) {
+        for e in entries {
+            self.record_chunk((device_id, e.blkaddr.get()));
+        }
+    }
+
+    fn record_chunk(&self, k: ChunkKey) {
+        let mut a = self.access.lock().unwrap();
+        if a.seen.insert(k) {
+            a.order.push(k);
+        }
+    }
+
+    /// Chunks in the order this image first touched them.
+    pub fn access_order(&self) -> Vec<(u16, u32)> {
+        self.access.lock().unwrap().order.clone()
+    }
+
+    /// Fetch every chunk of every blob, in `order` first (an earlier run's
+    /// access order), then the rest by address.
+    pub fn prefetch(&self, order: &[(u16, u32)], threads: usize) -> Result<u64, CoreError> {
+        // Work items: runs of adjacent chunks of one blob, recorded order first.
+        let mut seen = HashSet::new();
+        let mut items: Vec<(u16, Vec<ChunkEntry>)> = Vec::new();
+        let mut push = |dev: u16, e: ChunkEntry, items: &mut Vec<(u16, Vec<ChunkEntry>)>| {
+            if !seen.insert((dev, e.blkaddr.get())) {
+                return;
+            }
+            match items.last_mut() {
+                Some((d, run))
+                    if *d == dev
+                        && run.len() < 256
+                        && run.last().is_some_and(|l| {
+                            l.blkaddr.get() + l.nblocks.get() == e.blkaddr.get()
+                        }) =>
+                {
+                    run.push(e)
+                }
+                _ => items.push((dev, vec![e])),
+            }
+        };
+        for &(dev, blk) in order {
+            if let Some(e) = self
+                .blob(dev)
+                .and_then(|b| b.chunks.read().unwrap().get(&blk).copied())
+            {
+                push(dev, e, &mut items);
+            }
+        }
+        for (i, b) in self.blobs.iter().enumerate() {
+            for e in b.all_chunks() {
+                push(i as u16 + 1, e, &mut items);
+            }
+        }
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let first_err = Mutex::new(None);
+        std::thread::scope(|s| {
+            for _ in 0..threads.max(1) {
+                s.spawn(|| loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some((dev, run)) = items.get(i) else {
+                        break;
+                    };
+                    if first_err.lock().unwrap().is_some() {
+                        break;
+                    }
+                    let b = self.blob(*dev).expect("device of a queued chunk");
+                    let remotes = b.remotes.read().unwrap().clone();
+                    if let Err(e) = b.cache.ensure_batch(run, &remotes, PREFETCH_RUN) {
+                        first_err.lock().unwrap().get_or_insert(e);
+                    }
+                });
+            }
+        });
+        if let Some(e) = first_err.into_inner().unwrap() {
+            return Err(e);
+        }
+        Ok(items
+            .iter()
+            .flat_map(|(_, r)| r)
+            .map(|e| u64::from(e.nblocks.get()) * BLOCK)
+            .sum())
+    }
+}
+
+/// Largest single ranged request prefetch makes.
+const PREFETCH_RUN: u64 = 8 << 20;
