@@ -519,23 +519,22 @@ pub fn run(socket: &Path, work_dir: &Path, cfg: &Config) -> Result<()> {
     let pump_socket = work_dir.join("fanotify-pump.sock");
     // The pump owns the fanotify group where pre-content events work, and
     // keeps the cachefiles device everywhere.
-    let launcher = Some(())
-        .map(|()| -> Result<shoal_fanotify::PumpLauncher> {
-            Ok(shoal_fanotify::PumpLauncher {
-                program: std::env::current_exe().context("locating the shoal binary")?,
-                args: vec![
-                    "fanotify-pump".into(),
-                    "--socket".into(),
-                    pump_socket.to_string_lossy().into_owned(),
-                ],
-                log: work_dir.join("fanotify-pump.log"),
-            })
-        })
-        .transpose()?;
+    let launcher = shoal_fanotify::PumpLauncher {
+        program: std::env::current_exe().context("locating the shoal binary")?,
+        args: vec![
+            "fanotify-pump".into(),
+            "--socket".into(),
+            pump_socket.to_string_lossy().into_owned(),
+        ],
+        log: work_dir.join("fanotify-pump.log"),
+    };
     std::fs::create_dir_all(work_dir)
         .with_context(|| format!("creating {}", work_dir.display()))?;
-    let fan =
-        shoal_fanotify::Frontend::new(&pump_socket, launcher, cfg.fanotify_threads.unwrap_or(8));
+    let fan = shoal_fanotify::Frontend::new(
+        &pump_socket,
+        Some(launcher),
+        cfg.fanotify_threads.unwrap_or(8),
+    );
     opts.data_files = fan.clone();
     let reg = Arc::new(Registry::new(work_dir, opts)?);
     let failed = reg.restore()?;
