@@ -177,6 +177,29 @@ fn fscache_suite_in_vm() {
     assert!(fetched > 0);
     println!("vm: py tree equal through fscache; base blob fetched {fetched} bytes");
 
+    // Only one process can hold /dev/cachefiles: a second daemon says so.
+    let other = tempfile::tempdir_in(tmp.path()).unwrap();
+    let d2 = Daemon::start(other.path());
+    std::fs::create_dir_all(m("busy")).unwrap();
+    let o = d2.cli(&[
+        "mount",
+        "--frontend",
+        "fscache",
+        "--fsid",
+        "demo",
+        demo.to_str().unwrap(),
+        m("busy").to_str().unwrap(),
+        "--remote",
+        &srv.url(),
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("/dev/cachefiles is busy"),
+        "{err}"
+    );
+    drop(d2);
+    println!("vm: a second daemon is told /dev/cachefiles is busy");
+
     // Same domain: the shared base blob is one cookie, one OPEN, one fetch.
     let opens = fscache_state(&d)["opens"].as_u64().unwrap();
     mount(&d, "dom", "web", &web, &srv.url(), &m("web"));
