@@ -96,8 +96,8 @@ impl BoundImage {
                     })?;
                     let physical = u64::from(blkaddr) * BLOCK + (pos - start);
                     if fetch {
-                        blob.ensure_range_ahead(physical, n as u64)?;
-                        self.record(device_id, &blob.chunks_for(physical, n as u64)?);
+                        let entries = blob.ensure_range_ahead(physical, n as u64)?;
+                        self.record(device_id, &entries);
                     } else {
                         let first = physical / BLOCK;
                         let last = (physical + n as u64).div_ceil(BLOCK);

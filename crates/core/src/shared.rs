@@ -80,8 +80,9 @@ impl SharedBlob {
     /// reader; blobs are laid out in build order, so a tree walk is one
     /// too), up to `READ_AHEAD` bytes of the missing pinned chunks that
     /// follow are fetched in the same ranged requests. Read-ahead is best
-    /// effort: if it fails, only the range itself is fetched.
-    pub fn ensure_range_ahead(&self, offset: u64, len: u64) -> Result<(), CoreError> {
+    /// effort: if it fails, only the range itself is fetched. Returns the
+    /// chunks covering the range, as [`SharedBlob::ensure_range`] does.
+    pub fn ensure_range_ahead(&self, offset: u64, len: u64) -> Result<Vec<ChunkEntry>, CoreError> {
         let need = self.chunks_for(offset, len)?;
         let remotes = self.remotes.read().unwrap().clone();
         let last = self
@@ -118,7 +119,7 @@ impl SharedBlob {
         }
         self.last_fill_end
             .store(fill_end, std::sync::atomic::Ordering::Relaxed);
-        Ok(())
+        Ok(need)
     }
 
     pub fn all_chunks(&self) -> Vec<ChunkEntry> {

@@ -21,9 +21,14 @@ use std::path::Path;
 /// Whether pre-content events work here: create a group and mark a scratch
 /// file in `dir` (the cache's filesystem). `Err` says why not.
 pub fn probe(dir: &Path) -> Result<(), String> {
+    use rustix::io::Errno;
     let group = Group::pre_content(true).map_err(|e| match e.raw_os_error() {
-        Some(22) => "fanotify_init(FAN_CLASS_PRE_CONTENT) refused: kernel too old".to_string(),
-        Some(1) => "fanotify_init needs CAP_SYS_ADMIN".to_string(),
+        Some(x) if x == Errno::INVAL.raw_os_error() => {
+            "fanotify_init(FAN_CLASS_PRE_CONTENT) refused: kernel too old".to_string()
+        }
+        Some(x) if x == Errno::PERM.raw_os_error() => {
+            "fanotify_init needs CAP_SYS_ADMIN".to_string()
+        }
         _ => format!("fanotify_init: {e}"),
     })?;
     std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
@@ -31,7 +36,7 @@ pub fn probe(dir: &Path) -> Result<(), String> {
     group
         .mark(true, FAN_PRE_ACCESS, rustix::fd::AsFd::as_fd(&f))
         .map_err(|e| match e.raw_os_error() {
-            Some(22) => "FAN_PRE_ACCESS marks refused: kernel older than 6.14 or built without CONFIG_FANOTIFY_ACCESS_PERMISSIONS".to_string(),
+            Some(x) if x == Errno::INVAL.raw_os_error() => "FAN_PRE_ACCESS marks refused: kernel older than 6.14 or built without CONFIG_FANOTIFY_ACCESS_PERMISSIONS".to_string(),
             _ => format!("fanotify_mark(FAN_PRE_ACCESS): {e}"),
         })?;
     Ok(())

@@ -96,11 +96,12 @@ pub fn open_device(cache_dir: &Path, tag: &str) -> Result<OwnedFd, FscacheError>
         |c: String| dev_write(&dev, &c).map_err(|source| FscacheError::Device { what: c, source });
     cmd(format!("dir {}", cache_dir.display()))?;
     cmd(format!("tag {tag}"))?;
-    dev_write(&dev, "bind ondemand").map_err(|e| match e.raw_os_error() {
-        Some(libc_ebusy) if libc_ebusy == rustix::io::Errno::BUSY.raw_os_error() => {
+    dev_write(&dev, "bind ondemand").map_err(|e| {
+        if e.raw_os_error() == Some(rustix::io::Errno::BUSY.raw_os_error()) {
             FscacheError::Busy
+        } else {
+            FscacheError::NoOndemand(e)
         }
-        _ => FscacheError::NoOndemand(e),
     })?;
     Ok(dev)
 }

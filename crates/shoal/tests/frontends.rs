@@ -35,17 +35,6 @@ fn unavailable(frontend: &str) -> Option<String> {
     }
 }
 
-fn build(dir: &Path, name: &str, layers: &[PathBuf], blobs: &Path) -> PathBuf {
-    let img = dir.join(format!("{name}.img"));
-    let mut args: Vec<&std::ffi::OsStr> = os!["build", "--layer-blobs", "-o"].to_vec();
-    args.push(img.as_os_str());
-    args.extend(os!["--blob-dir"]);
-    args.push(blobs.as_os_str());
-    args.extend(layers.iter().map(|l| l.as_os_str()));
-    run_shoal(&args);
-    img
-}
-
 fn layers(names: &[&str]) -> Option<Vec<PathBuf>> {
     let c = corpus_dir();
     c.join("base.tar.gz")
@@ -124,8 +113,8 @@ fn mounts_equal_the_layers_and_share_a_domain(frontend: &str) {
     let web_layers = layers(&["base.tar.gz", "web-layer.tar.zst"]).unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let blobs = tmp.path().join("blobs");
-    let py = build(tmp.path(), "py", &py_layers, &blobs);
-    let web = build(tmp.path(), "web", &web_layers, &blobs);
+    let py = build_layer_blobs(tmp.path(), "py", &py_layers, &blobs);
+    let web = build_layer_blobs(tmp.path(), "web", &web_layers, &blobs);
     let Some(nginx) = Nginx::start(&blobs, tmp.path()) else {
         return skip("nginx not installed");
     };
@@ -214,7 +203,7 @@ fn fuse_read_fails_with_eio_then_recovers_and_survives_daemon_death() {
     let tmp = tempfile::tempdir().unwrap();
     let ex = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/demo");
     let blobs = tmp.path().join("blobs");
-    let img = build(tmp.path(), "demo", &[ex.join("base")], &blobs);
+    let img = build_layer_blobs(tmp.path(), "demo", &[ex.join("base")], &blobs);
     let srv = Faulty::start(&blobs, tmp.path());
     let mut d = Daemon::start(tmp.path());
     let mnt = tmp.path().join("mnt");
@@ -275,7 +264,7 @@ fn fanotify_read_fails_with_eio_then_recovers() {
     let tmp = tempfile::tempdir().unwrap();
     let ex = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/demo");
     let blobs = tmp.path().join("blobs");
-    let img = build(tmp.path(), "demo", &[ex.join("base")], &blobs);
+    let img = build_layer_blobs(tmp.path(), "demo", &[ex.join("base")], &blobs);
     let srv = Faulty::start(&blobs, tmp.path());
     let d = Daemon::start(tmp.path());
     let mnt = tmp.path().join("mnt");
@@ -321,7 +310,7 @@ fn fanotify_survives_daemon_kill9_during_cold_reads() {
     };
     let tmp = tempfile::tempdir().unwrap();
     let blobs = tmp.path().join("blobs");
-    let img = build(tmp.path(), "base", &base, &blobs);
+    let img = build_layer_blobs(tmp.path(), "base", &base, &blobs);
     let tree = tmp.path().join("tree");
     extract(&img, &blobs, &tree);
     let srv = Faulty::start(&blobs, tmp.path());

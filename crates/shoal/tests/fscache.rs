@@ -16,17 +16,6 @@ fn vm_script() -> PathBuf {
     corpus_dir().join("../vm/run-in-vm.sh")
 }
 
-fn build(dir: &Path, name: &str, layers: &[PathBuf], blobs: &Path) -> PathBuf {
-    let img = dir.join(format!("{name}.img"));
-    let mut args: Vec<&std::ffi::OsStr> = os!["build", "--layer-blobs", "-o"].to_vec();
-    args.push(img.as_os_str());
-    args.extend(os!["--blob-dir"]);
-    args.push(blobs.as_os_str());
-    args.extend(layers.iter().map(|l| l.as_os_str()));
-    run_shoal(&args);
-    img
-}
-
 #[test]
 fn fscache_frontend_in_vm() {
     if std::env::var_os("IN_TEST_VM").is_some() {
@@ -50,20 +39,20 @@ fn fscache_frontend_in_vm() {
     // host's root file system read-only.
     let tmp = tempfile::tempdir_in("/var/tmp").unwrap();
     let blobs = tmp.path().join("blobs");
-    let py = build(
+    let py = build_layer_blobs(
         tmp.path(),
         "py",
         &[c.join("base.tar.gz"), c.join("py-layer.tar.gz")],
         &blobs,
     );
-    build(
+    build_layer_blobs(
         tmp.path(),
         "web",
         &[c.join("base.tar.gz"), c.join("web-layer.tar.zst")],
         &blobs,
     );
     let ex = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/demo");
-    build(tmp.path(), "demo", &[ex.join("base")], &blobs);
+    build_layer_blobs(tmp.path(), "demo", &[ex.join("base")], &blobs);
     extract(&py, &blobs, &tmp.path().join("py-tree"));
     let out = Command::new(&vm)
         .args([

@@ -44,6 +44,19 @@ macro_rules! os {
     ($($a:expr),* $(,)?) => { &[$(std::ffi::OsStr::new($a)),*] };
 }
 
+/// `shoal build --layer-blobs -o DIR/NAME.img --blob-dir BLOBS LAYERS...`:
+/// one blob per layer, so images sharing a base share its blob.
+pub fn build_layer_blobs(dir: &Path, name: &str, layers: &[PathBuf], blobs: &Path) -> PathBuf {
+    let img = dir.join(format!("{name}.img"));
+    let mut args: Vec<&std::ffi::OsStr> = os!["build", "--layer-blobs", "-o"].to_vec();
+    args.push(img.as_os_str());
+    args.extend(os!["--blob-dir"]);
+    args.push(blobs.as_os_str());
+    args.extend(layers.iter().map(|l| l.as_os_str()));
+    run_shoal(&args);
+    img
+}
+
 pub fn corpus_dir() -> PathBuf {
     let here = Path::new(env!("CARGO_MANIFEST_DIR"));
     here.join("../../../shared/corpus")
