@@ -63,6 +63,7 @@ pub struct ChunkStore {
     current: Option<u32>,
     dict: HashMap<[u8; 32], (u32, u32)>,
     scratch: Vec<u8>,
+    max_bytes: Option<u64>,
     pub stats: StoreStats,
 }
 
@@ -99,8 +100,26 @@ impl ChunkStore {
             current: None,
             dict: HashMap::new(),
             scratch: Vec::new(),
+            max_bytes: None,
             stats: StoreStats::default(),
         })
+    }
+
+    /// Refuse to take in more than `max` bytes of file data (holes
+    /// included): a small compressed layer can expand without bound.
+    pub fn set_max_bytes(&mut self, max: Option<u64>) {
+        self.max_bytes = max;
+    }
+
+    fn count_in(&mut self, len: u64) -> Result<(), BuildError> {
+        let total = self.stats.bytes_in + len;
+        if let Some(max) = self.max_bytes.filter(|&m| total > m) {
+            return Err(BuildError::Limit(format!(
+                "file data exceeds the maximum image size of {max} bytes (--max-size)"
+            )));
+        }
+        self.stats.bytes_in = total;
+        Ok(())
     }
 
     pub fn chunk_size(&self) -> u64 {
@@ -108,10 +127,11 @@ impl ChunkStore {
     }
 
     /// Count a chunk the source already knows is a hole (sparse files).
-    pub fn note_hole(&mut self, len: u64) {
-        self.stats.bytes_in += len;
+    pub fn note_hole(&mut self, len: u64) -> Result<(), BuildError> {
+        self.count_in(len)?;
         self.stats.chunks += 1;
         self.stats.holes += 1;
+        Ok(())
     }
 
     /// Make the chunks of an existing blob available for reuse.
@@ -140,7 +160,7 @@ impl ChunkStore {
     /// may be shorter). Returns `None` for an all-zero chunk: a hole.
     pub fn add_chunk(&mut self, data: &[u8]) -> Result<Option<ChunkRef>, BuildError> {
         debug_assert!(data.len() as u64 <= self.chunk_size && !data.is_empty());
-        self.stats.bytes_in += data.len() as u64;
+        self.count_in(data.len() as u64)?;
         self.stats.chunks += 1;
         if data.iter().all(|&b| b == 0) {
             self.stats.holes += 1;

@@ -19,6 +19,9 @@ pub struct BuildOptions {
     pub fsid: Option<String>,
     /// `SOURCE_DATE_EPOCH`: the superblock time; otherwise derived from the tree.
     pub source_date_epoch: Option<u64>,
+    /// The most file data (logical bytes, holes included) the image may
+    /// hold; `None` for no limit.
+    pub max_size: Option<u64>,
 }
 
 impl Default for BuildOptions {
@@ -29,6 +32,7 @@ impl Default for BuildOptions {
             reuse: Vec::new(),
             fsid: None,
             source_date_epoch: None,
+            max_size: None,
         }
     }
 }
@@ -109,11 +113,12 @@ pub fn build(
         return Err(BuildError::Invalid("no sources".into()));
     }
     let mut store = ChunkStore::new(blob_dir, opts.chunk_size)?;
+    store.set_max_bytes(opts.max_size);
     for r in &opts.reuse {
         load_reuse(&mut store, r)?;
     }
     let mut tree = Tree::new();
-    for (layer, src) in sources.iter().enumerate() {
+    for src in sources {
         if opts.layer_blobs {
             store.next_blob();
         }
@@ -122,9 +127,9 @@ pub fn build(
             source,
         })?;
         if md.is_dir() {
-            apply_dir(&mut tree, &mut store, layer, src)?;
+            apply_dir(&mut tree, &mut store, src)?;
         } else {
-            apply_tar(&mut tree, &mut store, layer, src)?;
+            apply_tar(&mut tree, &mut store, src)?;
         }
     }
     let stats = store.stats.clone();

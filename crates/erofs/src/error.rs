@@ -73,6 +73,12 @@ pub enum BuildError {
         entry: String,
         why: String,
     },
+    #[error("{layer}: digest {actual} does not match the expected {expected}")]
+    Digest {
+        layer: String,
+        expected: String,
+        actual: String,
+    },
     #[error("invalid option: {0}")]
     Invalid(String),
     #[error("image limit exceeded: {0}")]

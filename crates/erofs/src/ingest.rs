@@ -5,6 +5,7 @@ use crate::blob::ChunkStore;
 use crate::error::BuildError;
 use crate::ondisk::encode_rdev;
 use crate::tree::*;
+use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read};
@@ -12,16 +13,23 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
-/// Read a file's data in chunks into the store. `holes` says, for a chunk
-/// start, whether the whole chunk is known to be a hole (sparse sources).
+/// Where a file's bytes come from while its chunks are stored (a tar
+/// entry, a file on disk), with what it knows of its holes.
+trait FileSource {
+    /// Whether the next `len` bytes are all hole.
+    fn is_hole(&mut self, len: u64) -> bool;
+    fn skip_hole(&mut self, len: u64) -> std::io::Result<()>;
+    fn read_exact(&mut self, buf: &mut [u8]) -> Result<(), String>;
+}
+
+/// Read a file's data in chunks into the store; chunks that are wholly
+/// hole in a sparse source are stored as holes without reading.
 fn store_data(
     store: &mut ChunkStore,
-    r: &mut dyn Read,
+    src: &mut dyn FileSource,
     size: u64,
     buf: &mut Vec<u8>,
-    mut is_hole: impl FnMut(u64, u64) -> bool,
-    skip: &mut dyn FnMut(u64) -> std::io::Result<()>,
-) -> Result<Vec<Option<ChunkRef>>, std::io::Error> {
+) -> Result<Vec<Option<ChunkRef>>, StoreError> {
     let cs = store.chunk_size();
     // `size` may come from a hostile tar header: reserve only what a few
     // chunks need and grow as data really arrives.
@@ -29,227 +37,357 @@ fn store_data(
     let mut pos = 0;
     while pos < size {
         let len = cs.min(size - pos);
-        if is_hole(pos, len) {
-            skip(len)?;
-            store.note_hole(len);
+        if src.is_hole(len) {
+            src.skip_hole(len)
+                .map_err(|e| StoreError::Read(e.to_string()))?;
+            store.note_hole(len).map_err(StoreError::Build)?;
             chunks.push(None);
-            pos += len;
-            continue;
+        } else {
+            buf.resize(len as usize, 0);
+            src.read_exact(buf).map_err(StoreError::Read)?;
+            chunks.push(store.add_chunk(buf).map_err(StoreError::Build)?);
         }
-        buf.resize(len as usize, 0);
-        r.read_exact(buf)?;
-        chunks.push(
-            store
-                .add_chunk(buf)
-                .map_err(|e| std::io::Error::other(e.to_string()))?,
-        );
         pos += len;
     }
     Ok(chunks)
 }
 
+enum StoreError {
+    /// The source failed or ended early: the caller names the entry.
+    Read(String),
+    /// The store refused (an image limit) or could not write.
+    Build(BuildError),
+}
+
+impl StoreError {
+    fn at(self, bad: impl FnOnce(String) -> BuildError) -> BuildError {
+        match self {
+            StoreError::Read(why) => bad(format!("reading data: {why}")),
+            StoreError::Build(e) => e,
+        }
+    }
+}
+
 /// A tar header uid/gid, which must fit the image's 32 bits.
-fn id32(v: std::io::Result<u64>, what: &str) -> Result<u32, String> {
-    let v = v.map_err(|e| e.to_string())?;
+fn id32(v: i64, what: &str) -> Result<u32, String> {
     u32::try_from(v).map_err(|_| format!("{what} {v} does not fit 32 bits"))
 }
 
-/// PAX `mtime` ("secs[.frac]") as (secs, nsec).
-fn parse_pax_time(v: &[u8]) -> Option<(i64, u32)> {
-    let s = std::str::from_utf8(v).ok()?;
-    let (neg, s) = match s.strip_prefix('-') {
-        Some(r) => (true, r),
-        None => (false, s),
-    };
-    let (secs, frac) = s.split_once('.').unwrap_or((s, ""));
-    let secs: i64 = secs.parse().ok()?;
-    let mut nsec = 0u32;
-    for (i, c) in frac.bytes().take(9).enumerate() {
-        if !c.is_ascii_digit() {
-            return None;
-        }
-        nsec += u32::from(c - b'0') * 10u32.pow(8 - i as u32);
-    }
-    if neg {
-        if nsec > 0 {
-            Some((-secs - 1, 1_000_000_000 - nsec))
-        } else {
-            Some((-secs, 0))
-        }
-    } else {
-        Some((secs, nsec))
+/// Counts the bytes of a layer as they are read, for its digest.
+struct Digesting<R> {
+    inner: R,
+    hash: std::rc::Rc<std::cell::RefCell<Sha256>>,
+}
+
+impl<R: Read> Read for Digesting<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hash.borrow_mut().update(&buf[..n]);
+        Ok(n)
     }
 }
 
-fn open_layer(path: &Path) -> Result<Box<dyn Read>, BuildError> {
-    let f = File::open(path).map_err(|source| BuildError::Io {
-        path: path.into(),
-        source,
-    })?;
-    let mut r = BufReader::with_capacity(1 << 20, f);
-    let head = r.fill_buf().map_err(|source| BuildError::Io {
-        path: path.into(),
-        source,
-    })?;
+/// The decompressed stream of a layer, compression detected from its
+/// magic bytes. Both decoders check their trailers (gzip CRC and size,
+/// zstd frame checksum) when read to the end, and refuse bytes after the
+/// last member or frame that are not another one.
+fn decoder<'a>(raw: impl Read + 'a) -> std::io::Result<Box<dyn Read + 'a>> {
+    let mut r = BufReader::with_capacity(1 << 20, raw);
+    let head = r.fill_buf()?;
     Ok(if head.starts_with(&[0x1f, 0x8b]) {
         Box::new(flate2::bufread::MultiGzDecoder::new(r))
     } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
-        Box::new(
-            zstd::stream::read::Decoder::with_buffer(r).map_err(|source| BuildError::Io {
-                path: path.into(),
-                source,
-            })?,
-        )
+        Box::new(zstd::stream::read::Decoder::with_buffer(r)?)
     } else {
         Box::new(r)
     })
 }
 
-/// Apply one tar layer (compression detected from its bytes).
-pub fn apply_tar(
-    tree: &mut Tree,
-    store: &mut ChunkStore,
-    layer: usize,
-    path: &Path,
-) -> Result<(), BuildError> {
-    let lname = path.display().to_string();
-    let mut ar = tar::Archive::new(open_layer(path)?);
-    let io_err = |source| BuildError::Io {
+/// Apply one tar layer file (plain, gzip or zstd) as the next layer.
+pub fn apply_tar(tree: &mut Tree, store: &mut ChunkStore, path: &Path) -> Result<(), BuildError> {
+    let f = File::open(path).map_err(|source| BuildError::Io {
         path: path.into(),
         source,
+    })?;
+    apply_tar_stream(tree, store, &path.display().to_string(), f, None)
+}
+
+/// Apply a tar layer read from `raw` (plain, gzip or zstd) as the next
+/// layer. The stream is read to its very end and checked there; when the
+/// layer's digest (`sha256:<hex>` of the bytes as stored, compressed or
+/// not) is known, a layer that does not match it fails the build.
+pub fn apply_tar_stream(
+    tree: &mut Tree,
+    store: &mut ChunkStore,
+    name: &str,
+    raw: impl Read,
+    digest: Option<&str>,
+) -> Result<(), BuildError> {
+    let io_err = |source| BuildError::Io {
+        path: name.into(),
+        source,
     };
+    let hash = std::rc::Rc::new(std::cell::RefCell::new(Sha256::new()));
+    let raw = Digesting {
+        inner: raw,
+        hash: hash.clone(),
+    };
+    let mut ar = crate::tar::Archive::new(decoder(raw).map_err(io_err)?);
+    tree.begin_layer();
+    let mut ignored = Ignored::default();
     let mut buf = Vec::new();
-    for entry in ar.entries().map_err(io_err)? {
-        let mut e = entry.map_err(io_err)?;
-        let raw_path = e.path_bytes().into_owned();
-        let ename = String::from_utf8_lossy(&raw_path).into_owned();
-        let bad = |why: String| BuildError::BadEntry {
-            layer: lname.clone(),
-            entry: ename.clone(),
-            why,
-        };
-        let comps = split_path(&raw_path).map_err(|why| BuildError::UnsafePath {
-            layer: lname.clone(),
-            entry: ename.clone(),
-            why,
-        })?;
-        let h = e.header().clone();
-        let kind = h.entry_type();
-        if kind.is_pax_global_extensions() {
-            continue;
+    while let Some(mut e) = ar.next_entry().map_err(|e| tar_error(name, e))? {
+        apply_entry(tree, store, &mut ar, &mut e, name, &mut buf)?;
+        ignored.note(&e);
+    }
+    ar.finish().map_err(|e| tar_error(name, e))?;
+    tree.end_layer();
+    ignored.report(name);
+    if let Some(want) = digest {
+        let got = format!("sha256:{}", hex::encode(hash.borrow().clone().finalize()));
+        if got != want {
+            return Err(BuildError::Digest {
+                layer: name.into(),
+                expected: want.into(),
+                actual: got,
+            });
         }
-        let mut meta = Meta {
-            mode: h.mode().map_err(|e| bad(e.to_string()))? & 0o7777,
-            uid: id32(h.uid(), "uid").map_err(bad)?,
-            gid: id32(h.gid(), "gid").map_err(bad)?,
-            mtime: h.mtime().map_err(|e| bad(e.to_string()))? as i64,
-            mtime_nsec: 0,
-            xattrs: BTreeMap::new(),
-        };
-        if let Some(pax) = e.pax_extensions().map_err(|e| bad(e.to_string()))? {
-            for ext in pax {
-                let ext = ext.map_err(|e| bad(e.to_string()))?;
-                let key = ext.key_bytes();
-                if let Some(name) = key.strip_prefix(b"SCHILY.xattr.") {
-                    let value = ext.value_bytes();
-                    match crate::ondisk::xattr_split_name(name) {
-                        Some((_, suffix)) if suffix.len() <= 255 && value.len() <= 0xffff => {}
-                        _ => {
-                            return Err(bad(format!(
-                                "xattr {:?} ({} bytes) cannot be stored in EROFS",
-                                String::from_utf8_lossy(name),
-                                value.len()
-                            )))
-                        }
-                    }
-                    meta.xattrs.insert(name.to_vec(), value.to_vec());
-                } else if key == b"mtime" {
-                    (meta.mtime, meta.mtime_nsec) = parse_pax_time(ext.value_bytes())
-                        .ok_or_else(|| bad("bad PAX mtime".into()))?;
-                } else if key == b"uid" || key == b"gid" {
-                    let v: u32 = std::str::from_utf8(ext.value_bytes())
-                        .ok()
-                        .and_then(|s| s.parse().ok())
-                        .ok_or_else(|| bad("bad PAX uid/gid".into()))?;
-                    if key == b"uid" {
-                        meta.uid = v;
-                    } else {
-                        meta.gid = v;
-                    }
-                }
-            }
-        }
-        let data = if kind.is_file() || kind == tar::EntryType::Continuous {
-            meta.mode |= S_IFREG;
-            let size = e.size();
-            let chunks = store_data(store, &mut e, size, &mut buf, |_, _| false, &mut |_| Ok(()))
-                .map_err(|err| bad(format!("reading data: {err}")))?;
-            Data::File { size, chunks }
-        } else if kind.is_dir() {
-            meta.mode |= S_IFDIR;
-            Data::Dir(BTreeMap::new())
-        } else if kind.is_symlink() {
-            meta.mode |= S_IFLNK;
-            let target = e
-                .link_name_bytes()
-                .ok_or_else(|| bad("symlink without target".into()))?;
-            if target.contains(&0) {
-                return Err(bad("symlink target contains NUL".into()));
-            }
-            if target.is_empty() || target.len() > 4095 {
-                return Err(bad(format!("symlink target of {} bytes", target.len())));
-            }
-            Data::Symlink(target.into_owned())
-        } else if kind.is_hard_link() {
-            let target = e
-                .link_name_bytes()
-                .ok_or_else(|| bad("hard link without target".into()))?;
-            let tcomps = split_path(&target).map_err(|why| BuildError::UnsafePath {
-                layer: lname.clone(),
-                entry: ename.clone(),
-                why: format!("hard link target: {why}"),
-            })?;
-            tree.link(&comps, &tcomps, layer)
-                .map_err(|e| bad(e.to_string()))?;
-            continue;
-        } else if kind.is_character_special() || kind.is_block_special() {
-            meta.mode |= if kind.is_character_special() {
-                S_IFCHR
-            } else {
-                S_IFBLK
-            };
-            let major = h
-                .device_major()
-                .map_err(|e| bad(e.to_string()))?
-                .unwrap_or(0);
-            let minor = h
-                .device_minor()
-                .map_err(|e| bad(e.to_string()))?
-                .unwrap_or(0);
-            if major > 0xfff || minor > 0xfffff {
-                return Err(bad(format!("device number {major}:{minor} too large")));
-            }
-            Data::Device(encode_rdev(major, minor))
-        } else if kind.is_fifo() {
-            meta.mode |= S_IFIFO;
-            Data::Special
-        } else {
-            return Err(bad(format!("unsupported entry type {:?}", kind)));
-        };
-        tree.apply(&comps, Node { meta, data, layer })
-            .map_err(|e| bad(e.to_string()))?;
     }
     Ok(())
 }
 
-/// Apply a directory as a layer: a sorted walk, hard links by (dev, ino),
-/// sparse files read around their holes.
-pub fn apply_dir(
+fn tar_error(layer: &str, e: crate::tar::TarError) -> BuildError {
+    use crate::tar::TarError;
+    match e {
+        TarError::Entry { entry, why } => BuildError::BadEntry {
+            layer: layer.into(),
+            entry: String::from_utf8_lossy(&entry).into_owned(),
+            why,
+        },
+        TarError::Header { .. } => BuildError::Io {
+            path: layer.into(),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()),
+        },
+        TarError::Io { source, offset } => BuildError::Io {
+            path: layer.into(),
+            source: std::io::Error::new(source.kind(), format!("at tar byte {offset}: {source}")),
+        },
+    }
+}
+
+/// PAX records containerd ignores, and so does shoal: `SCHILY.acl.*`
+/// (GNU tar `--acls`; image builders carry ACLs as the
+/// `SCHILY.xattr.system.posix_acl_*` xattrs, which are applied, and a
+/// textual ACL's user names would need the image's passwd) and
+/// `LIBARCHIVE.xattr.*`. Applying them would make shoal's tree differ
+/// from the one containerd unpacks; they are reported once per layer.
+#[derive(Default)]
+struct Ignored {
+    count: usize,
+    first: Option<(String, String)>,
+}
+
+impl Ignored {
+    fn note(&mut self, e: &crate::tar::Entry) {
+        if let Some(k) = e.ignored.first() {
+            self.count += 1;
+            self.first
+                .get_or_insert_with(|| (String::from_utf8_lossy(&e.path).into_owned(), k.clone()));
+        }
+    }
+
+    fn report(&self, layer: &str) {
+        if let Some((entry, key)) = &self.first {
+            tracing::warn!(
+                layer,
+                entries = self.count,
+                first = %entry,
+                key = %key,
+                "PAX records ignored, as containerd ignores them (ACLs travel as SCHILY.xattr.system.posix_acl_*)"
+            );
+        }
+    }
+}
+
+/// A tar entry as the tree's metadata.
+fn entry_meta(e: &crate::tar::Entry) -> Result<Meta, String> {
+    for (name, value) in &e.xattrs {
+        match crate::ondisk::xattr_split_name(name) {
+            Some((_, suffix)) if suffix.len() <= 255 && value.len() <= 0xffff => {}
+            _ => {
+                return Err(format!(
+                    "xattr {:?} ({} bytes) cannot be stored in EROFS",
+                    String::from_utf8_lossy(name),
+                    value.len()
+                ))
+            }
+        }
+    }
+    Ok(Meta {
+        mode: e.mode,
+        uid: id32(e.uid, "uid")?,
+        gid: id32(e.gid, "gid")?,
+        mtime: e.mtime,
+        mtime_nsec: e.mtime_nsec,
+        xattrs: e.xattrs.clone(),
+    })
+}
+
+fn describe_type(t: u8) -> String {
+    let what = match t {
+        b'7' => " (contiguous file)",
+        b'V' => " (GNU volume header)",
+        b'M' => " (GNU multi-volume continuation)",
+        b'N' => " (old GNU long name)",
+        b'D' => " (GNU dump directory)",
+        _ => "",
+    };
+    if t.is_ascii_graphic() {
+        format!("'{}'{what}", t as char)
+    } else {
+        format!("{t:#04x}")
+    }
+}
+
+impl<R: Read> FileSource for crate::tar::FileData<'_, R> {
+    fn is_hole(&mut self, len: u64) -> bool {
+        crate::tar::FileData::is_hole(self, len)
+    }
+    fn skip_hole(&mut self, len: u64) -> std::io::Result<()> {
+        crate::tar::FileData::skip_hole(self, len);
+        Ok(())
+    }
+    fn read_exact(&mut self, buf: &mut [u8]) -> Result<(), String> {
+        crate::tar::FileData::read_exact(self, buf).map_err(|e| match e {
+            crate::tar::TarError::Entry { why, .. } => why,
+            e => e.to_string(),
+        })
+    }
+}
+
+fn apply_entry<R: Read>(
     tree: &mut Tree,
     store: &mut ChunkStore,
-    layer: usize,
-    root: &Path,
+    ar: &mut crate::tar::Archive<R>,
+    e: &mut crate::tar::Entry,
+    layer: &str,
+    buf: &mut Vec<u8>,
 ) -> Result<(), BuildError> {
+    use crate::tar::Kind;
+    let ename = String::from_utf8_lossy(&e.path).into_owned();
+    let bad = |why: String| BuildError::BadEntry {
+        layer: layer.into(),
+        entry: ename.clone(),
+        why,
+    };
+    let unsafe_path = |why: String| BuildError::UnsafePath {
+        layer: layer.into(),
+        entry: ename.clone(),
+        why,
+    };
+    let path = e.path.clone();
+    let comps = split_path(&path).map_err(unsafe_path)?;
+    let mut meta = entry_meta(e).map_err(bad)?;
+    let data = match e.kind {
+        Kind::Regular => {
+            meta.mode |= S_IFREG;
+            let size = e.size;
+            let chunks =
+                store_data(store, &mut ar.file(e), size, buf).map_err(|err| err.at(bad))?;
+            Data::File { size, chunks }
+        }
+        Kind::Directory => {
+            meta.mode |= S_IFDIR;
+            Data::Dir(BTreeMap::new())
+        }
+        Kind::Symlink => {
+            meta.mode |= S_IFLNK;
+            let target = &e.link;
+            if target.is_empty() {
+                return Err(bad("symlink without target".into()));
+            }
+            if target.contains(&0) {
+                return Err(bad("symlink target contains NUL".into()));
+            }
+            if target.len() > 4095 {
+                return Err(bad(format!("symlink target of {} bytes", target.len())));
+            }
+            Data::Symlink(target.clone())
+        }
+        Kind::HardLink => {
+            if e.link.is_empty() {
+                return Err(bad("hard link without target".into()));
+            }
+            let tcomps = split_path(&e.link)
+                .map_err(|why| unsafe_path(format!("hard link target: {why}")))?;
+            return tree
+                .link(&comps, &tcomps)
+                .map_err(|err| bad(err.to_string()));
+        }
+        Kind::Char | Kind::Block => {
+            meta.mode |= if e.kind == Kind::Char {
+                S_IFCHR
+            } else {
+                S_IFBLK
+            };
+            let (major, minor) = (e.devmajor, e.devminor);
+            if !(0..=0xfff).contains(&major) || !(0..=0xfffff).contains(&minor) {
+                return Err(bad(format!("device number {major}:{minor} too large")));
+            }
+            Data::Device(encode_rdev(major as u32, minor as u32))
+        }
+        Kind::Fifo => {
+            meta.mode |= S_IFIFO;
+            Data::Special
+        }
+        Kind::Unsupported(t) => {
+            return Err(bad(format!(
+                "unsupported entry type {}, which containerd does not unpack",
+                describe_type(t)
+            )))
+        }
+    };
+    tree.apply(&comps, Node { meta, data })
+        .map_err(|err| bad(err.to_string()))
+}
+
+/// A file on disk: holes found with SEEK_DATA when the file is sparse.
+struct DiskFile {
+    f: File,
+    pos: u64,
+    sparse: bool,
+}
+
+impl FileSource for DiskFile {
+    fn is_hole(&mut self, len: u64) -> bool {
+        use rustix::fs::{seek, SeekFrom};
+        if !self.sparse {
+            return false;
+        }
+        // SEEK_DATA moves the offset: put it back.
+        let hole = match seek(&self.f, SeekFrom::Data(self.pos)) {
+            Ok(d) => d >= self.pos + len,
+            Err(e) => e == rustix::io::Errno::NXIO,
+        };
+        let _ = seek(&self.f, SeekFrom::Start(self.pos));
+        hole
+    }
+    fn skip_hole(&mut self, len: u64) -> std::io::Result<()> {
+        use std::io::Seek;
+        self.pos += len;
+        self.f.seek(std::io::SeekFrom::Start(self.pos)).map(|_| ())
+    }
+    fn read_exact(&mut self, buf: &mut [u8]) -> Result<(), String> {
+        self.f.read_exact(buf).map_err(|e| e.to_string())?;
+        self.pos += buf.len() as u64;
+        Ok(())
+    }
+}
+
+/// Apply a directory as a layer: a sorted walk, hard links by (dev, ino),
+/// sparse files read around their holes.
+pub fn apply_dir(tree: &mut Tree, store: &mut ChunkStore, root: &Path) -> Result<(), BuildError> {
+    tree.begin_layer();
     let mut links: HashMap<(u64, u64), Vec<Vec<u8>>> = HashMap::new();
     let mut buf = Vec::new();
     let mut stack: Vec<(std::path::PathBuf, Vec<u8>)> = vec![(root.to_path_buf(), Vec::new())];
@@ -289,8 +427,7 @@ pub fn apply_dir(
             let key = (md.dev(), md.ino());
             if let Some(first) = links.get(&key).and_then(|v| v.first()) {
                 let target = split_path(first).unwrap();
-                tree.link(&comps, &target, layer)
-                    .map_err(|e| bad(e.to_string()))?;
+                tree.link(&comps, &target).map_err(|e| bad(e.to_string()))?;
                 continue;
             }
             links.entry(key).or_default().push(rel.clone());
@@ -314,36 +451,18 @@ pub fn apply_dir(
                 Data::Dir(BTreeMap::new())
             }
             S_IFREG => {
-                let mut f = File::open(&path).map_err(io_err)?;
                 let size = md.len();
-                let fd = f.try_clone().map_err(io_err)?;
-                let sparse = md.blocks() * 512 < size;
-                let chunks = store_data(
-                    store,
-                    &mut f,
-                    size,
-                    &mut buf,
-                    |pos, len| {
-                        use rustix::fs::{seek, SeekFrom};
-                        if !sparse {
-                            return false;
-                        }
-                        // SEEK_DATA moves the shared offset: put it back.
-                        let hole = match seek(&fd, SeekFrom::Data(pos)) {
-                            Ok(d) => d >= pos + len,
-                            Err(e) => e == rustix::io::Errno::NXIO,
-                        };
-                        let _ = seek(&fd, SeekFrom::Start(pos));
-                        hole
-                    },
-                    &mut |len| {
-                        use std::io::Seek;
-                        (&fd)
-                            .seek(std::io::SeekFrom::Current(len as i64))
-                            .map(|_| ())
-                    },
-                )
-                .map_err(io_err)?;
+                let mut src = DiskFile {
+                    f: File::open(&path).map_err(io_err)?,
+                    pos: 0,
+                    sparse: md.blocks() * 512 < size,
+                };
+                let chunks = store_data(store, &mut src, size, &mut buf).map_err(|e| {
+                    e.at(|why| BuildError::Io {
+                        path: path.clone(),
+                        source: std::io::Error::other(why),
+                    })
+                })?;
                 Data::File { size, chunks }
             }
             S_IFLNK => Data::Symlink(
@@ -362,25 +481,9 @@ pub fn apply_dir(
             }
             _ => Data::Special,
         };
-        tree.apply(&comps, Node { meta, data, layer })
+        tree.apply(&comps, Node { meta, data })
             .map_err(|e| bad(e.to_string()))?;
     }
+    tree.end_layer();
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::parse_pax_time;
-
-    #[test]
-    fn pax_times() {
-        assert_eq!(
-            parse_pax_time(b"1700000000.5"),
-            Some((1700000000, 500_000_000))
-        );
-        assert_eq!(parse_pax_time(b"12"), Some((12, 0)));
-        assert_eq!(parse_pax_time(b"1.123456789999"), Some((1, 123_456_789)));
-        assert_eq!(parse_pax_time(b"-1.5"), Some((-2, 500_000_000)));
-        assert_eq!(parse_pax_time(b"x"), None);
-    }
 }

@@ -10,6 +10,7 @@ pub mod error;
 pub mod ingest;
 pub mod ondisk;
 pub mod reader;
+pub mod tar;
 pub mod tree;
 pub mod writer;
 

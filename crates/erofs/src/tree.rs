@@ -3,7 +3,7 @@
 //! Regular-file data is already in blobs by the time it reaches the tree;
 //! the tree holds only metadata and chunk references.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 /// Index of a node in [`Tree::nodes`]; hard links share one node.
 pub type NodeId = usize;
@@ -47,9 +47,6 @@ pub struct Meta {
 pub struct Node {
     pub meta: Meta,
     pub data: Data,
-    /// The layer that wrote this node: whiteouts and opaque markers only
-    /// hide what lower layers wrote.
-    pub layer: usize,
 }
 
 pub const S_IFMT: u32 = 0o170000;
@@ -90,6 +87,24 @@ impl std::fmt::Display for ApplyError {
 pub struct Tree {
     pub nodes: Vec<Node>,
     pub root: NodeId,
+    /// The layer being applied; merged into `root` when it ends.
+    stage: Option<Stage>,
+}
+
+/// One layer's entries, kept apart from the layers below until the layer
+/// ends. Whiteouts and opaque markers then hide exactly what the layers
+/// below hold, wherever they appear in the layer (OCI image spec; what
+/// overlayfs shows for containerd's snapshots), and never what the layer
+/// itself holds.
+struct Stage {
+    root: NodeId,
+    /// Names each staged directory whites out in the layers below.
+    whiteouts: HashMap<NodeId, Vec<Vec<u8>>>,
+    /// Staged directories whose lower contents are hidden.
+    opaque: HashSet<NodeId>,
+    /// Staged directories an entry declared: their metadata replaces the
+    /// lower directory's. The others were only implied by deeper paths.
+    declared: HashSet<NodeId>,
 }
 
 impl Default for Tree {
@@ -121,23 +136,26 @@ fn show(p: &[&[u8]]) -> String {
     String::from_utf8_lossy(&p.join(&b'/')).into_owned()
 }
 
+fn dir_node() -> Node {
+    Node {
+        meta: Meta {
+            mode: S_IFDIR | 0o755,
+            uid: 0,
+            gid: 0,
+            mtime: 0,
+            mtime_nsec: 0,
+            xattrs: BTreeMap::new(),
+        },
+        data: Data::Dir(BTreeMap::new()),
+    }
+}
+
 impl Tree {
     pub fn new() -> Self {
-        let root = Node {
-            meta: Meta {
-                mode: S_IFDIR | 0o755,
-                uid: 0,
-                gid: 0,
-                mtime: 0,
-                mtime_nsec: 0,
-                xattrs: BTreeMap::new(),
-            },
-            data: Data::Dir(BTreeMap::new()),
-            layer: 0,
-        };
         Tree {
-            nodes: vec![root],
+            nodes: vec![dir_node()],
             root: 0,
+            stage: None,
         }
     }
 
@@ -155,7 +173,17 @@ impl Tree {
         }
     }
 
-    /// Resolve a path without following symlinks.
+    fn is_dir(&self, id: NodeId) -> bool {
+        self.children(id).is_some()
+    }
+
+    fn push(&mut self, node: Node) -> NodeId {
+        self.nodes.push(node);
+        self.nodes.len() - 1
+    }
+
+    /// Resolve a path in the merged layers (not the one being applied),
+    /// without following symlinks.
     pub fn lookup(&self, comps: &[&[u8]]) -> Option<NodeId> {
         let mut cur = self.root;
         for c in comps {
@@ -164,122 +192,133 @@ impl Tree {
         Some(cur)
     }
 
-    /// Walk to the parent directory of `comps`, creating missing directories
-    /// (as OCI appliers do for layers that omit parents).
-    fn parent_dir(&mut self, comps: &[&[u8]], layer: usize) -> Result<NodeId, ApplyError> {
-        let mut cur = self.root;
+    /// Start applying a layer. Entries go to a stage of their own until
+    /// [`Tree::end_layer`]; an unfinished layer is ended first.
+    pub fn begin_layer(&mut self) {
+        self.end_layer();
+        let root = self.push(dir_node());
+        self.stage = Some(Stage {
+            root,
+            whiteouts: HashMap::new(),
+            opaque: HashSet::new(),
+            declared: HashSet::new(),
+        });
+    }
+
+    fn stage(&mut self) -> &mut Stage {
+        if self.stage.is_none() {
+            self.begin_layer();
+        }
+        self.stage.as_mut().unwrap()
+    }
+
+    /// Walk the stage to the parent directory of `comps`, creating the
+    /// directories a layer implies but does not declare.
+    fn stage_parent(&mut self, comps: &[&[u8]]) -> Result<NodeId, ApplyError> {
+        let mut cur = self.stage().root;
         for (i, c) in comps[..comps.len() - 1].iter().enumerate() {
-            let existing = self
+            let children = self
                 .children(cur)
-                .ok_or_else(|| ApplyError::NotDir(show(&comps[..i])))?
-                .get(*c)
-                .copied();
-            cur = match existing {
+                .ok_or_else(|| ApplyError::NotDir(show(&comps[..i])))?;
+            cur = match children.get(*c).copied() {
                 Some(id) => id,
                 None => {
-                    let id = self.push(Node {
-                        meta: Meta {
-                            mode: S_IFDIR | 0o755,
-                            uid: 0,
-                            gid: 0,
-                            mtime: 0,
-                            mtime_nsec: 0,
-                            xattrs: BTreeMap::new(),
-                        },
-                        data: Data::Dir(BTreeMap::new()),
-                        layer,
-                    });
+                    let id = self.push(dir_node());
                     self.children_mut(cur).unwrap().insert(c.to_vec(), id);
                     id
                 }
             };
         }
-        if self.children(cur).is_none() {
+        if !self.is_dir(cur) {
             return Err(ApplyError::NotDir(show(&comps[..comps.len() - 1])));
         }
         Ok(cur)
     }
 
-    fn push(&mut self, node: Node) -> NodeId {
-        self.nodes.push(node);
-        self.nodes.len() - 1
-    }
-
     /// Apply one layer entry. Whiteouts (`.wh.NAME`) and opaque markers
-    /// (`.wh..wh..opq`) hide what lower layers wrote; a directory over a
-    /// directory keeps its children; anything else replaces.
+    /// (`.wh..wh..opq`) are recorded for the end of the layer; a directory
+    /// over a directory keeps its children; anything else replaces.
     pub fn apply(&mut self, comps: &[&[u8]], node: Node) -> Result<(), ApplyError> {
-        let layer = node.layer;
+        let is_dir = matches!(node.data, Data::Dir(_));
         let Some(name) = comps.last() else {
             // The root itself: take its metadata, keep its children.
-            if !matches!(node.data, Data::Dir(_)) || node.meta.mode & S_IFMT != S_IFDIR {
+            if !is_dir || node.meta.mode & S_IFMT != S_IFDIR {
                 return Err(ApplyError::RootNotDir);
             }
-            self.nodes[self.root].meta = node.meta;
+            let root = self.stage().root;
+            self.nodes[root].meta = node.meta;
+            self.stage().declared.insert(root);
             return Ok(());
         };
         if *name == OPAQUE_MARKER {
-            let dir = self.lookup_or_create_dir(&comps[..comps.len() - 1], layer)?;
-            let nodes = &self.nodes;
-            if let Data::Dir(children) = &self.nodes[dir].data {
-                let keep: BTreeMap<_, _> = children
-                    .iter()
-                    .filter(|(_, &id)| nodes[id].layer >= layer)
-                    .map(|(k, v)| (k.clone(), *v))
-                    .collect();
-                self.nodes[dir].data = Data::Dir(keep);
-            }
+            let mut dir_path = comps[..comps.len() - 1].to_vec();
+            dir_path.push(b"-");
+            let dir = self.stage_parent(&dir_path)?;
+            self.stage().opaque.insert(dir);
             return Ok(());
         }
         if let Some(hidden) = name.strip_prefix(WHITEOUT_PREFIX) {
             if hidden.is_empty() || hidden == b"." || hidden == b".." {
                 return Err(ApplyError::Name(show(comps)));
             }
-            let parent = self.parent_dir(comps, layer)?;
-            let lower = self.children(parent).unwrap().get(hidden).copied();
-            if let Some(id) = lower {
-                if self.nodes[id].layer < layer {
-                    self.children_mut(parent).unwrap().remove(hidden);
-                }
-            }
+            let parent = self.stage_parent(comps)?;
+            let list = self.stage().whiteouts.entry(parent).or_default();
+            list.push(hidden.to_vec());
             return Ok(());
         }
-        let parent = self.parent_dir(comps, layer)?;
+        let parent = self.stage_parent(comps)?;
         let existing = self.children(parent).unwrap().get(*name).copied();
-        if let (Some(id), Data::Dir(_)) = (existing, &node.data) {
-            if matches!(self.nodes[id].data, Data::Dir(_)) {
+        let id = match existing {
+            Some(id) if is_dir && self.is_dir(id) => {
                 self.nodes[id].meta = node.meta;
-                self.nodes[id].layer = layer;
-                return Ok(());
+                id
             }
+            _ => {
+                let id = self.push(node);
+                self.children_mut(parent).unwrap().insert(name.to_vec(), id);
+                id
+            }
+        };
+        if is_dir {
+            self.stage().declared.insert(id);
         }
-        let id = self.push(node);
-        self.children_mut(parent).unwrap().insert(name.to_vec(), id);
         Ok(())
     }
 
-    /// The directory at `comps`, creating it (and its parents) if missing.
-    fn lookup_or_create_dir(
-        &mut self,
-        comps: &[&[u8]],
-        layer: usize,
-    ) -> Result<NodeId, ApplyError> {
-        let mut with_leaf = comps.to_vec();
-        with_leaf.push(b"-");
-        self.parent_dir(&with_leaf, layer)
+    /// Resolve a path in the merged view of the layers below and the
+    /// stage over them (as a hard link target is resolved while a layer
+    /// is unpacked), without following symlinks.
+    fn lookup_merged(&self, comps: &[&[u8]]) -> Option<NodeId> {
+        let stage = self.stage.as_ref()?;
+        let (mut staged, mut lower) = (Some(stage.root), Some(self.root));
+        for c in comps {
+            let hides = staged.is_some_and(|s| {
+                stage.opaque.contains(&s)
+                    || stage
+                        .whiteouts
+                        .get(&s)
+                        .is_some_and(|w| w.iter().any(|n| n == c))
+            });
+            let s_child = staged.and_then(|s| self.children(s)?.get(*c).copied());
+            let l_child = lower
+                .filter(|_| !hides)
+                .and_then(|l| self.children(l)?.get(*c).copied());
+            (staged, lower) = match s_child {
+                Some(s) if self.is_dir(s) => (Some(s), l_child.filter(|&l| self.is_dir(l))),
+                Some(s) => (Some(s), None),
+                None => (None, l_child),
+            };
+        }
+        staged.or(lower)
     }
 
     /// Add a hard link at `comps` to the existing non-directory at `target`.
-    pub fn link(
-        &mut self,
-        comps: &[&[u8]],
-        target: &[&[u8]],
-        layer: usize,
-    ) -> Result<(), ApplyError> {
+    pub fn link(&mut self, comps: &[&[u8]], target: &[&[u8]]) -> Result<(), ApplyError> {
+        self.stage();
         let id = self
-            .lookup(target)
+            .lookup_merged(target)
             .ok_or_else(|| ApplyError::NoLinkTarget(show(target)))?;
-        if self.children(id).is_some() {
+        if self.is_dir(id) {
             return Err(ApplyError::LinkToDir(show(target)));
         }
         let Some(name) = comps.last() else {
@@ -288,9 +327,42 @@ impl Tree {
         if name.starts_with(WHITEOUT_PREFIX) {
             return Err(ApplyError::Name(show(comps)));
         }
-        let parent = self.parent_dir(comps, layer)?;
+        let parent = self.stage_parent(comps)?;
         self.children_mut(parent).unwrap().insert(name.to_vec(), id);
         Ok(())
+    }
+
+    /// Merge the stage into the tree: in each directory, an opaque marker
+    /// empties the lower directory, whiteouts remove lower names, then the
+    /// layer's entries go in (a directory over a directory merges, taking
+    /// the declared metadata). Iterative: paths may nest thousands deep.
+    pub fn end_layer(&mut self) {
+        let Some(stage) = self.stage.take() else {
+            return;
+        };
+        let mut work = vec![(self.root, stage.root)];
+        while let Some((lower, staged)) = work.pop() {
+            if stage.declared.contains(&staged) {
+                self.nodes[lower].meta = self.nodes[staged].meta.clone();
+            }
+            let below = self.children_mut(lower).unwrap();
+            if stage.opaque.contains(&staged) {
+                below.clear();
+            }
+            for name in stage.whiteouts.get(&staged).into_iter().flatten() {
+                below.remove(name);
+            }
+            let entries = std::mem::take(self.children_mut(staged).unwrap());
+            for (name, s) in entries {
+                let l = self.children(lower).unwrap().get(&name).copied();
+                match l {
+                    Some(l) if self.is_dir(l) && self.is_dir(s) => work.push((l, s)),
+                    _ => {
+                        self.children_mut(lower).unwrap().insert(name, s);
+                    }
+                }
+            }
+        }
     }
 
     /// Node ids reachable from the root in depth-first pre-order, each once
@@ -319,7 +391,7 @@ impl Tree {
 mod tests {
     use super::*;
 
-    fn file(layer: usize) -> Node {
+    fn file() -> Node {
         Node {
             meta: Meta {
                 mode: S_IFREG | 0o644,
@@ -333,18 +405,17 @@ mod tests {
                 size: 0,
                 chunks: vec![],
             },
-            layer,
         }
     }
 
-    fn dir(layer: usize) -> Node {
+    fn dir(mtime: i64) -> Node {
         Node {
             data: Data::Dir(BTreeMap::new()),
             meta: Meta {
                 mode: S_IFDIR | 0o755,
-                ..file(layer).meta
+                mtime,
+                ..file().meta
             },
-            layer,
         }
     }
 
@@ -352,21 +423,75 @@ mod tests {
         split_path(s.as_bytes()).unwrap()
     }
 
+    fn layer(t: &mut Tree, entries: &[&str]) {
+        t.begin_layer();
+        for e in entries {
+            let node = if e.ends_with('/') { dir(1) } else { file() };
+            t.apply(&p(e), node).unwrap();
+        }
+        t.end_layer();
+    }
+
     #[test]
     fn whiteouts_and_opaque() {
         let mut t = Tree::new();
-        t.apply(&p("a"), dir(0)).unwrap();
-        t.apply(&p("a/x"), file(0)).unwrap();
-        t.apply(&p("a/y"), file(0)).unwrap();
-        t.apply(&p("b/z"), file(0)).unwrap();
-        // layer 1: new file in a, then opaque marker: only the new one stays
-        t.apply(&p("a/n"), file(1)).unwrap();
-        t.apply(&p("a/.wh..wh..opq"), file(1)).unwrap();
-        t.apply(&p("b/.wh.z"), file(1)).unwrap();
+        layer(&mut t, &["a/", "a/x", "a/y", "b/z"]);
+        // A new file in a, then the opaque marker: only the new one stays.
+        layer(&mut t, &["a/n", "a/.wh..wh..opq", "b/.wh.z"]);
         assert!(t.lookup(&p("a/x")).is_none());
         assert!(t.lookup(&p("a/n")).is_some());
         assert!(t.lookup(&p("b/z")).is_none());
         assert!(t.lookup(&p("b")).is_some());
+    }
+
+    /// Whiteouts hide the layers below wherever they appear in the layer,
+    /// and never the layer's own entries.
+    #[test]
+    fn whiteouts_do_not_depend_on_entry_order() {
+        let lower = ["a/", "a/b/", "a/b/old", "c/", "c/old"];
+        let orders: [&[&str]; 4] = [
+            &["a/", "a/b/", "a/b/new", "a/.wh..wh..opq"],
+            &["a/.wh..wh..opq", "a/", "a/b/", "a/b/new"],
+            &["a/b/new", "a/.wh..wh..opq"],
+            &["a/.wh..wh..opq", "a/b/new"],
+        ];
+        for upper in orders {
+            let mut t = Tree::new();
+            layer(&mut t, &lower);
+            layer(&mut t, upper);
+            assert!(t.lookup(&p("a/b/old")).is_none(), "{upper:?}");
+            assert!(t.lookup(&p("a/b/new")).is_some(), "{upper:?}");
+            assert!(t.lookup(&p("c/old")).is_some(), "{upper:?}");
+        }
+        for upper in [
+            &["c/new", "c/.wh.old", "c/.wh.new"][..],
+            &["c/.wh.new", "c/new"],
+        ] {
+            let mut t = Tree::new();
+            layer(&mut t, &lower);
+            layer(&mut t, upper);
+            assert!(t.lookup(&p("c/new")).is_some(), "{upper:?}");
+        }
+        // Opaque at the root; a whiteout of a missing path is harmless.
+        let mut t = Tree::new();
+        layer(&mut t, &lower);
+        layer(&mut t, &[".wh..wh..opq", "n", "x/.wh.missing"]);
+        assert!(t.lookup(&p("a")).is_none());
+        assert!(t.lookup(&p("n")).is_some());
+        assert!(t.lookup(&p("x")).is_some());
+    }
+
+    #[test]
+    fn implied_directories_keep_lower_metadata() {
+        let mut t = Tree::new();
+        t.begin_layer();
+        t.apply(&p("a"), dir(7)).unwrap();
+        t.end_layer();
+        layer(&mut t, &["a/f"]);
+        assert_eq!(t.nodes[t.lookup(&p("a")).unwrap()].meta.mtime, 7);
+        layer(&mut t, &["a/"]);
+        assert_eq!(t.nodes[t.lookup(&p("a")).unwrap()].meta.mtime, 1);
+        assert!(t.lookup(&p("a/f")).is_some());
     }
 
     #[test]
@@ -376,24 +501,39 @@ mod tests {
         assert!(split_path(b"a/../../b").is_err());
         assert_eq!(split_path(b"./a//b/").unwrap(), vec![&b"a"[..], b"b"]);
         let mut t = Tree::new();
-        t.apply(&p("f"), file(0)).unwrap();
+        t.apply(&p("f"), file()).unwrap();
         assert!(matches!(
-            t.apply(&p("f/g"), file(0)),
+            t.apply(&p("f/g"), file()),
             Err(ApplyError::NotDir(_))
         ));
         assert!(matches!(
-            t.link(&p("l"), &p("nope"), 0),
+            t.link(&p("l"), &p("nope")),
             Err(ApplyError::NoLinkTarget(_))
         ));
     }
 
     #[test]
-    fn links_across_layers_survive_replacement() {
+    fn links_across_layers() {
         let mut t = Tree::new();
-        t.apply(&p("f"), file(0)).unwrap();
-        t.link(&p("g"), &p("f"), 1).unwrap();
+        layer(&mut t, &["f", "d/", "d/x"]);
+        t.begin_layer();
+        t.link(&p("g"), &p("f")).unwrap();
+        t.link(&p("y"), &p("d/x")).unwrap();
+        t.end_layer();
         assert_eq!(t.lookup(&p("f")), t.lookup(&p("g")));
-        t.apply(&p("f"), file(2)).unwrap();
+        layer(&mut t, &["f"]);
         assert_ne!(t.lookup(&p("f")), t.lookup(&p("g")));
+        // A target the layer itself whited out is gone.
+        t.begin_layer();
+        t.apply(&p("d/.wh.x"), file()).unwrap();
+        assert!(matches!(
+            t.link(&p("z"), &p("d/x")),
+            Err(ApplyError::NoLinkTarget(_))
+        ));
+        t.end_layer();
+        assert!(
+            t.lookup(&p("y")).is_some(),
+            "the earlier link keeps the file"
+        );
     }
 }

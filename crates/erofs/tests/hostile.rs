@@ -1226,7 +1226,7 @@ fn tar_bad_pax_and_devices() {
     expect_bad(
         &tar_bytes(&[pax(b"16 linkpath=a\0b\n"), sym]),
         "s",
-        "symlink target contains NUL",
+        "linkpath contains NUL",
     );
 }
 

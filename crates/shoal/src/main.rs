@@ -50,6 +50,11 @@ enum Cmd {
         /// bootstrap in this directory) instead of writing them again.
         #[arg(long)]
         reuse_blobs: Vec<PathBuf>,
+        /// Refuse images holding more file data than this (bytes, or with a
+        /// K/M/G/T suffix; 0 for no limit): a small compressed layer can
+        /// otherwise expand without bound.
+        #[arg(long, default_value = "64G", value_parser = parse_size)]
+        max_size: u64,
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
@@ -279,6 +284,7 @@ fn main() -> Result<()> {
             fsid,
             layer_blobs,
             reuse_blobs,
+            max_size,
             json,
             sources,
         } => {
@@ -292,6 +298,7 @@ fn main() -> Result<()> {
                 reuse: reuse_blobs,
                 fsid,
                 source_date_epoch: sde,
+                max_size: (max_size > 0).then_some(max_size),
             };
             let report = erofs::build(&sources, &blob_dir, &output, &opts)
                 .with_context(|| format!("building {}", output.display()))?;
@@ -436,5 +443,39 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
+    }
+}
+
+/// A byte count with an optional binary suffix: `4096`, `512M`, `64G`.
+fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (digits, shift) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let shift = match c.to_ascii_uppercase() {
+                'K' => 10,
+                'M' => 20,
+                'G' => 30,
+                'T' => 40,
+                _ => return Err(format!("unknown size suffix {c:?} (K, M, G or T)")),
+            };
+            (&s[..i], shift)
+        }
+        _ => (s, 0),
+    };
+    let n: u64 = digits.parse().map_err(|_| format!("{s:?} is not a size"))?;
+    n.checked_mul(1 << shift)
+        .ok_or_else(|| format!("{s:?} is too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn sizes() {
+        assert_eq!(super::parse_size("4096"), Ok(4096));
+        assert_eq!(super::parse_size("64G"), Ok(64 << 30));
+        assert_eq!(super::parse_size("2k"), Ok(2048));
+        assert!(super::parse_size("1X").is_err());
+        assert!(super::parse_size("G").is_err());
+        assert!(super::parse_size("99999999999T").is_err());
     }
 }
