@@ -28,6 +28,12 @@ mkdir -p "$corpus/image_reader" "$corpus/tar_layer"
 echo "== seeds"
 SHOAL_FUZZ_CORPUS=$corpus cargo test -q -p shoal-erofs --test hostile -- \
     --ignored --exact write_fuzz_seeds
+# The hostile and unusual layers of the differential test (tests/layers.rs).
+layers=$(mktemp -d)
+if python3 crates/shoal/tests/fixtures/layers.py "$layers" >/dev/null 2>&1; then
+    cp "$layers"/*.tar "$layers"/refuse/*.tar "$corpus/tar_layer/"
+fi
+rm -rf "$layers"
 
 if command -v mkfs.erofs >/dev/null 2>&1; then
     tmp=$(mktemp -d)

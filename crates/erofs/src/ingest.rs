@@ -301,7 +301,9 @@ fn apply_entry<R: Read>(
             Data::Dir(BTreeMap::new())
         }
         Kind::Symlink => {
-            meta.mode |= S_IFLNK;
+            // Symlinks have no mode of their own on Linux: whatever the
+            // header says, containerd's unpacked symlink is 0777.
+            meta.mode = S_IFLNK | 0o777;
             let target = &e.link;
             if target.is_empty() {
                 return Err(bad("symlink without target".into()));

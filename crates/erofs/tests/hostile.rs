@@ -1171,6 +1171,99 @@ fn tar_truncated_and_garbage() {
     assert!(build_tar(&zst).2.is_ok());
 }
 
+/// A layer stream is read to its very end and checked there: a tar that
+/// ends early inside a valid-looking stream is not enough.
+#[test]
+fn tar_stream_trailers_and_digests() {
+    let good = tar_bytes(&[TarEntry {
+        data: &pattern(50_000, 2),
+        ..entry(b"f", T::Regular)
+    }]);
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(&good).unwrap();
+    let gz = gz.finish().unwrap();
+    let mut enc = zstd::Encoder::new(Vec::new(), 3).unwrap();
+    enc.include_checksum(true).unwrap();
+    enc.write_all(&good).unwrap();
+    let zst = enc.finish().unwrap();
+    let n = gz.len();
+    let mut bad_crc = gz.clone();
+    bad_crc[n - 8] ^= 1;
+    let mut bad_size = gz.clone();
+    bad_size[n - 1] ^= 0x10;
+    let mut bad_sum = zst.clone();
+    let z = zst.len();
+    bad_sum[z - 1] ^= 1;
+    let cases: [(&str, Vec<u8>); 6] = [
+        ("gzip CRC flipped", bad_crc),
+        ("gzip size flipped", bad_size),
+        ("gzip cut before its trailer", gz[..n - 4].to_vec()),
+        (
+            "gzip with trailing garbage",
+            [&gz[..], b"garbage!"].concat(),
+        ),
+        ("zstd checksum flipped", bad_sum),
+        (
+            "zstd with trailing garbage",
+            [&zst[..], b"garbage!"].concat(),
+        ),
+    ];
+    for (what, bytes) in cases {
+        let (_t, l, r) = build_tar(&bytes);
+        match r {
+            Err(BuildError::Io { path, .. }) => assert_eq!(path, l, "{what}"),
+            r => panic!("{what}: expected an I/O error naming the layer, got {r:?}"),
+        }
+    }
+    let (_t, _, r) = build_tar(&zst[..z - 4]);
+    assert!(r.is_err(), "zstd cut before its checksum: {r:?}");
+    // A known digest is checked against the stored (compressed) bytes.
+    let digest = format!(
+        "sha256:{}",
+        hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&gz))
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let mut store = erofs::blob::ChunkStore::new(&tmp.path().join("b"), 4096).unwrap();
+    let mut tree = erofs::tree::Tree::new();
+    erofs::ingest::apply_tar_stream(&mut tree, &mut store, "l", &gz[..], Some(&digest)).unwrap();
+    let wrong = format!("sha256:{}", "0".repeat(64));
+    match erofs::ingest::apply_tar_stream(&mut tree, &mut store, "l", &gz[..], Some(&wrong)) {
+        Err(BuildError::Digest {
+            layer,
+            expected,
+            actual,
+        }) => {
+            assert_eq!((layer.as_str(), expected), ("l", wrong));
+            assert_eq!(actual, digest);
+        }
+        r => panic!("{r:?}"),
+    }
+}
+
+/// A small layer cannot expand without bound: the build stops at its
+/// size limit, naming it.
+#[test]
+fn tar_max_size() {
+    let big = tar_bytes(&[TarEntry {
+        data: &pattern(1 << 20, 9),
+        ..entry(b"f", T::Regular)
+    }]);
+    let tmp = tempfile::tempdir().unwrap();
+    let layer = tmp.path().join("l.tar");
+    std::fs::write(&layer, big).unwrap();
+    let opts = |max| BuildOptions {
+        chunk_size: 4096,
+        max_size: Some(max),
+        ..Default::default()
+    };
+    let (blobs, out) = (tmp.path().join("blobs"), tmp.path().join("out"));
+    match erofs::build(std::slice::from_ref(&layer), &blobs, &out, &opts(1 << 19)) {
+        Err(BuildError::Limit(m)) => assert!(m.contains("524288 bytes"), "{m}"),
+        r => panic!("{r:?}"),
+    }
+    erofs::build(&[layer], &blobs, &out, &opts(1 << 20)).unwrap();
+}
+
 #[test]
 fn tar_bad_pax_and_devices() {
     fn pax(records: &[u8]) -> TarEntry<'_> {

@@ -134,11 +134,15 @@ pub fn reference_tree(layers: &[PathBuf], dest: &Path) {
     for layer in layers {
         let list = Command::new("tar").arg("-tf").arg(layer).output().unwrap();
         assert!(list.status.success(), "tar -t {}", layer.display());
+        let mut implied = Vec::new();
         for name in list.stdout.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
             let p = Path::new(std::ffi::OsStr::from_bytes(name));
             let Some(base) = p.file_name() else { continue };
             let parent = dest.join(p.parent().unwrap_or(Path::new("")));
             let base = base.as_bytes();
+            if base.starts_with(b".wh.") {
+                implied.push(p.parent().unwrap_or(Path::new("")).to_path_buf());
+            }
             if base == b".wh..wh..opq" {
                 keep_mtime(&parent, || {
                     if let Ok(rd) = std::fs::read_dir(&parent) {
@@ -180,6 +184,11 @@ pub fn reference_tree(layers: &[PathBuf], dest: &Path) {
             .status()
             .unwrap();
         assert!(st.success(), "tar -x {}", layer.display());
+        for dir in &implied {
+            create_implied_dirs(dest, dir);
+        }
+        // GNU tar does not restore POSIX ACLs carried as
+        // SCHILY.xattr.system.posix_acl_* (containerd does): set them too.
         // GNU tar restores a directory's mtime when it leaves it; entries
         // landing in it later (layers are not sorted) bump it again, and a
         // second `tar -x` leaves existing directories alone. So set
@@ -188,9 +197,10 @@ pub fn reference_tree(layers: &[PathBuf], dest: &Path) {
         let py = Command::new("/usr/bin/python3")
             .args([
                 "-c",
-                "import sys,tarfile,subprocess\np=sys.argv[1]\nf=open(p,'rb')\nif f.read(4)==b'\\x28\\xb5\\x2f\\xfd':\n    t=tarfile.open(fileobj=subprocess.Popen(['zstd','-dc',p],stdout=subprocess.PIPE).stdout,mode='r|')\nelse:\n    t=tarfile.open(p)\nfor m in t:\n    m.isdir() and sys.stdout.buffer.write(m.name.encode('utf-8','surrogateescape')+b'\\0'+m.pax_headers.get('mtime',str(m.mtime)).encode()+b'\\0')",
+                "import os,sys,tarfile,subprocess\np=sys.argv[1]\nf=open(p,'rb')\nif f.read(4)==b'\\x28\\xb5\\x2f\\xfd':\n    t=tarfile.open(fileobj=subprocess.Popen(['zstd','-dc',p],stdout=subprocess.PIPE).stdout,mode='r|')\nelse:\n    t=tarfile.open(p)\nfor m in t:\n    m.isdir() and sys.stdout.buffer.write(m.name.encode('utf-8','surrogateescape')+b'\\0'+m.pax_headers.get('mtime',str(m.mtime)).encode()+b'\\0')\n    for k,v in m.pax_headers.items():\n        k.startswith('SCHILY.xattr.system.posix_acl_') and os.setxattr(os.path.join(sys.argv[2],m.name),k[13:],v.encode('utf-8','surrogateescape'),follow_symlinks=False)",
             ])
             .arg(layer)
+            .arg(dest)
             .output()
             .unwrap();
         assert!(
@@ -221,6 +231,36 @@ pub fn reference_tree(layers: &[PathBuf], dest: &Path) {
                 rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
             );
         }
+    }
+}
+
+/// A whiteout's directory exists in the layer even when no entry declares
+/// it (containerd creates it; overlayfs shows it): create what is missing
+/// as shoal records an implied directory, 0755 root with mtime 0.
+fn create_implied_dirs(dest: &Path, rel: &Path) {
+    let mut cur = dest.to_path_buf();
+    for c in rel.components() {
+        let next = cur.join(c);
+        if std::fs::symlink_metadata(&next).is_err() {
+            keep_mtime(&cur, || std::fs::create_dir(&next).unwrap());
+            std::fs::set_permissions(&next, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+                .unwrap();
+            let zero = rustix::fs::Timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            };
+            rustix::fs::utimensat(
+                rustix::fs::CWD,
+                &next,
+                &rustix::fs::Timestamps {
+                    last_access: zero,
+                    last_modification: zero,
+                },
+                rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+            )
+            .unwrap();
+        }
+        cur = next;
     }
 }
 
