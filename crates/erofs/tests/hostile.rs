@@ -1240,6 +1240,47 @@ fn tar_stream_trailers_and_digests() {
     }
 }
 
+/// GNU tar's textual ACLs are ignored, as containerd ignores them; ACLs
+/// carried as xattrs are kept, newline bytes and all.
+#[test]
+fn tar_acl_records() {
+    let rec = |k: &str, v: &[u8]| {
+        let body = [k.as_bytes(), b"=", v, b"\n"].concat();
+        let mut n = body.len() + 2;
+        while format!("{n} ").len() + body.len() != n {
+            n += 1;
+        }
+        [format!("{n} ").as_bytes(), &body].concat()
+    };
+    let acl_xattr = [&2u32.to_le_bytes()[..], &[2, 0, 4, 0, 10, 0, 0, 0]].concat();
+    let records = [
+        rec(
+            "SCHILY.acl.access",
+            b"user::rw-\nuser:10:r--\ngroup::r--\nmask::r--\nother::r--\n",
+        ),
+        rec("SCHILY.xattr.system.posix_acl_default", &acl_xattr),
+    ]
+    .concat();
+    let bytes = tar_bytes(&[
+        TarEntry {
+            data: &records,
+            ..entry(b"PaxHeaders/f", T::XHeader)
+        },
+        TarEntry {
+            data: b"x",
+            ..entry(b"f", T::Regular)
+        },
+    ]);
+    let (tmp, _, r) = build_tar(&bytes);
+    r.unwrap();
+    let img = open(std::fs::read(tmp.path().join("out.erofs")).unwrap()).unwrap();
+    let xattrs = img.xattrs(&lookup(&img, "f")).unwrap();
+    assert_eq!(
+        xattrs,
+        vec![(b"system.posix_acl_default".to_vec(), acl_xattr)]
+    );
+}
+
 /// A small layer cannot expand without bound: the build stops at its
 /// size limit, naming it.
 #[test]
