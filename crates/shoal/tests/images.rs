@@ -49,6 +49,11 @@ fn synthetic_tree(root: &Path, with_root_only: bool) {
     std::os::unix::fs::symlink("../small", root.join("dir/sym")).unwrap();
     std::os::unix::fs::symlink("x".repeat(3000), root.join("longsym")).unwrap();
     std::fs::write(root.join("n".repeat(255)), b"long name").unwrap();
+    // Names sorting before "." and "..": directories are sorted whole, so
+    // the kernel's binary search (and the reader's order check) finds them.
+    std::fs::write(root.join("!bang"), b"bang").unwrap();
+    std::fs::write(root.join("-dash"), b"dash").unwrap();
+    std::fs::create_dir(root.join("dir/ sp")).unwrap();
     // > 4 GiB sparse file with data in a few places: holes stay holes.
     let f = std::fs::File::create(root.join("huge")).unwrap();
     f.set_len(5 << 30).unwrap();
