@@ -7,10 +7,9 @@ use erofs::tree::{S_IFBLK, S_IFCHR, S_IFDIR, S_IFIFO, S_IFLNK, S_IFMT, S_IFREG, 
 use erofs::{BlobFiles, BuildReport, Extent, Image};
 use serde_json::json;
 use sha2::{Digest, Sha256};
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 #[derive(clap::Args, Clone, Debug, Default)]
@@ -355,34 +354,8 @@ pub fn cat(path: &Path, file: &str, args: &BlobArgs) -> Result<()> {
 pub fn extract(path: &Path, dest: &Path, args: &BlobArgs) -> Result<()> {
     let img = open_image(path)?;
     let blobs = open_blobs(&img, args)?;
-    let root = img.inode(img.root_nid())?;
-    let entries = walk(&img, root, b"")?;
-    std::fs::create_dir_all(dest).with_context(|| format!("creating {}", dest.display()))?;
-    let mut first_path: HashMap<u64, PathBuf> = HashMap::new();
-    let mut dirs = Vec::new();
-    let is_root = rustix::process::geteuid().is_root();
-    for e in &entries {
-        let target = dest.join(std::ffi::OsStr::from_bytes(&e.path));
-        let i = &e.inode;
-        if !i.is_dir() {
-            if let Some(first) = first_path.get(&i.nid) {
-                std::fs::hard_link(first, &target)
-                    .with_context(|| format!("linking {}", target.display()))?;
-                continue;
-            }
-            first_path.insert(i.nid, target.clone());
-        }
-        crate::walk::create(&img, &blobs, i, &target, is_root)
-            .with_context(|| format!("extracting /{}", String::from_utf8_lossy(&e.path)))?;
-        if i.is_dir() {
-            dirs.push((target, i.clone()));
-        }
-    }
-    // Directory times last, deepest first, once their contents exist.
-    for (target, i) in dirs.iter().rev() {
-        crate::walk::set_times(target, i)?;
-    }
-    println!("extracted {} entries to {}", entries.len(), dest.display());
+    let n = crate::extract::extract(&img, &blobs, dest)?;
+    println!("extracted {n} entries to {}", dest.display());
     Ok(())
 }
 
