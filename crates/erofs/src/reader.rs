@@ -98,7 +98,9 @@ pub struct Inode {
     pub size: u64,
     pub uid: u32,
     pub gid: u32,
-    pub mtime: u64,
+    /// Seconds since the epoch, signed: the on-disk fields are `__le64`
+    /// but the kernel reads them as `time64_t`, so before 1970 is negative.
+    pub mtime: i64,
     pub mtime_nsec: u32,
     pub xattr_icount: u16,
     pub i_u: u32,
@@ -374,7 +376,7 @@ impl<R: ReadAt> Image<R> {
                 size: e.i_size.get(),
                 uid: e.i_uid.get(),
                 gid: e.i_gid.get(),
-                mtime: e.i_mtime.get(),
+                mtime: e.i_mtime.get() as i64,
                 mtime_nsec: e.i_mtime_nsec.get(),
                 xattr_icount: e.i_xattr_icount.get(),
                 i_u: e.i_u.get(),
@@ -392,7 +394,7 @@ impl<R: ReadAt> Image<R> {
                 size: u64::from(c.i_size.get()),
                 uid: u32::from(c.i_uid.get()),
                 gid: u32::from(c.i_gid.get()),
-                mtime: self.sb.build_time.get(),
+                mtime: self.sb.build_time.get() as i64,
                 mtime_nsec: self.sb.build_time_nsec.get(),
                 xattr_icount: c.i_xattr_icount.get(),
                 i_u: c.i_u.get(),

@@ -354,7 +354,7 @@ fn perm(i: &Inode) -> Mode {
 
 fn times(i: &Inode) -> Timestamps {
     let t = rustix::fs::Timespec {
-        tv_sec: i.mtime as i64,
+        tv_sec: i.mtime,
         tv_nsec: i.mtime_nsec as _,
     };
     Timestamps {

@@ -615,3 +615,35 @@ fn extract_keeps_capabilities_acls_and_modes_as_the_kernel_mount() {
         diffs.join("\n")
     );
 }
+
+#[test]
+fn ls_shows_times_before_1970_and_special_mode_bits() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    std::fs::create_dir_all(src.join("tmp")).unwrap();
+    for f in ["old", "older", "suid", "sgid"] {
+        std::fs::write(src.join(f), f).unwrap();
+    }
+    let mode = |p: &str, m| {
+        std::fs::set_permissions(src.join(p), std::fs::Permissions::from_mode(m)).unwrap()
+    };
+    mode("suid", 0o4755);
+    mode("sgid", 0o2644);
+    mode("tmp", 0o1777);
+    set_mtime(&src.join("old"), -5, 0);
+    set_mtime(&src.join("older"), -5, 500_000_000); // 4.5 s before 1970
+    let (img, blobs) = (tmp.path().join("l.img"), tmp.path().join("blobs"));
+    build(&[&src], &img, &blobs, &[]);
+    let out = run_shoal(&["ls".as_ref(), img.as_os_str(), "/".as_ref()]);
+    let line = |name: &str| {
+        out.lines()
+            .find(|l| l.ends_with(&format!(" /{name}")))
+            .unwrap_or_else(|| panic!("no /{name} in:\n{out}"))
+            .to_string()
+    };
+    assert!(line("old").contains(" -5.000000000 /old"), "{out}");
+    assert!(line("older").contains(" -4.500000000 /older"), "{out}");
+    assert!(line("suid").starts_with("-rwsr-xr-x "), "{out}");
+    assert!(line("sgid").starts_with("-rw-r-Sr-- "), "{out}");
+    assert!(line("tmp").starts_with("drwxrwxrwt "), "{out}");
+}
