@@ -479,13 +479,31 @@ pub fn verify(path: &Path, args: &BlobArgs) -> Result<()> {
     Ok(())
 }
 
+/// A blob must be exactly as long as its device slot says: the kernel
+/// takes it as it is, and a short one fails only later, on reads. Slots
+/// of 0 blocks (erofs-utils 1.5 `--blobdev`) have no size to check.
+fn check_blob_size(img: &Image<File>, k: usize, p: &Path) -> Result<()> {
+    let size = std::fs::metadata(p)
+        .with_context(|| format!("blob {}", p.display()))?
+        .len();
+    let blocks = u64::from(img.devices[k].blocks.get());
+    let want = blocks * img.block_size();
+    if blocks != 0 && size != want {
+        bail!(
+            "blob {}: {size} bytes, but device slot {} is {want} bytes ({blocks} blocks of {})",
+            p.display(),
+            k + 1,
+            img.block_size()
+        );
+    }
+    Ok(())
+}
+
 pub fn mount(image: &Path, mountpoint: &Path, args: &BlobArgs) -> Result<()> {
     let img = open_image(image)?;
     let paths = blob_paths(&img, args)?;
-    for p in &paths {
-        if !p.exists() {
-            bail!("blob {} does not exist", p.display());
-        }
+    for (k, p) in paths.iter().enumerate() {
+        check_blob_size(&img, k, p)?;
     }
     let refs: Vec<&Path> = paths.iter().map(|p| p.as_path()).collect();
     shoal_sys::mount_erofs(image, &refs, mountpoint)

@@ -647,3 +647,48 @@ fn ls_shows_times_before_1970_and_special_mode_bits() {
     assert!(line("sgid").starts_with("-rw-r-Sr-- "), "{out}");
     assert!(line("tmp").starts_with("drwxrwxrwt "), "{out}");
 }
+
+#[test]
+fn mount_refuses_a_blob_of_the_wrong_size() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    std::fs::create_dir(&src).unwrap();
+    std::fs::write(src.join("data"), vec![7u8; 10_000]).unwrap();
+    let (img, blobs) = (tmp.path().join("m.img"), tmp.path().join("blobs"));
+    build(&[&src], &img, &blobs, &[]);
+    let blob = std::fs::read_dir(&blobs)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let good = std::fs::metadata(&blob).unwrap().len();
+    let mnt = tmp.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    // Checked before any mount attempt, so this needs neither root nor
+    // the kernel: a short blob (reads would fail later) and a long one.
+    for len in [good - 4096, good + 1] {
+        let f = std::fs::OpenOptions::new().write(true).open(&blob).unwrap();
+        f.set_len(len).unwrap();
+        for dev_args in [
+            vec!["--blob-dir".into(), blobs.clone().into_os_string()],
+            vec![format!("--device={}", blob.display()).into()],
+        ] {
+            let o = shoal()
+                .args(["mount".as_ref(), img.as_os_str(), mnt.as_os_str()])
+                .args(&dev_args)
+                .output()
+                .unwrap();
+            if o.status.success() {
+                drop(Mounted(mnt.clone())); // unmount before failing
+            }
+            let err = String::from_utf8_lossy(&o.stderr);
+            let want = format!(
+                "blob {}: {len} bytes, but device slot 1 is {good} bytes",
+                blob.display()
+            );
+            assert!(!o.status.success() && err.contains(&want), "{err}");
+        }
+    }
+    assert!(std::fs::read_dir(&mnt).unwrap().next().is_none());
+}
