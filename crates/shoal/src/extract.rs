@@ -175,7 +175,10 @@ impl<R: ReadAt> Extractor<'_, R> {
     }
 
     fn entry(&mut self, e: DirEntry) -> Result<()> {
-        let i = self.img.inode(e.nid)?;
+        let i = self
+            .img
+            .inode(e.nid)
+            .with_context(|| format!("reading {}", self.shown_entry(&e.name)))?;
         self.count += 1;
         let parent = self.stack.last().unwrap().inode.nid;
         if i.is_dir() {
@@ -197,7 +200,8 @@ impl<R: ReadAt> Extractor<'_, R> {
     }
 
     /// Create (or reuse, if it is a real directory) and enter a directory.
-    /// It stays 0700 until left, whatever its final mode.
+    /// One it creates stays 0700 until left, whatever its final mode, so
+    /// no one else can meddle with it meanwhile.
     fn enter(&mut self, i: Inode, name: Vec<u8>, parent: u64) -> Result<()> {
         let shown = self.shown_entry(&name);
         if !self.seen_dirs.insert(i.nid) {
