@@ -98,7 +98,9 @@ pub struct Inode {
     pub size: u64,
     pub uid: u32,
     pub gid: u32,
-    pub mtime: u64,
+    /// Seconds since the epoch, signed: the on-disk fields are `__le64`
+    /// but the kernel reads them as `time64_t`, so before 1970 is negative.
+    pub mtime: i64,
     pub mtime_nsec: u32,
     pub xattr_icount: u16,
     pub i_u: u32,
@@ -374,7 +376,7 @@ impl<R: ReadAt> Image<R> {
                 size: e.i_size.get(),
                 uid: e.i_uid.get(),
                 gid: e.i_gid.get(),
-                mtime: e.i_mtime.get(),
+                mtime: e.i_mtime.get() as i64,
                 mtime_nsec: e.i_mtime_nsec.get(),
                 xattr_icount: e.i_xattr_icount.get(),
                 i_u: e.i_u.get(),
@@ -392,7 +394,7 @@ impl<R: ReadAt> Image<R> {
                 size: u64::from(c.i_size.get()),
                 uid: u32::from(c.i_uid.get()),
                 gid: u32::from(c.i_gid.get()),
-                mtime: self.sb.build_time.get(),
+                mtime: self.sb.build_time.get() as i64,
                 mtime_nsec: self.sb.build_time_nsec.get(),
                 xattr_icount: c.i_xattr_icount.get(),
                 i_u: c.i_u.get(),
@@ -622,6 +624,11 @@ impl<R: ReadAt> Image<R> {
         self.read_flat(ino, 0, ino.size)
     }
 
+    /// A directory's entries in on-disk order. Names must be strictly
+    /// increasing in byte order across the whole directory (`.` and `..`
+    /// included), as the kernel's binary search in `erofs_namei` assumes:
+    /// a duplicate or misplaced name is corruption, and a duplicate would
+    /// let one path name two inodes (a symlink and a directory, say).
     pub fn read_dir(&self, ino: &Inode) -> Result<Vec<DirEntry>> {
         let nid = ino.nid;
         if !ino.is_dir() {
@@ -635,7 +642,7 @@ impl<R: ReadAt> Image<R> {
         }
         let data = self.read_flat(ino, 0, ino.size)?;
         let bs = self.blksz as usize;
-        let mut out = Vec::new();
+        let mut out: Vec<DirEntry> = Vec::new();
         for (bi, blk) in data.chunks(bs).enumerate() {
             if blk.len() < 12 {
                 return Err(Error::corrupt(nid, format!("dir block {bi} too short")));
@@ -672,6 +679,9 @@ impl<R: ReadAt> Image<R> {
                             String::from_utf8_lossy(name)
                         ),
                     ));
+                }
+                if let Some(prev) = out.last() {
+                    check_order(nid, &prev.name, name)?;
                 }
                 out.push(DirEntry {
                     name: name.to_vec(),
@@ -803,6 +813,27 @@ impl<R: ReadAt> Image<R> {
             }
         }
         Ok(buf)
+    }
+}
+
+/// Refuse a directory entry whose name does not sort strictly after the
+/// previous one (byte order, a shorter prefix first: `erofs_dirnamecmp`).
+fn check_order(nid: u64, prev: &[u8], name: &[u8]) -> Result<()> {
+    let show = |n: &[u8]| String::from_utf8_lossy(n).into_owned();
+    match prev.cmp(name) {
+        std::cmp::Ordering::Less => Ok(()),
+        std::cmp::Ordering::Equal => Err(Error::corrupt(
+            nid,
+            format!("duplicate directory entry {:?}", show(name)),
+        )),
+        std::cmp::Ordering::Greater => Err(Error::corrupt(
+            nid,
+            format!(
+                "directory entry {:?} out of order (after {:?})",
+                show(name),
+                show(prev)
+            ),
+        )),
     }
 }
 

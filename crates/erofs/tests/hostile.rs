@@ -694,6 +694,65 @@ fn bogus_nameoff() {
     assert!(what.contains("invalid name"), "{what}");
 }
 
+/// Image offset of the name bytes of the entry `name` in `dir`.
+fn name_at(img: &Image<Vec<u8>>, dir: &Inode, name: &[u8]) -> u64 {
+    let (off, blk) = dir_block(img, dir);
+    let k = (dirent_at(img, dir, name) - off) as usize;
+    off + u64::from(u16::from_le_bytes([blk[k + 8], blk[k + 9]]))
+}
+
+#[test]
+fn duplicate_and_unsorted_names() {
+    let f = fixture();
+    let img = f.img();
+    let root = img.inode(img.root_nid()).unwrap();
+    // Same-length renames in place: a duplicate (a symlink and a file both
+    // called "hard"), a name after its successor, one before "..".
+    for (from, to, want) in [
+        (
+            &b"link"[..],
+            &b"hard"[..],
+            r#"duplicate directory entry "hard""#,
+        ),
+        (
+            b"hard",
+            b"zzzz",
+            r#"directory entry "link" out of order (after "zzzz")"#,
+        ),
+        (
+            b"a.txt",
+            b"!a.tx",
+            r#"directory entry "!a.tx" out of order (after "..")"#,
+        ),
+    ] {
+        let mut b = f.image.clone();
+        let at = name_at(&img, &root, from) as usize;
+        b[at..at + to.len()].copy_from_slice(to);
+        let img = open(b).unwrap();
+        let (nid, what) = corrupt_what(img.read_dir(&root));
+        assert_eq!((nid, what.as_str()), (root.nid, want));
+        assert!(walk_all(&img, &NoBlobs).is_err());
+        assert!(img.lookup("sub/b.txt").is_err());
+    }
+    // Across blocks: block 1 of "many" starts with a name from block 0.
+    let many = lookup(&img, "many");
+    let ((_, _), Extent::Image { offset }) = img.map(&many, 4096).unwrap() else {
+        panic!("directory block not in the image")
+    };
+    let blk1 = img.source()[offset as usize..offset as usize + 4096].to_vec();
+    let start = u16::from_le_bytes([blk1[8], blk1[9]]) as usize;
+    let name = &blk1[start..start + 28];
+    assert!(name.starts_with(b"file-with-a-longish-name-"), "{name:?}");
+    let mut b = f.image.clone();
+    b[offset as usize + start + 25..offset as usize + start + 28].copy_from_slice(b"000");
+    let (nid, what) = corrupt_what(open(b).unwrap().read_dir(&many));
+    assert_eq!(nid, many.nid);
+    assert!(
+        what.starts_with(r#"directory entry "file-with-a-longish-name-000" out of order"#),
+        "{what}"
+    );
+}
+
 #[test]
 fn hostile_nids() {
     let f = fixture();

@@ -18,7 +18,7 @@ use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::{mpsc, Arc, Mutex};
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 const TTL: Duration = Duration::from_secs(86400);
 const READ_THREADS: usize = 8;
@@ -115,7 +115,7 @@ impl ShoalFs {
     }
 
     fn attr(&self, i: &Inode) -> FileAttr {
-        let mtime = UNIX_EPOCH + Duration::new(i.mtime, i.mtime_nsec.min(999_999_999));
+        let mtime = system_time(i.mtime, i.mtime_nsec);
         FileAttr {
             ino: self.ino(i.nid),
             size: i.size,
@@ -137,6 +137,21 @@ impl ShoalFs {
             flags: 0,
         }
     }
+}
+
+/// An inode's time as a `SystemTime`: before 1970 (a negative mtime)
+/// counts back from the epoch (`UNIX_EPOCH + Duration` panicked on the
+/// huge value a negative time was as `u64`). Checked arithmetic: never a
+/// panic, whatever the image says.
+fn system_time(sec: i64, nsec: u32) -> SystemTime {
+    let secs = Duration::from_secs(sec.unsigned_abs());
+    let t = if sec >= 0 {
+        UNIX_EPOCH.checked_add(secs)
+    } else {
+        UNIX_EPOCH.checked_sub(secs)
+    };
+    t.and_then(|t| t.checked_add(Duration::from_nanos(u64::from(nsec.min(999_999_999)))))
+        .unwrap_or(UNIX_EPOCH)
 }
 
 fn kind(mode: u32) -> FileType {
@@ -392,4 +407,25 @@ pub fn mount(img: Arc<BoundImage>, mountpoint: &Path) -> std::io::Result<fuser::
         MountOption::DefaultPermissions,
     ];
     fuser::spawn_mount2(ShoalFs::new(img), mountpoint, &opts)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_before_1970_and_extremes() {
+        let at = |s, ns| system_time(s, ns);
+        assert_eq!(at(5, 7), UNIX_EPOCH + Duration::new(5, 7));
+        // -5 s + 0.5 s is 4.5 s before the epoch.
+        assert_eq!(
+            at(-5, 500_000_000),
+            UNIX_EPOCH - Duration::from_millis(4500)
+        );
+        assert!(at(i64::MIN, 0) < UNIX_EPOCH && at(i64::MAX, 999_999_999) > UNIX_EPOCH);
+        assert_eq!(
+            at(0, u32::MAX),
+            UNIX_EPOCH + Duration::from_nanos(999_999_999)
+        );
+    }
 }

@@ -7,10 +7,9 @@ use erofs::tree::{S_IFBLK, S_IFCHR, S_IFDIR, S_IFIFO, S_IFLNK, S_IFMT, S_IFREG, 
 use erofs::{BlobFiles, BuildReport, Extent, Image};
 use serde_json::json;
 use sha2::{Digest, Sha256};
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 #[derive(clap::Args, Clone, Debug, Default)]
@@ -262,6 +261,9 @@ pub fn inspect(path: &Path, as_json: bool) -> Result<()> {
     Ok(())
 }
 
+/// `ls -l` style mode: the type, then rwx for owner, group and others,
+/// with setuid/setgid as `s` (`S` without execute) in the owner's and the
+/// group's execute slot and sticky as `t` (`T`) in the others'.
 fn mode_string(mode: u32) -> String {
     let t = match mode & S_IFMT {
         S_IFDIR => 'd',
@@ -273,10 +275,29 @@ fn mode_string(mode: u32) -> String {
         _ => '-',
     };
     let mut s = String::from(t);
-    for (i, c) in "rwxrwxrwx".chars().enumerate() {
-        s.push(if mode & (1 << (8 - i)) != 0 { c } else { '-' });
+    for (shift, special, mark) in [(6, 0o4000, 's'), (3, 0o2000, 's'), (0, 0o1000, 't')] {
+        let bits = mode >> shift;
+        s.push(if bits & 4 != 0 { 'r' } else { '-' });
+        s.push(if bits & 2 != 0 { 'w' } else { '-' });
+        s.push(match (mode & special != 0, bits & 1 != 0) {
+            (true, true) => mark,
+            (true, false) => mark.to_ascii_uppercase(),
+            (false, true) => 'x',
+            (false, false) => '-',
+        });
     }
     s
+}
+
+/// A time as signed decimal seconds, exact before 1970 too: the stored
+/// (-5 s, +0.5 s) is -4.5 s, printed `-4.500000000` (not `-5.5...`).
+fn time_string(sec: i64, nsec: u32) -> String {
+    let nsec = nsec.min(999_999_999);
+    if sec < 0 && nsec > 0 {
+        format!("-{}.{:09}", sec.unsigned_abs() - 1, 1_000_000_000 - nsec)
+    } else {
+        format!("{sec}.{nsec:09}")
+    }
 }
 
 pub fn ls(path: &Path, dir: &str, recursive: bool) -> Result<()> {
@@ -315,14 +336,13 @@ pub fn ls(path: &Path, dir: &str, recursive: bool) -> Result<()> {
         };
         writeln!(
             out,
-            "{} {:>3} {:>5} {:>5} {:>12} {}.{:09} /{}{}",
+            "{} {:>3} {:>5} {:>5} {:>12} {} /{}{}",
             mode_string(i.mode),
             i.nlink,
             i.uid,
             i.gid,
             size,
-            i.mtime,
-            i.mtime_nsec,
+            time_string(i.mtime, i.mtime_nsec),
             String::from_utf8_lossy(&e.path),
             extra
         )?;
@@ -355,34 +375,8 @@ pub fn cat(path: &Path, file: &str, args: &BlobArgs) -> Result<()> {
 pub fn extract(path: &Path, dest: &Path, args: &BlobArgs) -> Result<()> {
     let img = open_image(path)?;
     let blobs = open_blobs(&img, args)?;
-    let root = img.inode(img.root_nid())?;
-    let entries = walk(&img, root, b"")?;
-    std::fs::create_dir_all(dest).with_context(|| format!("creating {}", dest.display()))?;
-    let mut first_path: HashMap<u64, PathBuf> = HashMap::new();
-    let mut dirs = Vec::new();
-    let is_root = rustix::process::geteuid().is_root();
-    for e in &entries {
-        let target = dest.join(std::ffi::OsStr::from_bytes(&e.path));
-        let i = &e.inode;
-        if !i.is_dir() {
-            if let Some(first) = first_path.get(&i.nid) {
-                std::fs::hard_link(first, &target)
-                    .with_context(|| format!("linking {}", target.display()))?;
-                continue;
-            }
-            first_path.insert(i.nid, target.clone());
-        }
-        crate::walk::create(&img, &blobs, i, &target, is_root)
-            .with_context(|| format!("extracting /{}", String::from_utf8_lossy(&e.path)))?;
-        if i.is_dir() {
-            dirs.push((target, i.clone()));
-        }
-    }
-    // Directory times last, deepest first, once their contents exist.
-    for (target, i) in dirs.iter().rev() {
-        crate::walk::set_times(target, i)?;
-    }
-    println!("extracted {} entries to {}", entries.len(), dest.display());
+    let n = crate::extract::extract(&img, &blobs, dest)?;
+    println!("extracted {n} entries to {}", dest.display());
     Ok(())
 }
 
@@ -485,15 +479,70 @@ pub fn verify(path: &Path, args: &BlobArgs) -> Result<()> {
     Ok(())
 }
 
+/// A blob must be exactly as long as its device slot says: the kernel
+/// takes it as it is, and a short one fails only later, on reads. Slots
+/// of 0 blocks (erofs-utils 1.5 `--blobdev`) have no size to check.
+fn check_blob_size(img: &Image<File>, k: usize, p: &Path) -> Result<()> {
+    let size = std::fs::metadata(p)
+        .with_context(|| format!("blob {}", p.display()))?
+        .len();
+    let blocks = u64::from(img.devices[k].blocks.get());
+    let want = blocks * img.block_size();
+    if blocks != 0 && size != want {
+        bail!(
+            "blob {}: {size} bytes, but device slot {} is {want} bytes ({blocks} blocks of {})",
+            p.display(),
+            k + 1,
+            img.block_size()
+        );
+    }
+    Ok(())
+}
+
 pub fn mount(image: &Path, mountpoint: &Path, args: &BlobArgs) -> Result<()> {
     let img = open_image(image)?;
     let paths = blob_paths(&img, args)?;
-    for p in &paths {
-        if !p.exists() {
-            bail!("blob {} does not exist", p.display());
-        }
+    for (k, p) in paths.iter().enumerate() {
+        check_blob_size(&img, k, p)?;
     }
     let refs: Vec<&Path> = paths.iter().map(|p| p.as_path()).collect();
     shoal_sys::mount_erofs(image, &refs, mountpoint)
         .with_context(|| format!("mounting {} at {}", image.display(), mountpoint.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mode_string_is_ls_l() {
+        for (mode, want) in [
+            (S_IFREG | 0o644, "-rw-r--r--"),
+            (S_IFREG | 0o4755, "-rwsr-xr-x"),
+            (S_IFREG | 0o4644, "-rwSr--r--"),
+            (S_IFREG | 0o2755, "-rwxr-sr-x"),
+            (S_IFREG | 0o2644, "-rw-r-Sr--"),
+            (S_IFDIR | 0o1777, "drwxrwxrwt"),
+            (S_IFDIR | 0o1770, "drwxrwx--T"),
+            (S_IFREG | 0o7000, "---S--S--T"),
+            (S_IFREG | 0o7777, "-rwsrwsrwt"),
+            (S_IFLNK | 0o777, "lrwxrwxrwx"),
+            (S_IFCHR | 0o620, "crw--w----"),
+            (S_IFBLK | 0o660, "brw-rw----"),
+            (S_IFIFO | 0o600, "prw-------"),
+            (S_IFSOCK | 0o755, "srwxr-xr-x"),
+        ] {
+            assert_eq!(mode_string(mode), want, "{mode:o}");
+        }
+    }
+
+    #[test]
+    fn time_string_is_signed_and_exact() {
+        assert_eq!(time_string(1_600_000_000, 5), "1600000000.000000005");
+        assert_eq!(time_string(0, 0), "0.000000000");
+        assert_eq!(time_string(-5, 0), "-5.000000000");
+        assert_eq!(time_string(-5, 500_000_000), "-4.500000000");
+        assert_eq!(time_string(-1, 1), "-0.999999999");
+        assert_eq!(time_string(i64::MIN, 0), "-9223372036854775808.000000000");
+    }
 }

@@ -7,6 +7,7 @@ mod client;
 mod daemon;
 mod daemon_cmds;
 mod demo;
+mod extract;
 mod features;
 mod image_cmds;
 mod mounts;
@@ -84,6 +85,8 @@ enum Cmd {
         blobs: image_cmds::BlobArgs,
     },
     /// Extract the whole tree with metadata (owners, modes, times, xattrs, links).
+    /// Existing directories under DEST are merged into; any other existing
+    /// entry is an error, and no symlink is ever followed.
     Extract {
         image: PathBuf,
         dest: PathBuf,

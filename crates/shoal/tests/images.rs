@@ -49,6 +49,11 @@ fn synthetic_tree(root: &Path, with_root_only: bool) {
     std::os::unix::fs::symlink("../small", root.join("dir/sym")).unwrap();
     std::os::unix::fs::symlink("x".repeat(3000), root.join("longsym")).unwrap();
     std::fs::write(root.join("n".repeat(255)), b"long name").unwrap();
+    // Names sorting before "." and "..": directories are sorted whole, so
+    // the kernel's binary search (and the reader's order check) finds them.
+    std::fs::write(root.join("!bang"), b"bang").unwrap();
+    std::fs::write(root.join("-dash"), b"dash").unwrap();
+    std::fs::create_dir(root.join("dir/ sp")).unwrap();
     // > 4 GiB sparse file with data in a few places: holes stay holes.
     let f = std::fs::File::create(root.join("huge")).unwrap();
     f.set_len(5 << 30).unwrap();
@@ -349,4 +354,341 @@ fn reads_erofs_utils_images() {
     } else {
         skip("mkfs.erofs has no lz4");
     }
+}
+
+/// `shoal extract IMG OUT --blob-dir BLOBS`, expected to fail: its stderr.
+fn extract_fails(img: &Path, blobs: &Path, out: &Path) -> String {
+    let o = shoal()
+        .args(["extract".as_ref(), img.as_os_str(), out.as_os_str()])
+        .arg("--blob-dir")
+        .arg(blobs)
+        .output()
+        .unwrap();
+    assert!(
+        !o.status.success(),
+        "extract into {} succeeded",
+        out.display()
+    );
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Rename the root directory's entry `from` to `to` (same length) in
+/// place, resealing the superblock checksum: a hostile image no builder
+/// writes.
+fn rename_root_entry(path: &Path, from: &[u8], to: &[u8]) {
+    let mut bytes = std::fs::read(path).unwrap();
+    let img = erofs::Image::open(bytes.clone()).unwrap();
+    let root = img.inode(img.root_nid()).unwrap();
+    assert!(root.size <= 4096, "root directory fits one block");
+    let ((_, _), erofs::Extent::Image { offset }) = img.map(&root, 0).unwrap() else {
+        panic!("root directory data not in the image")
+    };
+    let entries = img.read_dir(&root).unwrap();
+    let k = entries.iter().position(|e| e.name == from).unwrap();
+    let de = offset as usize + 12 * k;
+    let name = offset as usize + u16::from_le_bytes([bytes[de + 8], bytes[de + 9]]) as usize;
+    assert_eq!(&bytes[name..name + from.len()], from);
+    bytes[name..name + to.len()].copy_from_slice(to);
+    bytes[1028..1032].fill(0);
+    let c = erofs::ondisk::sb_checksum(&bytes[1024..4096]);
+    bytes[1028..1032].copy_from_slice(&c.to_le_bytes());
+    std::fs::write(path, bytes).unwrap();
+}
+
+fn mode_of(p: &Path) -> u32 {
+    std::fs::symlink_metadata(p).unwrap().permissions().mode() & 0o7777
+}
+
+#[test]
+fn extract_never_follows_symlinks_out_of_the_destination() {
+    let tmp = tempfile::tempdir().unwrap();
+    let outside = tmp.path().join("outside");
+    std::fs::create_dir(&outside).unwrap();
+    std::fs::set_permissions(&outside, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::write(outside.join("victim"), b"keep").unwrap();
+    let untouched = |what: &str| {
+        assert!(!outside.join("passwd").exists(), "{what}: wrote outside");
+        assert_eq!(mode_of(&outside), 0o755, "{what}: chmod outside");
+        assert_eq!(std::fs::read(outside.join("victim")).unwrap(), b"keep");
+    };
+    let src = tmp.path().join("src");
+    std::fs::create_dir_all(src.join("sub")).unwrap();
+    std::fs::set_permissions(src.join("sub"), std::fs::Permissions::from_mode(0o777)).unwrap();
+    std::fs::write(src.join("sub/passwd"), b"root::0:0::/:/bin/sh\n").unwrap();
+    std::fs::write(src.join("top"), b"overwritten").unwrap();
+    let (img, blobs) = (tmp.path().join("i.img"), tmp.path().join("blobs"));
+    build(&[&src], &img, &blobs, &[]);
+    // The destination already holds symlinks where the image has a
+    // directory and a file.
+    let d1 = tmp.path().join("d1");
+    std::fs::create_dir(&d1).unwrap();
+    std::os::unix::fs::symlink(&outside, d1.join("sub")).unwrap();
+    let err = extract_fails(&img, &blobs, &d1);
+    assert!(err.contains("/sub exists and is not a directory"), "{err}");
+    untouched("symlink for a directory");
+    let d2 = tmp.path().join("d2");
+    std::fs::create_dir_all(d2.join("sub")).unwrap();
+    std::os::unix::fs::symlink(outside.join("victim"), d2.join("top")).unwrap();
+    let err = extract_fails(&img, &blobs, &d2);
+    assert!(
+        err.contains("extracting /top") && err.contains("File exists"),
+        "{err}"
+    );
+    untouched("symlink for a file");
+    // A hostile image: a symlink `sub -> OUTSIDE` and a directory `sub`
+    // (built as "sua", renamed): refused whole.
+    std::fs::rename(src.join("sub"), src.join("sua")).unwrap();
+    std::os::unix::fs::symlink(&outside, src.join("sub")).unwrap();
+    build(&[&src], &img, &blobs, &[]);
+    rename_root_entry(&img, b"sua", b"sub");
+    let err = extract_fails(&img, &blobs, &tmp.path().join("d3"));
+    assert!(err.contains(r#"duplicate directory entry "sub""#), "{err}");
+    untouched("duplicate names");
+}
+
+/// A tar (PAX, so names of any length) of `depth` nested directories with
+/// ~20-byte names (a path well past PATH_MAX), a file at the bottom and
+/// hard links between the top and the bottom, each seen first where its
+/// directory is no longer open.
+fn deep_tar(path: &Path, depth: usize) {
+    let py = r#"
+import sys, tarfile, io
+out, depth = sys.argv[1], int(sys.argv[2])
+t = tarfile.open(out, 'w', format=tarfile.PAX_FORMAT)
+def add(name, kind=tarfile.REGTYPE, data=b'', mode=0o644, mtime=1000, link=''):
+    i = tarfile.TarInfo(name); i.type = kind; i.mode = mode; i.mtime = mtime
+    i.size = len(data); i.linkname = link
+    t.addfile(i, io.BytesIO(data) if data else None)
+path = ''
+for k in range(depth):
+    path += ('/' if path else '') + 'level-%04d-xxxxxxxxxx' % k
+    add(path, tarfile.DIRTYPE, mode=0o750 if k % 2 else 0o755, mtime=2000 + k)
+add(path + '/leaf', data=b'deep leaf')
+add('top', data=b'top file')
+add(path + '/link-to-top', tarfile.LNKTYPE, link='top')
+add('link-to-leaf', tarfile.LNKTYPE, link=path + '/leaf')
+t.close()
+"#;
+    let st = Command::new("/usr/bin/python3")
+        .args(["-c", py])
+        .arg(path)
+        .arg(depth.to_string())
+        .status()
+        .unwrap();
+    assert!(st.success());
+}
+
+#[test]
+fn extract_deep_tree_by_fds() {
+    use rustix::fs::{openat, Mode, OFlags};
+    let tmp = tempfile::tempdir().unwrap();
+    let depth = 600;
+    let tar = tmp.path().join("deep.tar");
+    deep_tar(&tar, depth);
+    let (img, blobs) = (tmp.path().join("d.img"), tmp.path().join("blobs"));
+    build(&[&tar], &img, &blobs, &[]);
+    let out = tmp.path().join("out");
+    // 600 levels under a limit of 100 fds: only a bounded chain is open.
+    let o = Command::new("sh")
+        .arg("-c")
+        .arg(r#"ulimit -n 100 && exec "$@""#)
+        .arg("sh")
+        .arg(env!("CARGO_BIN_EXE_shoal"))
+        .args(["extract".as_ref(), img.as_os_str(), out.as_os_str()])
+        .arg("--blob-dir")
+        .arg(&blobs)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "extract: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    // Walk down by fds (the path is too long for any path-based call).
+    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW;
+    let mut fd = rustix::fs::open(&out, flags, Mode::empty()).unwrap();
+    for k in 0..depth {
+        fd = openat(
+            &fd,
+            format!("level-{k:04}-xxxxxxxxxx"),
+            flags,
+            Mode::empty(),
+        )
+        .unwrap();
+        let st = rustix::fs::fstat(&fd).unwrap();
+        let want = if k % 2 == 1 { 0o750 } else { 0o755 };
+        assert_eq!(st.st_mode & 0o7777, want, "level {k} mode");
+        assert_eq!(st.st_mtime, 2000 + k as i64, "level {k} mtime");
+    }
+    let leaf = openat(&fd, "leaf", OFlags::RDONLY, Mode::empty()).unwrap();
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(&mut std::fs::File::from(leaf), &mut bytes).unwrap();
+    assert_eq!(bytes, b"deep leaf");
+    let ino = |dir: &rustix::fd::OwnedFd, name: &str| {
+        rustix::fs::statat(dir, name, rustix::fs::AtFlags::SYMLINK_NOFOLLOW)
+            .unwrap()
+            .st_ino
+    };
+    let top = rustix::fs::open(&out, flags, Mode::empty()).unwrap();
+    assert_eq!(ino(&fd, "leaf"), ino(&top, "link-to-leaf"));
+    assert_eq!(ino(&fd, "link-to-top"), ino(&top, "top"));
+    assert_eq!(std::fs::read(out.join("top")).unwrap(), b"top file");
+}
+
+/// `getfattr -d -m - -h` of a file, without its "# file:" line.
+fn getfattr(p: &Path) -> String {
+    let o = Command::new("getfattr")
+        .args(["-d", "-m", "-", "-h", "--absolute-names"])
+        .arg(p)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "getfattr {}", p.display());
+    let s = String::from_utf8_lossy(&o.stdout);
+    s.lines()
+        .filter(|l| !l.starts_with("# file:"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[test]
+fn extract_keeps_capabilities_acls_and_modes_as_the_kernel_mount() {
+    if let Some(why) = kernel_mount_unavailable() {
+        return skip(&why);
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    std::fs::create_dir_all(src.join("shared")).unwrap();
+    std::fs::write(src.join("ping"), b"\x7fELF not really").unwrap();
+    std::fs::write(src.join("suid"), b"#!/bin/sh\n").unwrap();
+    std::fs::write(src.join("acl"), b"acl").unwrap();
+    std::fs::write(src.join("shared/plain"), b"before the default ACL").unwrap();
+    // Ownership first in the source too: chown clears capabilities and
+    // setuid, so each is set after it.
+    sh(
+        "chown 1000:1000 ping suid && chmod 4755 suid && chmod 2750 shared \
+         && setfattr -n security.capability -v 0sAQAAAgAgAAAAAAAAAAAAAAAAAAA= ping \
+         && setfacl -m u:10:r acl \
+         && setfacl -m g:20:rx shared && setfacl -d -m u:10:rwx shared \
+         && echo inherits > shared/inherited \
+         && ln -s ping sym && chown -h 5:6 sym \
+         && mkfifo fifo && mknod null c 1 3 && chown 7:8 null && chmod 620 null \
+         && setfattr -h -n trusted.t -v sym sym && setfattr -n trusted.t -v fifo fifo \
+         && setfattr -n security.s -v null null \
+         && mkdir ro && echo x > ro/f && chmod 555 ro",
+        &src,
+    );
+    set_mtime(&src.join("ping"), 1_600_000_000, 5);
+    set_mtime(&src.join("sym"), 1_500_000_000, 7);
+    set_mtime(&src.join("shared"), 1_400_000_000, 9);
+    let (img, blobs) = (tmp.path().join("c.img"), tmp.path().join("blobs"));
+    build(&[&src], &img, &blobs, &[]);
+    let mnt = tmp.path().join("mnt");
+    let _m = mount(&img, &blobs, &mnt);
+    let out = tmp.path().join("out");
+    extract(&img, &blobs, &out);
+    let caps = getfattr(&out.join("ping"));
+    assert!(
+        caps.contains("security.capability=0sAQAAAgAgAAAAAAAAAAAAAAAAAAA="),
+        "{caps}"
+    );
+    // Symlinks and special files carry theirs too (set by path, not fd).
+    assert!(getfattr(&out.join("sym")).contains("trusted.t=\"sym\""));
+    assert!(getfattr(&out.join("fifo")).contains("trusted.t=\"fifo\""));
+    assert!(getfattr(&out.join("null")).contains("security.s=\"null\""));
+    for f in [
+        "ping",
+        "acl",
+        "shared",
+        "shared/plain",
+        "shared/inherited",
+        "sym",
+        "fifo",
+        "null",
+    ] {
+        assert_eq!(getfattr(&out.join(f)), getfattr(&mnt.join(f)), "{f}");
+    }
+    assert_eq!(mode_of(&out.join("suid")), 0o4755);
+    let diffs = compare_trees(&mnt, &out);
+    assert!(
+        diffs.is_empty(),
+        "extract differs from mount:\n{}",
+        diffs.join("\n")
+    );
+}
+
+#[test]
+fn ls_shows_times_before_1970_and_special_mode_bits() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    std::fs::create_dir_all(src.join("tmp")).unwrap();
+    for f in ["old", "older", "suid", "sgid"] {
+        std::fs::write(src.join(f), f).unwrap();
+    }
+    let mode = |p: &str, m| {
+        std::fs::set_permissions(src.join(p), std::fs::Permissions::from_mode(m)).unwrap()
+    };
+    mode("suid", 0o4755);
+    mode("sgid", 0o2644);
+    mode("tmp", 0o1777);
+    set_mtime(&src.join("old"), -5, 0);
+    set_mtime(&src.join("older"), -5, 500_000_000); // 4.5 s before 1970
+    let (img, blobs) = (tmp.path().join("l.img"), tmp.path().join("blobs"));
+    build(&[&src], &img, &blobs, &[]);
+    let out = run_shoal(&["ls".as_ref(), img.as_os_str(), "/".as_ref()]);
+    let line = |name: &str| {
+        out.lines()
+            .find(|l| l.ends_with(&format!(" /{name}")))
+            .unwrap_or_else(|| panic!("no /{name} in:\n{out}"))
+            .to_string()
+    };
+    assert!(line("old").contains(" -5.000000000 /old"), "{out}");
+    assert!(line("older").contains(" -4.500000000 /older"), "{out}");
+    assert!(line("suid").starts_with("-rwsr-xr-x "), "{out}");
+    assert!(line("sgid").starts_with("-rw-r-Sr-- "), "{out}");
+    assert!(line("tmp").starts_with("drwxrwxrwt "), "{out}");
+}
+
+#[test]
+fn mount_refuses_a_blob_of_the_wrong_size() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    std::fs::create_dir(&src).unwrap();
+    std::fs::write(src.join("data"), vec![7u8; 10_000]).unwrap();
+    let (img, blobs) = (tmp.path().join("m.img"), tmp.path().join("blobs"));
+    build(&[&src], &img, &blobs, &[]);
+    let blob = std::fs::read_dir(&blobs)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let good = std::fs::metadata(&blob).unwrap().len();
+    let mnt = tmp.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    // Checked before any mount attempt, so this needs neither root nor
+    // the kernel: a short blob (reads would fail later) and a long one.
+    for len in [good - 4096, good + 1] {
+        let f = std::fs::OpenOptions::new().write(true).open(&blob).unwrap();
+        f.set_len(len).unwrap();
+        for dev_args in [
+            vec!["--blob-dir".into(), blobs.clone().into_os_string()],
+            vec![format!("--device={}", blob.display()).into()],
+        ] {
+            let o = shoal()
+                .args(["mount".as_ref(), img.as_os_str(), mnt.as_os_str()])
+                .args(&dev_args)
+                .output()
+                .unwrap();
+            if o.status.success() {
+                drop(Mounted(mnt.clone())); // unmount before failing
+            }
+            let err = String::from_utf8_lossy(&o.stderr);
+            let want = format!(
+                "blob {}: {len} bytes, but device slot 1 is {good} bytes",
+                blob.display()
+            );
+            assert!(!o.status.success() && err.contains(&want), "{err}");
+        }
+    }
+    assert!(std::fs::read_dir(&mnt).unwrap().next().is_none());
 }
