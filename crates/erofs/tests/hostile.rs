@@ -842,9 +842,13 @@ fn corrupt_inode_fields() {
     // this size always ends 16 bytes or more past the block, wherever
     // mtimes (compact or extended inodes) placed the inode.
     let crossing = 4096 - (sub.offset % 4096) as u32 - 16;
-    case(size_at(&sub), &crossing.to_le_bytes(), sub.nid, "", &|img| {
-        img.read_dir(&img.inode(sub.nid)?).map(|_| ())
-    });
+    case(
+        size_at(&sub),
+        &crossing.to_le_bytes(),
+        sub.nid,
+        "",
+        &|img| img.read_dir(&img.inode(sub.nid)?).map(|_| ()),
+    );
     // Symlink sizes.
     for (size, want) in [
         (0u32, "symlink size 0"),
