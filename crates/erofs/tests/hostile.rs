@@ -1214,13 +1214,8 @@ fn tar_truncated_and_garbage() {
     // Compressed garbage and truncated compressed streams.
     let _ = expect_io(&[0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 3, 0xde, 0xad, 0xbe, 0xef]);
     let _ = expect_io(&[0x28, 0xb5, 0x2f, 0xfd, 0xde, 0xad, 0xbe, 0xef, 1, 2, 3]);
-    let good = tar_bytes(&[TarEntry {
-        data: &pattern(50_000, 2),
-        ..entry(b"f", T::Regular)
-    }]);
-    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-    gz.write_all(&good).unwrap();
-    let gz = gz.finish().unwrap();
+    let good = one_file_tar();
+    let gz = gzip(&good);
     match build_tar(&gz[..gz.len() / 2]) {
         (_t, l, Err(BuildError::BadEntry { layer, entry, .. })) => {
             assert_eq!((layer, entry.as_str()), (l.display().to_string(), "f"));
@@ -1238,17 +1233,25 @@ fn tar_truncated_and_garbage() {
     assert!(build_tar(&zst).2.is_ok());
 }
 
+fn one_file_tar() -> Vec<u8> {
+    tar_bytes(&[TarEntry {
+        data: &pattern(50_000, 2),
+        ..entry(b"f", T::Regular)
+    }])
+}
+
+fn gzip(bytes: &[u8]) -> Vec<u8> {
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(bytes).unwrap();
+    gz.finish().unwrap()
+}
+
 /// A layer stream is read to its very end and checked there: a tar that
 /// ends early inside a valid-looking stream is not enough.
 #[test]
 fn tar_stream_trailers_and_digests() {
-    let good = tar_bytes(&[TarEntry {
-        data: &pattern(50_000, 2),
-        ..entry(b"f", T::Regular)
-    }]);
-    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-    gz.write_all(&good).unwrap();
-    let gz = gz.finish().unwrap();
+    let good = one_file_tar();
+    let gz = gzip(&good);
     let mut enc = zstd::Encoder::new(Vec::new(), 3).unwrap();
     enc.include_checksum(true).unwrap();
     enc.write_all(&good).unwrap();
