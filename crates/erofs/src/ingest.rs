@@ -73,16 +73,19 @@ fn id32(v: i64, what: &str) -> Result<u32, String> {
     u32::try_from(v).map_err(|_| format!("{what} {v} does not fit 32 bits"))
 }
 
-/// Counts the bytes of a layer as they are read, for its digest.
+/// Hashes the bytes of a layer as they are read, when its digest is to
+/// be checked (hashing costs as much as a sixth of a build otherwise).
 struct Digesting<R> {
     inner: R,
-    hash: std::rc::Rc<std::cell::RefCell<Sha256>>,
+    hash: Option<std::rc::Rc<std::cell::RefCell<Sha256>>>,
 }
 
 impl<R: Read> Read for Digesting<R> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         let n = self.inner.read(buf)?;
-        self.hash.borrow_mut().update(&buf[..n]);
+        if let Some(h) = &self.hash {
+            h.borrow_mut().update(&buf[..n]);
+        }
         Ok(n)
     }
 }
@@ -127,7 +130,7 @@ pub fn apply_tar_stream(
         path: name.into(),
         source,
     };
-    let hash = std::rc::Rc::new(std::cell::RefCell::new(Sha256::new()));
+    let hash = digest.map(|_| std::rc::Rc::new(std::cell::RefCell::new(Sha256::new())));
     let raw = Digesting {
         inner: raw,
         hash: hash.clone(),
@@ -143,7 +146,7 @@ pub fn apply_tar_stream(
     ar.finish().map_err(|e| tar_error(name, e))?;
     tree.end_layer();
     ignored.report(name);
-    if let Some(want) = digest {
+    if let (Some(want), Some(hash)) = (digest, hash) {
         let got = format!("sha256:{}", hex::encode(hash.borrow().clone().finalize()));
         if got != want {
             return Err(BuildError::Digest {
