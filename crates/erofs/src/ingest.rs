@@ -31,6 +31,13 @@ fn store_data(
     buf: &mut Vec<u8>,
 ) -> Result<Vec<Option<ChunkRef>>, StoreError> {
     let cs = store.chunk_size();
+    // A sparse entry can claim any size without storing a byte; every
+    // chunk still costs an index entry and a step here.
+    if size.div_ceil(cs) > MAX_FILE_CHUNKS {
+        return Err(StoreError::Limit(format!(
+            "a file of {size} bytes needs more than {MAX_FILE_CHUNKS} chunks of {cs} bytes"
+        )));
+    }
     // `size` may come from a hostile tar header: reserve only what a few
     // chunks need and grow as data really arrives.
     let mut chunks = Vec::with_capacity(size.div_ceil(cs).min(1024) as usize);
@@ -52,7 +59,13 @@ fn store_data(
     Ok(chunks)
 }
 
+/// At most this many chunks in one file: 16 GiB with 4 KiB chunks, 4 TiB
+/// with the default 1 MiB.
+const MAX_FILE_CHUNKS: u64 = 1 << 22;
+
 enum StoreError {
+    /// The file is too large to index.
+    Limit(String),
     /// The source failed or ended early: the caller names the entry.
     Read(String),
     /// The store refused (an image limit) or could not write.
@@ -63,6 +76,7 @@ impl StoreError {
     fn at(self, bad: impl FnOnce(String) -> BuildError) -> BuildError {
         match self {
             StoreError::Read(why) => bad(format!("reading data: {why}")),
+            StoreError::Limit(why) => bad(why),
             StoreError::Build(e) => e,
         }
     }

@@ -1310,6 +1310,30 @@ fn tar_stream_trailers_and_digests() {
     }
 }
 
+/// A sparse entry claiming an enormous size without a stored byte is
+/// refused at once, not indexed chunk by chunk.
+#[test]
+fn tar_sparse_claiming_exabytes() {
+    let records = b"22 GNU.sparse.major=1\n22 GNU.sparse.minor=0\n43 GNU.sparse.realsize=1152921504606846976\n";
+    let mut map = b"0\n".to_vec();
+    map.resize(512, 0);
+    let bytes = tar_bytes(&[
+        TarEntry {
+            data: records,
+            ..entry(b"PaxHeaders/huge", T::XHeader)
+        },
+        TarEntry {
+            data: &map,
+            ..entry(b"huge", T::Regular)
+        },
+    ]);
+    expect_bad(
+        &bytes,
+        "huge",
+        "needs more than 4194304 chunks of 4096 bytes",
+    );
+}
+
 /// GNU tar's textual ACLs are ignored, as containerd ignores them; ACLs
 /// carried as xattrs are kept, newline bytes and all.
 #[test]
