@@ -1197,12 +1197,18 @@ fn tar_truncated_and_garbage() {
         .to_vec();
     t.extend_from_slice(&pattern(1000, 1));
     expect_bad(&t, "big", "reading data");
-    // A huge declared size with no data behind it.
+    // A huge declared size with no data behind it: refused before reading.
     let mut t = header(&entry(b"huge", T::Regular), 1 << 62)
         .as_bytes()
         .to_vec();
     t.extend_from_slice(&[0; 1024]);
-    expect_bad(&t, "huge", "reading data");
+    expect_bad(&t, "huge", "needs more than 4194304 chunks");
+    // A large one, within the limit, whose data is missing.
+    let mut t = header(&entry(b"large", T::Regular), 1 << 30)
+        .as_bytes()
+        .to_vec();
+    t.extend_from_slice(&[0; 1024]);
+    expect_bad(&t, "large", "reading data");
     // A header cut in half.
     let t = tar_bytes(&[entry(b"d/", T::Directory)]);
     let _ = expect_io(&t[..300]);
