@@ -126,10 +126,7 @@ fn synthetic_tree_survives_kernel_mount_and_extract() {
         diffs.join("\n")
     );
     // The sparse file's holes stay holes in the blob: it holds 3 chunks.
-    let blob_bytes: u64 = std::fs::read_dir(&blobs)
-        .unwrap()
-        .map(|e| e.unwrap().metadata().unwrap().len())
-        .sum();
+    let blob_bytes = dir_bytes(&blobs);
     // ~3 MiB of big (deduplicated), 3000 one-block files, 3 chunks of huge.
     assert!(blob_bytes < 16 << 20, "blobs hold {blob_bytes} bytes");
     let out = tmp.path().join("out");

@@ -32,6 +32,21 @@ fn fixture_layers(dir: &Path) -> Result<(), String> {
     Ok(())
 }
 
+/// The fixture layers in a temporary directory, when the kernel can mount
+/// the images built from them; otherwise says why not and gives `None`.
+fn kernel_and_fixture() -> Option<tempfile::TempDir> {
+    if let Some(why) = kernel_mount_unavailable() {
+        skip(&why);
+        return None;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    if let Err(why) = fixture_layers(tmp.path()) {
+        skip(&why);
+        return None;
+    }
+    Some(tmp)
+}
+
 fn build(img: &Path, blobs: &Path, layers: &[PathBuf]) -> std::process::Output {
     let mut cmd = shoal();
     cmd.arg("build")
@@ -64,22 +79,15 @@ fn differential(name: &str, layers: &[PathBuf]) {
     );
     // And the image holds the sparse files' holes as holes: the blobs
     // hold little more than the stored data.
-    let stored: u64 = std::fs::read_dir(&blobs)
-        .unwrap()
-        .map(|e| e.unwrap().metadata().unwrap().len())
-        .sum();
+    let stored = dir_bytes(&blobs);
     assert!(stored < 8 << 20, "{name}: {stored} bytes of blobs");
 }
 
 #[test]
 fn hostile_layers_equal_gnu_tar() {
-    if let Some(why) = kernel_mount_unavailable() {
-        return skip(&why);
-    }
-    let tmp = tempfile::tempdir().unwrap();
-    if let Err(why) = fixture_layers(tmp.path()) {
-        return skip(&why);
-    }
+    let Some(tmp) = kernel_and_fixture() else {
+        return;
+    };
     let l = |n: &str| tmp.path().join(n);
     differential(
         "all",
@@ -100,13 +108,9 @@ fn hostile_layers_equal_gnu_tar() {
 /// newline-splitting or order-dependent reader would differ.
 #[test]
 fn hostile_layers_specific_results() {
-    if let Some(why) = kernel_mount_unavailable() {
-        return skip(&why);
-    }
-    let tmp = tempfile::tempdir().unwrap();
-    if let Err(why) = fixture_layers(tmp.path()) {
-        return skip(&why);
-    }
+    let Some(tmp) = kernel_and_fixture() else {
+        return;
+    };
     let layers: Vec<PathBuf> = [
         "00-base.tar",
         "01-whiteouts.tar",

@@ -61,8 +61,6 @@ pub enum Kind {
 /// One entry's header, as containerd would see it.
 #[derive(Debug)]
 pub struct Entry {
-    /// Offset of the entry's own header block in the tar stream.
-    pub offset: u64,
     pub path: Vec<u8>,
     pub link: Vec<u8>,
     pub kind: Kind,
@@ -83,12 +81,6 @@ pub struct Entry {
     /// (`SCHILY.acl.*`, `LIBARCHIVE.xattr.*`), for the caller to report.
     pub ignored: Vec<String>,
     sparse: Option<Cursor>,
-}
-
-impl Entry {
-    pub fn is_sparse(&self) -> bool {
-        self.sparse.is_some()
-    }
 }
 
 pub struct Archive<R> {
@@ -249,7 +241,7 @@ impl<R: Read> Archive<R> {
                 }
                 b'L' => ext.long_name = Some(header::cstr(&self.special(&h, offset)?).to_vec()),
                 b'K' => ext.long_link = Some(header::cstr(&self.special(&h, offset)?).to_vec()),
-                _ => return self.entry(h, &blk, offset, ext).map(Some),
+                _ => return self.entry(h, &blk, ext).map(Some),
             }
         }
     }
@@ -269,14 +261,8 @@ impl<R: Read> Archive<R> {
         }
     }
 
-    fn entry(
-        &mut self,
-        h: RawHeader,
-        blk: &Block,
-        offset: u64,
-        ext: Extensions,
-    ) -> Result<Entry, TarError> {
-        let (mut e, records) = ext.apply(h, offset)?;
+    fn entry(&mut self, h: RawHeader, blk: &Block, ext: Extensions) -> Result<Entry, TarError> {
+        let (mut e, records) = ext.apply(h)?;
         self.cur = e.path.clone();
         // Go ignores the size field of header-only types: nothing follows.
         if !matches!(e.kind, Kind::Regular | Kind::Unsupported(_)) {
@@ -462,7 +448,7 @@ struct Extensions {
 impl Extensions {
     /// The entry a header describes once PAX records and GNU long names
     /// apply, in Go's order: PAX over the header, long names over PAX.
-    fn apply(self, h: RawHeader, offset: u64) -> Result<(Entry, Records), TarError> {
+    fn apply(self, h: RawHeader) -> Result<(Entry, Records), TarError> {
         let mut path = h.name.clone();
         if let Some(n) = self.long_name.as_ref().filter(|n| !n.is_empty()) {
             path.clone_from(n);
@@ -478,7 +464,6 @@ impl Extensions {
             why: why.to_string(),
         };
         let mut e = Entry {
-            offset,
             path: h.name.clone(),
             link: h.link,
             kind: Kind::Unsupported(h.typeflag),

@@ -264,6 +264,14 @@ fn create_implied_dirs(dest: &Path, rel: &Path) {
     }
 }
 
+/// Bytes of all files directly in `dir` (a blob directory).
+pub fn dir_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().len())
+        .sum()
+}
+
 fn xattrs(p: &Path) -> BTreeMap<Vec<u8>, Vec<u8>> {
     let mut m = BTreeMap::new();
     for n in xattr::list(p).unwrap() {
