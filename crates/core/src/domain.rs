@@ -197,6 +197,11 @@ impl Registry {
         })
     }
 
+    /// The network settings remotes and reference pulls use.
+    pub fn http_options(&self) -> &HttpOptions {
+        &self.opts.http
+    }
+
     pub fn open_remote(&self, url: &str) -> Result<Arc<dyn Remote>, CoreError> {
         Ok(Arc::new(Retrying {
             inner: remote::open(url, &self.opts.http)?,

@@ -1,112 +1,19 @@
-//! Publish an image to an OCI registry (`shoal push`) and pull its
-//! bootstrap back by reference (bind by `oci://host/repo:tag`).
-//!
-//! The artifact: an OCI image manifest with artifactType
-//! `application/vnd.shoal.image.v1`, an empty config, the bootstrap as its
-//! first layer and each data blob (digest = its device tag) after it.
+//! Bind by reference: resolve `oci://host/repo:tag` (an image manifest
+//! made by `shoal convert` or `shoal push`, or an earlier shoal artifact)
+//! and fetch its verified bootstrap into the work directory.
 
 use crate::error::CoreError;
-use crate::remote::oci::{
-    Descriptor, Manifest, OciRef, OciRemote, ARTIFACT_TYPE, BLOB_MEDIA_TYPE, BOOTSTRAP_MEDIA_TYPE,
-    MANIFEST_MEDIA_TYPE,
-};
 use crate::remote::{HttpOptions, RemoteError};
-use sha2::{Digest, Sha256};
+use shoal_registry::{shoal, Client, Platform, Reference};
 use std::path::{Path, PathBuf};
 
-#[derive(Debug, serde::Serialize)]
-pub struct PushReport {
-    pub reference: String,
-    pub manifest_digest: String,
-    pub uploaded_bytes: u64,
-    pub skipped_blobs: usize,
-}
+/// Bootstraps larger than this are refused before they are fetched.
+const MAX_BOOTSTRAP: u64 = 1 << 30;
 
 fn bad_ref(url: &str, why: String) -> CoreError {
     CoreError::Remote(RemoteError::Permanent {
         url: url.into(),
         why,
-    })
-}
-
-pub fn push(
-    image: &Path,
-    blob_dir: &Path,
-    reference: &str,
-    http: &HttpOptions,
-) -> Result<PushReport, CoreError> {
-    let r = OciRef::parse(reference).map_err(|e| bad_ref(reference, e))?;
-    let tag = r
-        .reference
-        .clone()
-        .ok_or_else(|| bad_ref(reference, "push needs a :tag".into()))?;
-    let remote = OciRemote::new(r, http.clone())?;
-    let io = |path: &Path, what: &str| {
-        let path = path.to_path_buf();
-        let what = what.to_string();
-        move |source| CoreError::Io { path, what, source }
-    };
-    let boot = std::fs::read(image).map_err(io(image, "reading bootstrap"))?;
-    let img = erofs::Image::open(boot.clone()).map_err(|source| CoreError::Image {
-        path: image.into(),
-        source,
-    })?;
-    let mut layers = Vec::new();
-    let mut uploaded = 0u64;
-    let mut skipped = 0usize;
-    let boot_digest = format!("sha256:{}", hex::encode(Sha256::digest(&boot)));
-    if remote.put_blob(&boot_digest, &boot)? {
-        uploaded += boot.len() as u64;
-    } else {
-        skipped += 1;
-    }
-    layers.push(Descriptor {
-        media_type: BOOTSTRAP_MEDIA_TYPE.into(),
-        digest: boot_digest,
-        size: boot.len() as u64,
-        data: None,
-    });
-    for dev in 1..=img.devices.len() as u16 {
-        let tag_name = img.device_tag(dev).ok_or_else(|| CoreError::Unusable {
-            path: image.into(),
-            why: format!("device {dev} has no tag"),
-        })?;
-        let path = blob_dir.join(&tag_name);
-        let bytes = std::fs::read(&path).map_err(io(&path, "reading blob"))?;
-        let digest = format!("sha256:{}", hex::encode(Sha256::digest(&bytes)));
-        if digest != format!("sha256:{tag_name}") {
-            return Err(CoreError::Unusable {
-                path,
-                why: format!("blob content is {digest}, not its name"),
-            });
-        }
-        if remote.put_blob(&digest, &bytes)? {
-            uploaded += bytes.len() as u64;
-        } else {
-            skipped += 1;
-        }
-        layers.push(Descriptor {
-            media_type: BLOB_MEDIA_TYPE.into(),
-            digest,
-            size: bytes.len() as u64,
-            data: None,
-        });
-    }
-    let (config, data) = OciRemote::empty_config();
-    remote.put_blob(&config.digest, data)?;
-    let manifest = Manifest {
-        schema_version: 2,
-        media_type: Some(MANIFEST_MEDIA_TYPE.into()),
-        artifact_type: Some(ARTIFACT_TYPE.into()),
-        config,
-        layers,
-    };
-    let manifest_digest = remote.put_manifest(&tag, &manifest)?;
-    Ok(PushReport {
-        reference: reference.to_string(),
-        manifest_digest,
-        uploaded_bytes: uploaded,
-        skipped_blobs: skipped,
     })
 }
 
@@ -117,28 +24,25 @@ pub fn pull_bootstrap(
     work_dir: &Path,
     http: &HttpOptions,
 ) -> Result<(PathBuf, String), CoreError> {
-    let r = OciRef::parse(reference).map_err(|e| bad_ref(reference, e))?;
-    let remote = OciRemote::new(r.clone(), http.clone())?;
-    let (m, _) = remote.manifest()?;
-    let boot = m
-        .layers
-        .iter()
-        .find(|l| l.media_type == BOOTSTRAP_MEDIA_TYPE)
-        .ok_or_else(|| bad_ref(reference, "manifest has no shoal bootstrap layer".into()))?;
-    let hexd = boot
-        .digest
-        .strip_prefix("sha256:")
-        .filter(|h| crate::names::check_blob(h).is_ok())
-        .ok_or_else(|| bad_ref(reference, format!("bad bootstrap digest {}", boot.digest)))?;
+    let r = Reference::parse(reference).map_err(|e| bad_ref(reference, e))?;
+    let repo = Client::new(http.clone()).repository(&r);
+    let (m, _) = repo.resolve(&Platform::host())?;
+    let boot = shoal::find_bootstrap(&m).ok_or_else(|| {
+        bad_ref(
+            reference,
+            "not a shoal image: no (single) shoal bootstrap layer; convert it with `shoal convert`"
+                .into(),
+        )
+    })?;
     let dir = work_dir.join("bootstraps");
     std::fs::create_dir_all(&dir).map_err(|source| CoreError::Io {
         path: dir.clone(),
         what: "creating".into(),
         source,
     })?;
-    let path = dir.join(hexd);
+    let path = dir.join(boot.digest.hex());
     if !path.exists() {
-        let bytes = remote.get_blob(&boot.digest, 1 << 30)?;
+        let bytes = repo.get_blob(boot, MAX_BOOTSTRAP)?;
         let tmp = path.with_extension("tmp");
         std::fs::write(&tmp, &bytes)
             .and_then(|_| std::fs::rename(&tmp, &path))
@@ -148,5 +52,5 @@ pub fn pull_bootstrap(
                 source,
             })?;
     }
-    Ok((path, format!("oci://{}/{}", r.host, r.repo)))
+    Ok((path, r.repository_url()))
 }

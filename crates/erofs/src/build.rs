@@ -2,7 +2,7 @@
 
 use crate::blob::{ChunkStore, FinalBlob, StoreStats};
 use crate::error::BuildError;
-use crate::ingest::{apply_dir, apply_tar};
+use crate::ingest::{apply_dir, apply_tar, apply_tar_stream};
 use crate::reader::Image;
 use crate::tree::Tree;
 use crate::writer::{write_image, WriteOptions};
@@ -101,10 +101,33 @@ fn load_reuse(store: &mut ChunkStore, path: &Path) -> Result<(), BuildError> {
     }
 }
 
+/// Opens a streamed tar layer when its turn comes.
+pub type OpenLayer = Box<dyn FnOnce() -> std::io::Result<Box<dyn std::io::Read>>>;
+
+/// One source of a build, applied in order.
+pub enum Source {
+    /// A directory, or a tar layer file (plain, gzip or zstd).
+    Path(PathBuf),
+    /// A tar layer read from a stream (a registry, say), opened only when
+    /// the layers below it are applied; `name` names it in errors.
+    Stream { name: String, open: OpenLayer },
+}
+
 /// Build a bootstrap at `output` from `sources` (directories or tar
 /// layers, applied in order), writing new blobs into `blob_dir`.
 pub fn build(
     sources: &[PathBuf],
+    blob_dir: &Path,
+    output: &Path,
+    opts: &BuildOptions,
+) -> Result<BuildReport, BuildError> {
+    let sources = sources.iter().cloned().map(Source::Path).collect();
+    build_sources(sources, blob_dir, output, opts)
+}
+
+/// [`build`] from paths and streams alike.
+pub fn build_sources(
+    sources: Vec<Source>,
     blob_dir: &Path,
     output: &Path,
     opts: &BuildOptions,
@@ -122,15 +145,7 @@ pub fn build(
         if opts.layer_blobs {
             store.next_blob();
         }
-        let md = std::fs::metadata(src).map_err(|source| BuildError::Io {
-            path: src.clone(),
-            source,
-        })?;
-        if md.is_dir() {
-            apply_dir(&mut tree, &mut store, src)?;
-        } else {
-            apply_tar(&mut tree, &mut store, src)?;
-        }
+        apply_source(&mut tree, &mut store, src)?;
     }
     let stats = store.stats.clone();
     let (blobs, placement) = store.finish(&tree, opts.layer_blobs)?;
@@ -147,6 +162,29 @@ pub fn build(
         blobs: blobs.iter().map(blob_report).collect(),
         stats,
     })
+}
+
+fn apply_source(tree: &mut Tree, store: &mut ChunkStore, src: Source) -> Result<(), BuildError> {
+    match src {
+        Source::Path(p) => {
+            let md = std::fs::metadata(&p).map_err(|source| BuildError::Io {
+                path: p.clone(),
+                source,
+            })?;
+            if md.is_dir() {
+                apply_dir(tree, store, &p)
+            } else {
+                apply_tar(tree, store, &p)
+            }
+        }
+        Source::Stream { name, open } => {
+            let r = open().map_err(|source| BuildError::Io {
+                path: name.clone().into(),
+                source,
+            })?;
+            apply_tar_stream(tree, store, &name, r, None)
+        }
+    }
 }
 
 fn blob_report(b: &FinalBlob) -> BlobReport {

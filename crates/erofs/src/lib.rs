@@ -14,6 +14,6 @@ pub mod tar;
 pub mod tree;
 pub mod writer;
 
-pub use build::{build, BuildOptions, BuildReport};
+pub use build::{build, build_sources, BuildOptions, BuildReport, Source};
 pub use error::{BuildError, Error, Result};
 pub use reader::{BlobFiles, BlobSource, DirEntry, Extent, Image, Inode, NoBlobs, ReadAt};

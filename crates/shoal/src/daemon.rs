@@ -38,9 +38,47 @@ pub struct Config {
     pub read_timeout_secs: Option<u64>,
     /// Threads answering fanotify events.
     pub fanotify_threads: Option<usize>,
+    /// `http://host:port`: an HTTP(S) proxy (CONNECT) for every remote.
+    pub proxy: Option<String>,
+    /// Hosts reached without the proxy (`host`, `host:port`, `.suffix`).
+    #[serde(default)]
+    pub no_proxy: Vec<String>,
+    /// Registries reached over plain http although not loopback.
+    #[serde(default)]
+    pub insecure_registries: Vec<String>,
+    /// Registry mirrors, tried in order before the origin (`[[mirror]]`).
+    #[serde(default)]
+    pub mirror: Vec<shoal_registry::Mirror>,
 }
 
+/// Where settings are read from when no flag names a file.
+pub const DEFAULT_CONFIG: &str = "/etc/shoal/shoal.toml";
+
 impl Config {
+    /// The settings file: the flag's, else `$SHOAL_CONFIG`, else
+    /// [`DEFAULT_CONFIG`] if it exists.
+    pub fn path(flag: Option<PathBuf>) -> Option<PathBuf> {
+        flag.or_else(|| std::env::var_os("SHOAL_CONFIG").map(PathBuf::from))
+            .or_else(|| Some(PathBuf::from(DEFAULT_CONFIG)).filter(|p| p.exists()))
+    }
+
+    /// Timeouts, proxy, mirrors and insecure registries for every remote.
+    pub fn http_options(&self) -> Result<shoal_core::remote::HttpOptions> {
+        let mut http = shoal_core::remote::HttpOptions::default();
+        if let Some(s) = self.connect_timeout_secs {
+            http.connect_timeout = Duration::from_secs(s);
+        }
+        if let Some(s) = self.read_timeout_secs {
+            http.read_timeout = Duration::from_secs(s);
+        }
+        http.proxy = self.proxy.clone();
+        http.no_proxy = self.no_proxy.clone();
+        http.insecure = self.insecure_registries.clone();
+        http.mirrors = self.mirror.clone();
+        http.validate().map_err(anyhow::Error::msg)?;
+        Ok(http)
+    }
+
     pub fn load(path: Option<&Path>) -> Result<Config> {
         match path {
             None => Ok(Config::default()),
@@ -193,7 +231,7 @@ pub fn do_bind(reg: &Registry, req: BindRequest) -> Result<Arc<shoal_core::Bound
         ),
         (None, Some(r)) => {
             let (b, default_remote) =
-                shoal_core::publish::pull_bootstrap(r, &reg.work_dir, &Default::default())?;
+                shoal_core::publish::pull_bootstrap(r, &reg.work_dir, reg.http_options())?;
             (b, req.remote.clone().unwrap_or(default_remote))
         }
         (None, None) => {
@@ -504,12 +542,7 @@ pub fn run(socket: &Path, work_dir: &Path, cfg: &Config) -> Result<()> {
     if let Some(r) = cfg.retries {
         opts.retries = r.max(1);
     }
-    if let Some(s) = cfg.connect_timeout_secs {
-        opts.http.connect_timeout = Duration::from_secs(s);
-    }
-    if let Some(s) = cfg.read_timeout_secs {
-        opts.http.read_timeout = Duration::from_secs(s);
-    }
+    opts.http = cfg.http_options()?;
     let features = crate::features::detect(work_dir);
     for f in &features.features {
         tracing::info!(feature = f.name, available = f.available, detail = %f.detail, "kernel feature");

@@ -323,16 +323,6 @@ pub fn prefetch(socket: &Path, domain: Option<String>, fsid: &str, recorded: boo
     Ok(())
 }
 
-pub fn push(image: &Path, blob_dir: &Path, reference: &str) -> Result<()> {
-    let r = shoal_core::publish::push(image, blob_dir, reference, &Default::default())
-        .with_context(|| format!("pushing {} to {reference}", image.display()))?;
-    println!(
-        "pushed {} ({}): {} bytes uploaded, {} blobs already there",
-        r.reference, r.manifest_digest, r.uploaded_bytes, r.skipped_blobs
-    );
-    Ok(())
-}
-
 pub fn socket_arg(s: Option<PathBuf>) -> PathBuf {
     crate::client::socket_path(s)
 }

@@ -11,6 +11,7 @@ mod extract;
 mod features;
 mod image_cmds;
 mod mounts;
+mod registry_cmds;
 mod walk;
 
 use anyhow::{Context, Result};
@@ -219,14 +220,12 @@ enum Cmd {
         #[arg(long)]
         socket: Option<PathBuf>,
     },
-    /// Upload a bootstrap and its blobs to an OCI registry as one artifact.
-    Push {
-        image: PathBuf,
-        #[arg(long)]
-        blob_dir: PathBuf,
-        /// oci://host[:port]/repo:tag
-        reference: String,
-    },
+    /// Publish a bootstrap and its blobs to an OCI registry as an image
+    /// containerd pulls (blobs, then the bootstrap, as layers).
+    Push(registry_cmds::PushArgs),
+    /// Convert an OCI image (registry or OCI layout) into a shoal image in
+    /// a registry: layers streamed into one blob each, never unpacked.
+    Convert(registry_cmds::ConvertArgs),
     /// Benchmarks that print a table.
     Bench {
         #[command(subcommand)]
@@ -366,7 +365,7 @@ fn main() -> Result<()> {
             work_dir,
             config,
         } => {
-            let cfg = daemon::Config::load(config.as_deref())?;
+            let cfg = daemon::Config::load(daemon::Config::path(config).as_deref())?;
             let socket = socket
                 .or(cfg.socket.clone())
                 .unwrap_or_else(|| client::socket_path(None));
@@ -417,11 +416,8 @@ fn main() -> Result<()> {
             recorded,
             socket,
         } => daemon_cmds::prefetch(&daemon_cmds::socket_arg(socket), domain, &fsid, recorded),
-        Cmd::Push {
-            image,
-            blob_dir,
-            reference,
-        } => daemon_cmds::push(&image, &blob_dir, &reference),
+        Cmd::Push(a) => registry_cmds::push(a),
+        Cmd::Convert(a) => registry_cmds::convert(a),
         Cmd::Bench {
             what:
                 BenchCmd::Build {

@@ -7,27 +7,12 @@ mod http;
 pub mod oci;
 
 pub use file::FileRemote;
-pub use http::{HttpOptions, HttpRemote};
-pub use oci::{OciRef, OciRemote};
+pub use http::HttpRemote;
+pub use oci::OciRemote;
+pub use shoal_registry::{HttpOptions, RemoteError};
 
 use std::sync::Arc;
 use std::time::Duration;
-
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum RemoteError {
-    /// Worth retrying: connection refused or reset, timeout, 5xx, short body.
-    #[error("{url}: {why}")]
-    Transient { url: String, why: String },
-    /// Not worth retrying: 404, auth refused, malformed URL or reply.
-    #[error("{url}: {why}")]
-    Permanent { url: String, why: String },
-}
-
-impl RemoteError {
-    pub fn is_transient(&self) -> bool {
-        matches!(self, RemoteError::Transient { .. })
-    }
-}
 
 pub trait Remote: Send + Sync {
     /// A URL-like description for logs and status.
@@ -53,8 +38,8 @@ pub fn open(url: &str, opts: &HttpOptions) -> Result<Arc<dyn Remote>, RemoteErro
         return Ok(Arc::new(HttpRemote::new(url, opts.clone())?));
     }
     if url.starts_with("oci://") {
-        let r = OciRef::parse(url).map_err(|e| bad(&e))?;
-        return Ok(Arc::new(OciRemote::new(r, opts.clone())?));
+        let r = shoal_registry::Reference::parse(url).map_err(|e| bad(&e))?;
+        return Ok(Arc::new(OciRemote::new(&r, opts)));
     }
     Err(bad(
         "unknown remote scheme (want file://, http(s):// or oci://)",
