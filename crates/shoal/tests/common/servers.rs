@@ -328,8 +328,25 @@ pub struct Registry {
     child: Child,
 }
 
+/// One request a registry answered, from its log.
+#[derive(Debug, Clone)]
+pub struct Served {
+    pub method: String,
+    pub uri: String,
+    pub status: u16,
+    pub written: u64,
+    pub agent: String,
+}
+
 impl Registry {
     pub fn start(dir: &Path) -> Option<Registry> {
+        Registry::start_with(dir, "")
+    }
+
+    /// A registry with extra configuration (YAML sections such as `auth:`
+    /// or `proxy:`), its storage and log in `dir`.
+    pub fn start_with(dir: &Path, extra: &str) -> Option<Registry> {
+        std::fs::create_dir_all(dir).unwrap();
         let bin = "/usr/bin/docker-registry";
         if !Path::new(bin).exists() {
             return None;
@@ -339,7 +356,7 @@ impl Registry {
         std::fs::write(
             &conf,
             format!(
-                "version: 0.1\nlog:\n  level: info\n  formatter: text\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n",
+                "version: 0.1\nlog:\n  level: info\n  formatter: text\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n{extra}",
                 dir.join("registry-data").display()
             ),
         )
@@ -356,6 +373,41 @@ impl Registry {
             std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
         });
         Some(Registry { port, log, child })
+    }
+}
+
+impl Registry {
+    pub fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Every request answered so far.
+    pub fn served(&self) -> Vec<Served> {
+        let text = std::fs::read(&self.log).unwrap_or_default();
+        String::from_utf8_lossy(&text)
+            .lines()
+            .filter(|l| l.contains("msg=\"response completed\""))
+            .map(|l| Served {
+                method: field(l, "http.request.method"),
+                uri: field(l, "http.request.uri"),
+                status: field(l, "http.response.status").parse().unwrap_or(0),
+                written: field(l, "http.response.written").parse().unwrap_or(0),
+                agent: field(l, "http.request.useragent"),
+            })
+            .collect()
+    }
+}
+
+/// A `key=value` or `key="value"` field of a logrus text line.
+fn field(line: &str, key: &str) -> String {
+    let Some(i) = line.find(&format!(" {key}=")) else {
+        return String::new();
+    };
+    let rest = &line[i + key.len() + 2..];
+    if let Some(q) = rest.strip_prefix('"') {
+        q[..q.find('"').unwrap_or(q.len())].to_string()
+    } else {
+        rest.split(' ').next().unwrap_or("").to_string()
     }
 }
 

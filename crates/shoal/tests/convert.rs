@@ -1,0 +1,443 @@
+//! `shoal convert` and `shoal push` against real registries (Debian's
+//! docker-registry, started by the test): an ordinary OCI image made from
+//! the corpus layers and pushed with skopeo converts, its shoal image mounts
+//! to the tree umoci unpacks from the original, skopeo and containerd read
+//! it; a second image on the same base uploads only its new blobs; a
+//! pull-through mirror serves a fleet of daemons; a proxy carries every
+//! request; bad sources fail with the reference named and push nothing.
+
+mod common;
+use common::servers::*;
+use common::*;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+fn have(tool: &str) -> bool {
+    ["/usr/bin", "/usr/sbin", "/bin", "/sbin"]
+        .iter()
+        .any(|d| Path::new(d).join(tool).exists())
+}
+
+/// Why this test cannot run here, if it cannot.
+fn missing(tools: &[&str]) -> Option<String> {
+    if !corpus_dir().join("base.tar.gz").exists() {
+        return Some("no corpus (../shared/corpus)".into());
+    }
+    tools
+        .iter()
+        .find(|t| !have(t))
+        .map(|t| format!("{t} not installed"))
+}
+
+/// An OCI layout of corpus layers, as an image builder would write it.
+fn layout(dir: &Path, tag: &str, layers: &[&str], extra: &[&str]) -> PathBuf {
+    let out = dir.join(format!("layout-{tag}"));
+    let mut cmd = Command::new("python3");
+    cmd.arg(fixture("oci_image.py")).arg(&out).arg(tag);
+    for l in layers {
+        cmd.arg(corpus_dir().join(l));
+    }
+    let o = cmd.args(extra).output().unwrap();
+    assert!(
+        o.status.success(),
+        "oci_image.py: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    out
+}
+
+/// `skopeo copy` a layout into a registry (as `host/repo:tag`).
+fn skopeo_push(layout: &Path, tag: &str, dest: &str, extra: &[&str]) {
+    let o = Command::new("skopeo")
+        .args(["copy", "--all", "--dest-tls-verify=false"])
+        .args(extra)
+        .arg(format!("oci:{}:{tag}", layout.display()))
+        .arg(format!("docker://{dest}"))
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "skopeo copy: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+fn convert(args: &[&str], env: &[(&str, &Path)]) -> Output {
+    let mut c = shoal();
+    c.arg("convert")
+        .args(args)
+        .env_remove("RUST_BACKTRACE")
+        .env_remove("SHOAL_CONFIG");
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.output().unwrap()
+}
+
+fn convert_json(args: &[&str]) -> serde_json::Value {
+    let mut a = args.to_vec();
+    a.push("--json");
+    let o = convert(&a, &[]);
+    assert!(
+        o.status.success(),
+        "shoal convert {args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+/// The HTTP status of a manifest GET.
+fn manifest_status(host: &str, repo_tag: &str) -> String {
+    let (repo, tag) = repo_tag.rsplit_once(':').unwrap();
+    let o = Command::new("curl")
+        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}"])
+        .args(["-H", "Accept: application/vnd.oci.image.manifest.v1+json"])
+        .arg(format!("http://{host}/v2/{repo}/manifests/{tag}"))
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn skopeo_inspect(reference: &str, extra: &[&str]) -> serde_json::Value {
+    let o = Command::new("skopeo")
+        .args(["inspect", "--tls-verify=false"])
+        .args(extra)
+        .arg(format!("docker://{reference}"))
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "skopeo inspect: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+/// Uploads of a blob the registry accepted (the final PUT of each).
+fn uploads_of(reg: &Registry, digest: &str) -> usize {
+    reg.served()
+        .iter()
+        .filter(|s| {
+            s.method == "PUT" && s.status == 201 && s.uri.contains(&format!("digest={digest}"))
+        })
+        .count()
+}
+
+/// containerd on its own root, state and socket, CRI off.
+struct Containerd {
+    child: std::process::Child,
+    socket: PathBuf,
+}
+
+impl Containerd {
+    fn start(dir: &Path) -> Containerd {
+        std::fs::create_dir_all(dir).unwrap();
+        let socket = dir.join("containerd.sock");
+        let cfg = dir.join("config.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "version = 2\nroot = \"{d}/root\"\nstate = \"{d}/state\"\ndisabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n[grpc]\n  address = \"{s}\"\n",
+                d = dir.display(),
+                s = socket.display()
+            ),
+        )
+        .unwrap();
+        let child = Command::new("containerd")
+            .arg("--config")
+            .arg(&cfg)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(dir.join("containerd.log")).unwrap())
+            .spawn()
+            .unwrap();
+        let s = socket.clone();
+        wait_for("containerd", || {
+            std::os::unix::net::UnixStream::connect(&s).is_ok()
+        });
+        Containerd { child, socket }
+    }
+
+    fn ctr(&self, args: &[&str]) -> Output {
+        Command::new("ctr")
+            .arg("--address")
+            .arg(&self.socket)
+            .args(["--namespace", "shoal-test"])
+            .args(args)
+            .output()
+            .unwrap()
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn corpus_image_converts_and_mounts_as_umoci_unpacks_it() {
+    if let Some(why) = missing(&["docker-registry", "skopeo", "umoci"]) {
+        return skip(&why);
+    }
+    if !rustix::process::geteuid().is_root() {
+        return skip("not root (mounts)");
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let reg = Registry::start(&tmp.path().join("reg")).unwrap();
+    let host = reg.host();
+    let src = layout(
+        tmp.path(),
+        "py",
+        &["base.tar.gz", "py-layer.tar.gz"],
+        &["--cmd", r#"["python3","-c","print(1)"]"#],
+    );
+    skopeo_push(&src, "py", &format!("{host}/src/py:v1"), &[]);
+
+    let r = convert_json(&[
+        &format!("oci://{host}/src/py:v1"),
+        &format!("oci://{host}/shoal/py:v1"),
+        "--fsid",
+        "py",
+    ]);
+    assert_eq!(
+        (r["layers"].as_u64(), r["blobs"].as_u64()),
+        (Some(2), Some(2)),
+        "{r}"
+    );
+    assert_eq!(r["blobs_uploaded"], 4, "2 blobs, bootstrap, config: {r}");
+    assert!(r["blob_bytes"].as_u64().unwrap() > r["source_bytes"].as_u64().unwrap());
+
+    // skopeo reads the manifest and config; the config is the source's.
+    let raw = skopeo_inspect(&format!("{host}/shoal/py:v1"), &["--raw"]);
+    let layers = raw["layers"].as_array().unwrap();
+    assert_eq!(layers.len(), 3);
+    for l in layers {
+        assert!(
+            l["mediaType"]
+                .as_str()
+                .unwrap()
+                .starts_with("application/vnd.oci.image.layer."),
+            "{l}"
+        );
+    }
+    assert_eq!(
+        layers[2]["annotations"]["containerd.io/snapshot/shoal.layer"],
+        "bootstrap"
+    );
+    assert_eq!(
+        layers[2]["annotations"]["containerd.io/snapshot/shoal.fsid"],
+        "py"
+    );
+    assert_eq!(
+        layers[0]["annotations"]["containerd.io/snapshot/shoal.layer"],
+        "blob"
+    );
+    let cfg = skopeo_inspect(&format!("{host}/shoal/py:v1"), &["--config"]);
+    assert_eq!(
+        cfg["config"]["Cmd"],
+        serde_json::json!(["python3", "-c", "print(1)"])
+    );
+    assert_eq!(cfg["config"]["Labels"]["org.example.test"], "corpus");
+    assert!(cfg["config"]["Env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|e| e == "SHOAL_TEST=1"));
+    let diff_ids: Vec<_> = cfg["rootfs"]["diff_ids"].as_array().unwrap().clone();
+    let digests: Vec<_> = layers.iter().map(|l| l["digest"].clone()).collect();
+    assert_eq!(diff_ids, digests);
+    let history = cfg["history"].as_array().unwrap();
+    let non_empty = history.iter().filter(|h| h["empty_layer"] != true).count();
+    assert_eq!(
+        non_empty, 3,
+        "history entries with layers must match the layers"
+    );
+
+    // containerd stores the image in its content store.
+    if have("containerd") && have("ctr") {
+        let ctd = Containerd::start(&tmp.path().join("containerd"));
+        let o = ctd.ctr(&[
+            "content",
+            "fetch",
+            "--plain-http",
+            &format!("{host}/shoal/py:v1"),
+        ]);
+        assert!(
+            o.status.success(),
+            "ctr content fetch: {}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let ls = ctd.ctr(&["content", "ls", "-q"]);
+        let listed = String::from_utf8_lossy(&ls.stdout);
+        for d in &digests {
+            assert!(
+                listed.contains(d.as_str().unwrap()),
+                "{d} not in containerd's content store"
+            );
+        }
+    } else {
+        eprintln!("skipped part: containerd/ctr not installed");
+    }
+
+    // The mounted shoal image is the tree umoci unpacks from the source.
+    let bundle = tmp.path().join("bundle");
+    let o = Command::new("umoci")
+        .args(["unpack", "--image"])
+        .arg(format!("{}:py", src.display()))
+        .arg(&bundle)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "umoci unpack: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let d = Daemon::start(tmp.path());
+    let mnt = tmp.path().join("mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    d.ok(&[
+        "mount",
+        "--domain",
+        "conv",
+        "--fsid",
+        "py",
+        &format!("oci://{host}/shoal/py:v1"),
+        mnt.to_str().unwrap(),
+    ]);
+    let diffs = compare_trees(&mnt, &bundle.join("rootfs"));
+    d.ok(&["umount", mnt.to_str().unwrap()]);
+    assert!(
+        diffs.is_empty(),
+        "shoal mount vs umoci unpack:\n{}",
+        diffs.join("\n")
+    );
+}
+
+#[test]
+fn second_image_on_the_same_base_uploads_only_its_new_blobs() {
+    if let Some(why) = missing(&["docker-registry", "skopeo"]) {
+        return skip(&why);
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let reg = Registry::start(&tmp.path().join("reg")).unwrap();
+    let host = reg.host();
+    // An index (with an arm64 entry too) for py; Docker schema 2 for web.
+    let py = layout(
+        tmp.path(),
+        "py",
+        &["base.tar.gz", "py-layer.tar.gz"],
+        &["--index"],
+    );
+    skopeo_push(&py, "py", &format!("{host}/src/py:v1"), &[]);
+    let web = layout(
+        tmp.path(),
+        "web",
+        &["base.tar.gz", "web-layer.tar.zst"],
+        &[],
+    );
+    skopeo_push(&web, "web", &format!("{host}/src/web:v1"), &[]);
+    let base = layout(tmp.path(), "base", &["base.tar.gz"], &[]);
+    skopeo_push(
+        &base,
+        "base",
+        &format!("{host}/src/base:docker"),
+        &["--format", "v2s2"],
+    );
+    let raw = skopeo_inspect(&format!("{host}/src/base:docker"), &["--raw"]);
+    assert_eq!(
+        raw["mediaType"],
+        "application/vnd.docker.distribution.manifest.v2+json"
+    );
+
+    let py1 = convert_json(&[
+        &format!("oci://{host}/src/py:v1"),
+        &format!("oci://{host}/shoal/py:v1"),
+    ]);
+    let base_blob = skopeo_inspect(&format!("{host}/shoal/py:v1"), &["--raw"])["layers"][0]
+        ["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(py1["blobs_uploaded"], 4);
+    // web in another repository, with py as chunk dictionary: the base blob
+    // is mounted from shoal/py, never uploaded again.
+    let web1 = convert_json(&[
+        &format!("oci://{host}/src/web:v1"),
+        &format!("oci://{host}/shoal/web:v1"),
+        "--chunk-dict",
+        &format!("oci://{host}/shoal/py:v1"),
+    ]);
+    // Every dictionary blob it uses (base, and py's for chunks both layers
+    // hold) is mounted; only web's new blob is sent.
+    assert_eq!(
+        web1["blobs_mounted"].as_u64().unwrap() + 1,
+        web1["blobs"].as_u64().unwrap(),
+        "{web1}"
+    );
+    assert_eq!(
+        web1["blobs_uploaded"], 3,
+        "web blob, bootstrap, config: {web1}"
+    );
+    assert!(web1["chunks_reused"].as_u64().unwrap() > 1000, "{web1}");
+    // Without a dictionary, in the same repository: the base blob (the same
+    // bytes, as one blob per layer makes it) is already there.
+    let web2 = convert_json(&[
+        &format!("oci://{host}/src/web:v1"),
+        &format!("oci://{host}/shoal/py:web"),
+    ]);
+    assert_eq!(web2["blobs_existing"], 1, "{web2}");
+    let base1 = convert_json(&[
+        &format!("oci://{host}/src/base:docker"),
+        &format!("oci://{host}/shoal/py:base"),
+    ]);
+    assert_eq!(base1["blobs_existing"], 1, "{base1}");
+    assert_eq!(base1["blobs_uploaded"], 2, "{base1}");
+    // Counted at the registry: the base blob's bytes were uploaded once.
+    assert_eq!(uploads_of(&reg, &base_blob), 1);
+    let web_blob = skopeo_inspect(&format!("{host}/shoal/web:v1"), &["--raw"])["layers"][1]
+        ["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(uploads_of(&reg, &web_blob), 1);
+
+    // The arm64 entry of the index is chosen on request.
+    let arm = convert_json(&[
+        &format!("oci://{host}/src/py:v1"),
+        &format!("oci://{host}/shoal/py:arm"),
+        "--platform",
+        "linux/arm64",
+    ]);
+    // Both entries name the same image, and conversion is deterministic:
+    // every blob, the bootstrap and the config are already there.
+    assert_eq!(
+        (
+            arm["blobs_existing"].as_u64(),
+            arm["uploaded_bytes"].as_u64()
+        ),
+        (Some(4), Some(0)),
+        "{arm}"
+    );
+    let o = convert(
+        &[
+            &format!("oci://{host}/src/py:v1"),
+            &format!("oci://{host}/shoal/py:s390x"),
+            "--platform",
+            "linux/s390x",
+        ],
+        &[],
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("no manifest for platform linux/s390x"),
+        "{err}"
+    );
+}
