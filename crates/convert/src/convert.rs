@@ -14,7 +14,7 @@ use shoal_registry::{shoal, Client, Digest, Platform, Reference, Repository};
 use std::collections::HashMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 /// Bootstraps of chunk dictionaries larger than this are refused.
@@ -128,27 +128,59 @@ fn check_source(img: &SourceImage) -> Result<(), ConvertError> {
     Ok(())
 }
 
+/// The stream of the layer being applied, shared with the converter so
+/// that after a failed build it can read the rest and tell corruption
+/// (a digest mismatch) from a bad layer.
+type Current = Arc<Mutex<Option<(String, Box<dyn Read + Send>)>>>;
+
 /// The builder's sources: each layer streamed when its turn comes.
-fn layer_sources(img: &Arc<SourceImage>, progress: &Progress) -> Vec<Source> {
+fn layer_sources(img: &Arc<SourceImage>, progress: &Progress, current: &Current) -> Vec<Source> {
     let n = img.layers().len();
     (0..n)
         .map(|i| {
             let d = img.layers()[i].clone();
             let name = format!("layer {}/{n} ({}) of {}", i + 1, d.digest, img.reference);
-            let (img, bar) = (
-                img.clone(),
-                progress.bytes(format!("pull {}", &d.digest.hex()[..12]), d.size),
-            );
+            let bar = progress.bytes(format!("pull {}", &d.digest.hex()[..12]), d.size);
+            let (img, current, what) = (img.clone(), current.clone(), name.clone());
             let open: erofs::build::OpenLayer = Box::new(move || {
                 let r = img.open_layer(&d).map_err(std::io::Error::other)?;
-                Ok(Box::new(Finishing {
+                let r: Box<dyn Read + Send> = Box::new(Finishing {
                     inner: bar.wrap_read(r),
                     bar,
-                }) as Box<dyn Read>)
+                });
+                *current.lock().unwrap() = Some((what, r));
+                Ok(Box::new(SharedRead(current)) as Box<dyn Read>)
             });
             Source::Stream { name, open }
         })
         .collect()
+}
+
+struct SharedRead(Current);
+
+impl Read for SharedRead {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self.0.lock().unwrap().as_mut() {
+            Some((_, r)) => r.read(buf),
+            None => Ok(0),
+        }
+    }
+}
+
+/// After a failed build: if the layer being read does not match its
+/// digest, that is the error to report (its bytes were corrupt), not what
+/// the builder made of them.
+fn blame_corruption(current: &Current, e: erofs::BuildError) -> ConvertError {
+    let Some((name, mut r)) = current.lock().unwrap().take() else {
+        return e.into();
+    };
+    match std::io::copy(&mut r, &mut std::io::sink()) {
+        Err(io) if io.kind() == std::io::ErrorKind::InvalidData => ConvertError::Source {
+            reference: name,
+            why: io.to_string(),
+        },
+        _ => e.into(),
+    }
 }
 
 /// Clears its progress bar once the stream has ended.
@@ -264,12 +296,10 @@ pub fn convert(
             .and_then(|s| s.parse().ok()),
         max_size: opts.max_size,
     };
-    let built = erofs::build_sources(
-        layer_sources(&img, &progress),
-        &blob_dir,
-        &bootstrap,
-        &bopts,
-    )?;
+    let current = Current::default();
+    let sources = layer_sources(&img, &progress, &current);
+    let built = erofs::build_sources(sources, &blob_dir, &bootstrap, &bopts)
+        .map_err(|e| blame_corruption(&current, e))?;
     let blobs = blob_origins(&built, &blob_dir, &dicts)?;
     let mount_from: Vec<String> = dicts
         .iter()

@@ -108,7 +108,9 @@ fn open_file(
     bar: indicatif::ProgressBar,
 ) -> impl Fn() -> std::io::Result<(Box<dyn Read>, u64)> {
     move || {
-        let f = std::fs::File::open(&path)?;
+        let named =
+            |e: std::io::Error| std::io::Error::new(e.kind(), format!("{}: {e}", path.display()));
+        let f = std::fs::File::open(&path).map_err(named)?;
         let len = f.metadata()?.len();
         bar.set_position(0);
         Ok((Box::new(bar.wrap_read(f)), len))

@@ -422,8 +422,15 @@ impl Repository {
             }
             // 202: the registry started an upload instead; it expires unused.
         }
-        let (_, size) =
-            open().map_err(|e| RemoteError::permanent(digest.to_string(), e.to_string()))?;
+        let (_, size) = open().map_err(|e| {
+            RemoteError::permanent(
+                digest.to_string(),
+                format!(
+                    "not in {} and its bytes cannot be read: {e}",
+                    self.r.repository_url()
+                ),
+            )
+        })?;
         let (mut loc, min_chunk) = self.start_upload(&ep)?;
         if size > MONOLITHIC_MAX {
             match self.patch_chunks(&ep, &loc, size, min_chunk, open) {

@@ -441,3 +441,253 @@ fn second_image_on_the_same_base_uploads_only_its_new_blobs() {
         "{err}"
     );
 }
+
+/// Run a failing conversion: non-zero exit, stderr naming `names`, and no
+/// manifest at the destination.
+fn fails(
+    args: &[&str],
+    env: &[(&str, &Path)],
+    names: &[&str],
+    absent: Option<(&str, &str)>,
+) -> String {
+    let o = convert(args, env);
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(!o.status.success(), "shoal convert {args:?} succeeded");
+    for n in names {
+        assert!(
+            err.contains(n),
+            "{args:?}: error does not name {n:?}:\n{err}"
+        );
+    }
+    assert!(!err.contains("panicked"), "{err}");
+    if let Some((host, dst)) = absent {
+        assert_eq!(
+            manifest_status(host, dst),
+            "404",
+            "{dst} exists after a failed conversion"
+        );
+    }
+    err
+}
+
+/// Corrupt the file of blob `digest` in a layout: flip a byte, or cut it.
+fn damage(layout: &Path, digest: &str, cut: bool) {
+    let p = layout
+        .join("blobs/sha256")
+        .join(digest.trim_start_matches("sha256:"));
+    let mut b = std::fs::read(&p).unwrap();
+    if cut {
+        b.truncate(b.len() - 1000);
+    } else {
+        let mid = b.len() / 2;
+        b[mid] ^= 0x55;
+    }
+    std::fs::write(&p, b).unwrap();
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    assert!(Command::new("cp")
+        .arg("-a")
+        .arg(from)
+        .arg(to)
+        .status()
+        .unwrap()
+        .success());
+}
+
+#[test]
+fn bad_sources_fail_clearly_and_push_nothing() {
+    if let Some(why) = missing(&["docker-registry", "skopeo", "curl"]) {
+        return skip(&why);
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let reg = Registry::start(&tmp.path().join("reg")).unwrap();
+    let host = reg.host();
+    let good = layout(tmp.path(), "py", &["base.tar.gz", "py-layer.tar.gz"], &[]);
+    skopeo_push(&good, "py", &format!("{host}/src/py:v1"), &[]);
+    let dst = format!("oci://{host}/shoal/bad:v1");
+    let nowhere = "shoal/bad:v1";
+
+    // An unreachable registry, a missing tag, a missing digest.
+    fails(
+        &["oci://127.0.0.1:1/src/py:v1", &dst],
+        &[],
+        &["127.0.0.1:1", "src/py"],
+        Some((&host, nowhere)),
+    );
+    fails(
+        &[&format!("oci://{host}/src/py:nope"), &dst],
+        &[],
+        &["src/py:nope", "404"],
+        Some((&host, nowhere)),
+    );
+    let zero = format!("sha256:{}", "0".repeat(64));
+    fails(
+        &[&format!("oci://{host}/src/py@{zero}"), &dst],
+        &[],
+        &[&zero, "404"],
+        Some((&host, nowhere)),
+    );
+
+    // Local layouts with a flipped byte, a cut layer, a tampered manifest.
+    let py_layer = {
+        let idx: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(good.join("index.json")).unwrap()).unwrap();
+        let m = idx["manifests"][0]["digest"].as_str().unwrap().to_string();
+        let man: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(
+                good.join("blobs/sha256")
+                    .join(m.trim_start_matches("sha256:")),
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        (m, man["layers"][1]["digest"].as_str().unwrap().to_string())
+    };
+    for (what, cut, digest, expect) in [
+        ("flipped", false, &py_layer.1, "do not match"),
+        ("cut", true, &py_layer.1, "ended after"),
+        ("manifest", false, &py_layer.0, "do not match"),
+    ] {
+        let bad = tmp.path().join(format!("layout-{what}"));
+        copy_dir(&good, &bad);
+        damage(&bad, digest, cut);
+        let src = format!("oci-layout:{}:py", bad.display());
+        fails(
+            &[&src, &dst],
+            &[],
+            &[digest.as_str(), expect],
+            Some((&host, nowhere)),
+        );
+    }
+
+    // A layer media type shoal cannot read.
+    let odd = layout(
+        tmp.path(),
+        "odd",
+        &["base.tar.gz"],
+        &["--media-type", "application/vnd.example.thing.v1"],
+    );
+    let src = format!("oci-layout:{}:odd", odd.display());
+    fails(
+        &[&src, &dst],
+        &[],
+        &["application/vnd.example.thing.v1", "cannot read"],
+        Some((&host, nowhere)),
+    );
+
+    // A failed upload leaves no manifest: a chunk dictionary whose blobs
+    // are gone, converting to a registry that does not have them either.
+    let kept = tmp.path().join("kept");
+    convert_json(&[
+        &format!("oci://{host}/src/py:v1"),
+        &format!("oci://{host}/shoal/py:v1"),
+        "--output",
+        kept.to_str().unwrap(),
+    ]);
+    std::fs::remove_dir_all(kept.join("blobs")).unwrap();
+    let other = Registry::start(&tmp.path().join("other")).unwrap();
+    let boot = kept.join("image.boot");
+    fails(
+        &[
+            &format!("oci://{host}/src/py:v1"),
+            &format!("oci://{}/shoal/py:v1", other.host()),
+            "--chunk-dict",
+            boot.to_str().unwrap(),
+        ],
+        &[],
+        &["kept/blobs", "cannot be read"],
+        Some((&other.host(), "shoal/py:v1")),
+    );
+
+    // A registry serving a layer whose bytes do not match their digest.
+    let data = tmp
+        .path()
+        .join("reg/registry-data/docker/registry/v2/blobs/sha256");
+    let hexd = py_layer.1.trim_start_matches("sha256:");
+    let f = data.join(&hexd[..2]).join(hexd).join("data");
+    let mut b = std::fs::read(&f).unwrap();
+    let mid = b.len() / 2;
+    b[mid] ^= 1;
+    std::fs::write(&f, b).unwrap();
+    fails(
+        &[&format!("oci://{host}/src/py:v1"), &dst],
+        &[],
+        &[&py_layer.1, "do not match", "src/py"],
+        Some((&host, nowhere)),
+    );
+}
+
+#[test]
+fn registry_credentials_basic_auth() {
+    if let Some(why) = missing(&["docker-registry", "skopeo", "curl", "htpasswd"]) {
+        return skip(&why);
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let reg = Registry::start(&tmp.path().join("reg")).unwrap();
+    let host = reg.host();
+    let base = layout(tmp.path(), "base", &["base.tar.gz"], &[]);
+    skopeo_push(&base, "base", &format!("{host}/src/base:v1"), &[]);
+    let pw = tmp.path().join("htpasswd");
+    let o = Command::new("htpasswd")
+        .args(["-Bbn", "alice", "s3cret"])
+        .output()
+        .unwrap();
+    std::fs::write(&pw, &o.stdout).unwrap();
+    let auth = Registry::start_with(
+        &tmp.path().join("auth"),
+        &format!(
+            "auth:\n  htpasswd:\n    realm: shoal-test\n    path: {}\n",
+            pw.display()
+        ),
+    )
+    .unwrap();
+    let ah = auth.host();
+    let src = format!("oci://{host}/src/base:v1");
+    let dst = format!("oci://{ah}/shoal/base:v1");
+    let no_home = tmp.path().join("no-docker-config");
+    let env = [("DOCKER_CONFIG", no_home.as_path())];
+    fails(&[&src, &dst], &env, &[&ah, "credentials"], None);
+    fails(
+        &[&src, &dst, "--creds", "alice:wrong"],
+        &env,
+        &[&ah, "refused"],
+        None,
+    );
+    // The Docker config's credentials.
+    let cfg_dir = tmp.path().join("docker");
+    std::fs::create_dir_all(&cfg_dir).unwrap();
+    std::fs::write(
+        cfg_dir.join("config.json"),
+        format!(r#"{{"auths":{{"{ah}":{{"auth":"YWxpY2U6czNjcmV0"}}}}}}"#),
+    )
+    .unwrap();
+    let o = convert(
+        &[&src, &dst, "--json"],
+        &[("DOCKER_CONFIG", cfg_dir.as_path())],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // --creds, and the image is there for a reader with credentials.
+    let o = convert(
+        &[
+            &src,
+            &format!("oci://{ah}/shoal/base:v2"),
+            "--creds",
+            "alice:s3cret",
+        ],
+        &env,
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = Command::new("skopeo")
+        .args([
+            "inspect",
+            "--tls-verify=false",
+            "--creds",
+            "alice:s3cret",
+            "--raw",
+        ])
+        .arg(format!("docker://{ah}/shoal/base:v2"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
