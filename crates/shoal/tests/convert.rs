@@ -691,3 +691,159 @@ fn registry_credentials_basic_auth() {
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
+
+/// Blob GETs the origin answered, as (user agent, digest).
+fn blob_gets(reg: &Registry) -> Vec<(String, String)> {
+    reg.served()
+        .into_iter()
+        .filter(|s| s.method == "GET" && s.uri.contains("/blobs/sha256:"))
+        .map(|s| (s.agent, s.uri.rsplit('/').next().unwrap().to_string()))
+        .collect()
+}
+
+#[test]
+fn a_pull_through_mirror_serves_a_fleet() {
+    if let Some(why) = missing(&["docker-registry", "skopeo"]) {
+        return skip(&why);
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let origin = Registry::start(&tmp.path().join("origin")).unwrap();
+    let oh = origin.host();
+    let src = layout(tmp.path(), "py", &["base.tar.gz", "py-layer.tar.gz"], &[]);
+    skopeo_push(&src, "py", &format!("{oh}/src/py:v1"), &[]);
+    convert_json(&[
+        &format!("oci://{oh}/src/py:v1"),
+        &format!("oci://{oh}/shoal/py:v1"),
+    ]);
+    let raw = skopeo_inspect(&format!("{oh}/shoal/py:v1"), &["--raw"]);
+    let blobs: Vec<String> = raw["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["digest"].as_str().unwrap().to_string())
+        .collect();
+    let mirror = Registry::start_with(
+        &tmp.path().join("mirror"),
+        &format!("proxy:\n  remoteurl: http://{oh}\n"),
+    )
+    .unwrap();
+    // A dead mirror first: it fails, and requests fall through to the next.
+    let settings = format!(
+        "[[mirror]]\nregistry = \"{oh}\"\nurl = \"http://127.0.0.1:1\"\n\n[[mirror]]\nregistry = \"{oh}\"\nurl = \"http://{}\"\n",
+        mirror.host()
+    );
+    let reference = format!("oci://{oh}/shoal/py:v1");
+    let stored = |d: &str| {
+        let h = d.trim_start_matches("sha256:");
+        tmp.path()
+            .join("mirror/registry-data/docker/registry/v2/blobs/sha256")
+            .join(&h[..2])
+            .join(h)
+            .join("data")
+            .exists()
+    };
+    let before = blob_gets(&origin).len();
+    let mut after_first = 0;
+    for (i, name) in ["a", "b"].iter().enumerate() {
+        let d = Daemon::start_with(&tmp.path().join(name), &settings);
+        d.ok(&["bind", "--domain", "fleet", "--fsid", "py", &reference]);
+        d.prefetch_all(Some("fleet"), "py");
+        let sum = d.ok(&["read", "--domain", "fleet", "py", "/usr/bin/python3.11"]);
+        assert!(sum.len() > 1 << 20);
+        if i == 0 {
+            // The mirror stores what it relays in the background.
+            wait_for("the mirror to store every blob", || {
+                blobs.iter().all(|b| stored(b))
+            });
+            after_first = blob_gets(&origin).len();
+        }
+    }
+    let gets = blob_gets(&origin).split_off(before);
+    // Every blob byte the daemons read came through the mirror ...
+    assert!(
+        gets.iter().all(|(agent, _)| !agent.starts_with("shoal/")),
+        "a daemon fetched from the origin: {gets:?}"
+    );
+    assert!(mirror
+        .served()
+        .iter()
+        .any(|s| s.agent.starts_with("shoal/") && s.status == 206));
+    // ... and the second daemon cost the origin nothing.
+    assert_eq!(
+        gets.len() + before,
+        after_first,
+        "the second daemon reached the origin"
+    );
+    for b in &blobs {
+        assert!(
+            gets.iter().any(|(_, d)| d == b),
+            "{b} never left the origin"
+        );
+    }
+}
+
+#[test]
+fn a_proxy_carries_conversions_and_daemon_reads() {
+    if let Some(why) = missing(&["docker-registry", "skopeo"]) {
+        return skip(&why);
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let reg = Registry::start(&tmp.path().join("reg")).unwrap();
+    let host = reg.host();
+    let base = layout(tmp.path(), "base", &["base.tar.gz"], &[]);
+    skopeo_push(&base, "base", &format!("{host}/src/base:v1"), &[]);
+    let proxy = ConnectProxy::start(tmp.path());
+    let settings = format!("proxy = \"http://127.0.0.1:{}\"\n", proxy.port);
+    let file = tmp.path().join("shoal.toml");
+    std::fs::write(&file, &settings).unwrap();
+    let o = convert(
+        &[
+            &format!("oci://{host}/src/base:v1"),
+            &format!("oci://{host}/shoal/base:v1"),
+            "--settings",
+            file.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let tunnels = proxy.targets().len();
+    assert!(
+        tunnels > 0 && proxy.targets().iter().all(|t| *t == host),
+        "{:?}",
+        proxy.targets()
+    );
+    assert!(
+        reg.served()
+            .iter()
+            .filter(|s| s.agent.starts_with("shoal/"))
+            .count()
+            > 0
+    );
+
+    let d = Daemon::start_with(&tmp.path().join("d"), &settings);
+    d.ok(&[
+        "bind",
+        "--fsid",
+        "base",
+        &format!("oci://{host}/shoal/base:v1"),
+    ]);
+    let os = d.ok(&["read", "base", "/usr/lib/os-release"]);
+    assert!(String::from_utf8_lossy(&os).contains("Debian"));
+    assert!(
+        proxy.targets().len() > tunnels,
+        "the daemon did not use the proxy"
+    );
+    // A dead proxy: the conversion fails and says where it could not go.
+    std::fs::write(&file, "proxy = \"http://127.0.0.1:1\"\n").unwrap();
+    fails(
+        &[
+            &format!("oci://{host}/src/base:v1"),
+            &format!("oci://{host}/shoal/base:v2"),
+            "--settings",
+            file.to_str().unwrap(),
+        ],
+        &[],
+        &["src/base"],
+        Some((&host, "shoal/base:v2")),
+    );
+}

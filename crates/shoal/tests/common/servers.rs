@@ -29,15 +29,24 @@ pub struct Daemon {
     pub socket: PathBuf,
     pub work: PathBuf,
     pub log: PathBuf,
+    /// More daemon settings (TOML), after the test defaults.
+    pub extra_config: String,
     child: Option<Child>,
 }
 
 impl Daemon {
     pub fn start(dir: &Path) -> Daemon {
+        Daemon::start_with(dir, "")
+    }
+
+    /// A daemon with more settings (mirrors, a proxy) in its TOML.
+    pub fn start_with(dir: &Path, extra_config: &str) -> Daemon {
+        std::fs::create_dir_all(dir).unwrap();
         let mut d = Daemon {
             socket: dir.join("shoal.sock"),
             work: dir.join("work"),
             log: dir.join("daemon.log"),
+            extra_config: extra_config.into(),
             child: None,
         };
         d.restart();
@@ -49,7 +58,10 @@ impl Daemon {
         let cfg = self.work.with_extension("toml");
         std::fs::write(
             &cfg,
-            "retries = 3\nconnect_timeout_secs = 2\nread_timeout_secs = 2\n",
+            format!(
+                "retries = 3\nconnect_timeout_secs = 2\nread_timeout_secs = 2\n{}",
+                self.extra_config
+            ),
         )
         .unwrap();
         let log = std::fs::OpenOptions::new()
@@ -189,6 +201,51 @@ impl Drop for Daemon {
             .arg("-f")
             .arg(format!("fanotify-pump --socket {}", pump.display()))
             .status();
+    }
+}
+
+/// A CONNECT proxy (tests/fixtures/connect_proxy.py) logging each target.
+pub struct ConnectProxy {
+    pub port: u16,
+    log: PathBuf,
+    child: Child,
+}
+
+impl ConnectProxy {
+    pub fn start(dir: &Path) -> ConnectProxy {
+        let log = dir.join("proxy.log");
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/connect_proxy.py");
+        let mut child = Command::new("/usr/bin/python3")
+            .arg(script)
+            .arg(&log)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        ConnectProxy {
+            port: line.trim().parse().unwrap(),
+            log,
+            child,
+        }
+    }
+
+    /// The CONNECT targets so far, one per tunnel.
+    pub fn targets(&self) -> Vec<String> {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+impl Drop for ConnectProxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
