@@ -206,7 +206,7 @@ fn open_layout(
                 let config = layout_blob(dir, &m.config)?;
                 return SourceImage::new(
                     reference.clone(),
-                    m,
+                    *m,
                     desc.digest.clone(),
                     &config,
                     Store::Layout(dir.into()),

@@ -320,12 +320,12 @@ impl Repository {
         let (body, ct, digest) = self.get_manifest(&self.r.manifest_ref())?;
         let perm = |why: String| RemoteError::permanent(self.r.to_string(), why);
         match ManifestKind::parse(&body, ct.as_deref()).map_err(perm)? {
-            ManifestKind::Image(m) => Ok((m, digest)),
+            ManifestKind::Image(m) => Ok((*m, digest)),
             ManifestKind::Index(i) => {
                 let d = choose_platform(&i, platform).map_err(perm)?;
                 let (body, ct, digest) = self.get_manifest(d.digest.as_str())?;
                 match ManifestKind::parse(&body, ct.as_deref()).map_err(perm)? {
-                    ManifestKind::Image(m) => Ok((m, digest)),
+                    ManifestKind::Image(m) => Ok((*m, digest)),
                     ManifestKind::Index(_) => Err(perm("an index inside an index".into())),
                 }
             }

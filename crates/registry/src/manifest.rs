@@ -172,7 +172,7 @@ pub struct Index {
 /// Content-Type or the document) or, failing both, by shape.
 #[derive(Clone, Debug)]
 pub enum ManifestKind {
-    Image(Manifest),
+    Image(Box<Manifest>),
     Index(Index),
 }
 
@@ -210,7 +210,7 @@ impl ManifestKind {
                 .map_err(|e| format!("index: {e}"))
         } else {
             serde_json::from_slice(bytes)
-                .map(ManifestKind::Image)
+                .map(|m| ManifestKind::Image(Box::new(m)))
                 .map_err(|e| format!("manifest: {e}"))
         }
     }
@@ -285,7 +285,7 @@ mod tests {
         assert!(Platform::parse("linux").is_err());
         assert!(ManifestKind::parse(br#"{"schemaVersion":1}"#, None).is_err());
         assert!(ManifestKind::parse(b"<html>", None).is_err());
-        let bad = format!(r#"{{"schemaVersion":2,"mediaType":"text/plain","layers":[]}}"#);
+        let bad = r#"{"schemaVersion":2,"mediaType":"text/plain","layers":[]}"#;
         assert!(ManifestKind::parse(bad.as_bytes(), None).is_err());
     }
 

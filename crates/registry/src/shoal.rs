@@ -109,6 +109,19 @@ mod tests {
         assert_eq!(m.layers[1].annotations[FSID_ANNOTATION], "app");
         let v = serde_json::to_value(&m).unwrap();
         assert_eq!(v["layers"][0]["annotations"][LAYER_ANNOTATION], "blob");
+        // What `shoal push` wrote before: an artifact, bootstrap first.
+        let (b, c) = (Digest::of(b"boot"), Digest::of(b"{}"));
+        let legacy = format!(
+            r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","artifactType":"{LEGACY_ARTIFACT_TYPE}","config":{{"mediaType":"application/vnd.oci.empty.v1+json","digest":"{c}","size":2}},"layers":[{{"mediaType":"{LEGACY_BOOTSTRAP_MEDIA_TYPE}","digest":"{b}","size":4}},{{"mediaType":"{LEGACY_BLOB_MEDIA_TYPE}","digest":"{}","size":4096}}]}}"#,
+            Digest::of(b"blob")
+        );
+        let crate::manifest::ManifestKind::Image(old) =
+            crate::manifest::ManifestKind::parse(legacy.as_bytes(), None).unwrap()
+        else {
+            panic!("not an image manifest")
+        };
+        assert_eq!(find_bootstrap(&old).unwrap().digest, b);
+        assert!(old.layers.iter().all(is_shoal_layer));
         let mut two = m.clone();
         two.layers.push(two.layers[1].clone());
         assert!(find_bootstrap(&two).is_none());
