@@ -18,9 +18,9 @@ use std::sync::{Arc, Mutex};
 /// a request has to be sent again.
 pub type OpenBlob<'a> = &'a dyn Fn() -> std::io::Result<(Box<dyn Read>, u64)>;
 
-/// Uploads at most this big go in one PUT; bigger ones in PATCH chunks.
-const MONOLITHIC_MAX: u64 = 64 << 20;
-const CHUNK_SIZE: u64 = 32 << 20;
+/// Chunks of an upload the registry refused whole (unless it asks for
+/// bigger ones): small enough to buffer, big enough to cost few requests.
+const CHUNK_SIZE: u64 = 8 << 20;
 
 /// How a request authenticates at one endpoint host.
 #[derive(Clone)]
@@ -431,29 +431,28 @@ impl Repository {
                 ),
             )
         })?;
-        let (mut loc, min_chunk) = self.start_upload(&ep)?;
-        if size > MONOLITHIC_MAX {
-            match self.patch_chunks(&ep, &loc, size, min_chunk, open) {
-                Ok(l) => loc = l,
-                Err(e) if !e.is_transient() => {
-                    tracing::debug!(error = %e, "chunked upload refused, sending it whole");
-                    (loc, _) = self.start_upload(&ep)?;
-                    return self.put_whole(&ep, &loc, digest, open);
-                }
-                Err(e) => return Err(e),
+        // One streamed PUT: no buffering, one request. A registry (or a
+        // proxy in front of it) that refuses so large a body gets chunks.
+        let (loc, _) = self.start_upload(&ep)?;
+        match self.put_whole(&ep, &loc, digest, open) {
+            Err(e) if e.has_status(413) => {
+                tracing::info!(%digest, size, "whole upload too large for the registry, sending chunks");
             }
-            let url = with_query(&loc, &format!("digest={digest}"));
-            self.send(
-                &ep,
-                "PUT",
-                &url,
-                "finish upload",
-                &[("Content-Length", "0")],
-                &Body::Bytes(&[]),
-            )?;
-            return Ok(Upload::Uploaded);
+            r => return r,
         }
-        self.put_whole(&ep, &loc, digest, open)
+        let (loc, min_chunk) = self.start_upload(&ep)?;
+        let loc = self.patch_chunks(&ep, &loc, size, min_chunk, open)?;
+        let url = with_query(&loc, &format!("digest={digest}"));
+        let headers = [("Content-Length", "0")];
+        self.send(
+            &ep,
+            "PUT",
+            &url,
+            "finish upload",
+            &headers,
+            &Body::Bytes(&[]),
+        )?;
+        Ok(Upload::Uploaded)
     }
 
     fn start_upload(&self, ep: &Endpoint) -> Result<(String, u64), RemoteError> {

@@ -45,6 +45,12 @@ impl RemoteError {
 
     /// Whether the registry answered 404 (the blob or manifest is missing).
     pub fn is_not_found(&self) -> bool {
-        matches!(self, RemoteError::Permanent { why, .. } if why.ends_with("HTTP status 404"))
+        self.has_status(404)
+    }
+
+    /// Whether the reply had this HTTP status (as `classify` words it).
+    pub fn has_status(&self, code: u16) -> bool {
+        let (RemoteError::Transient { why, .. } | RemoteError::Permanent { why, .. }) = self;
+        why.ends_with(&format!("HTTP status {code}"))
     }
 }

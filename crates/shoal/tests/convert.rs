@@ -847,3 +847,76 @@ fn a_proxy_carries_conversions_and_daemon_reads() {
         Some((&host, "shoal/base:v2")),
     );
 }
+
+#[test]
+fn uploads_go_in_chunks_when_the_registry_refuses_a_whole_blob() {
+    if let Some(why) = missing(&["docker-registry", "skopeo", "nginx"]) {
+        return skip(&why);
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let reg = Registry::start(&tmp.path().join("reg")).unwrap();
+    let base = layout(tmp.path(), "base", &["base.tar.gz"], &[]);
+    skopeo_push(&base, "base", &format!("{}/src/base:v1", reg.host()), &[]);
+    // nginx in front of the registry, refusing bodies over 20 MiB.
+    let front = tmp.path().join("front");
+    std::fs::create_dir_all(&front).unwrap();
+    let port = free_port();
+    let conf = front.join("nginx.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "worker_processes 1; daemon off; pid {d}/nginx.pid; error_log {d}/error.log;\n\
+             events {{}}\n\
+             http {{ access_log off; client_body_temp_path {d}; proxy_temp_path {d}; fastcgi_temp_path {d}; uwsgi_temp_path {d}; scgi_temp_path {d};\n\
+               server {{ listen 127.0.0.1:{port}; client_max_body_size 20m;\n\
+                 location / {{ proxy_pass http://{up}; proxy_set_header Host $http_host; proxy_request_buffering off; proxy_http_version 1.1; }} }} }}\n",
+            d = front.display(),
+            up = reg.host()
+        ),
+    )
+    .unwrap();
+    let mut nginx = Command::new("/usr/sbin/nginx")
+        .arg("-c")
+        .arg(&conf)
+        .arg("-p")
+        .arg(&front)
+        .spawn()
+        .unwrap();
+    wait_for("nginx", || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    let dst = format!("127.0.0.1:{port}/shoal/base:v1");
+    let o = convert(
+        &[
+            &format!("oci://{}/src/base:v1", reg.host()),
+            &format!("oci://{dst}"),
+        ],
+        &[],
+    );
+    let _ = Command::new("kill").arg(nginx.id().to_string()).status();
+    let ok = o.status.success();
+    let raw = if ok {
+        Some(skopeo_inspect(
+            &format!("{}/shoal/base:v1", reg.host()),
+            &["--raw"],
+        ))
+    } else {
+        None
+    };
+    let _ = nginx.wait();
+    assert!(ok, "{}", String::from_utf8_lossy(&o.stderr));
+    let blob = raw.unwrap()["layers"][0]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let served = reg.served();
+    let patches = served
+        .iter()
+        .filter(|s| s.method == "PATCH" && s.agent.starts_with("shoal/"))
+        .count();
+    assert!(
+        patches >= 6,
+        "a 122 MiB blob in 8 MiB chunks took {patches} PATCHes"
+    );
+    assert_eq!(uploads_of(&reg, &blob), 1);
+}
