@@ -73,7 +73,10 @@ for i in "${images[@]}"; do
         "skopeo copy + umoci unpack")
           t0=$(date +%s.%N)
           /usr/bin/time -f "%M" -o "$tmp/m1" skopeo copy -q --src-tls-verify=false "docker://$reg/src/$i:v1" "oci:$out/oci:$i" >/dev/null
-          /usr/bin/time -f "%M" -o "$tmp/m2" umoci unpack --image "$out/oci:$i" "$out/bundle" >/dev/null 2>&1
+          if ! /usr/bin/time -f "%M" -o "$tmp/m2" umoci unpack --image "$out/oci:$i" "$out/bundle" >/dev/null 2>"$tmp/err"; then
+            printf '%-5s | %-28s | failed: %s\n' "$i" "$tool" "$(grep -v '^Command exited' "$tmp/err" | tail -1 | cut -c1-60)"
+            rm -rf "$out"; continue 2
+          fi
           t1=$(date +%s.%N)
           echo "$(echo "$t1 - $t0" | bc) $(cat "$tmp/m1" "$tmp/m2" | sort -n | tail -1)" >>"$tmp/r"
           bytes=$(du_bytes "$out") ;;

@@ -350,6 +350,32 @@ impl Repository {
         Ok(v)
     }
 
+    /// A blob known only by its digest, whole: at most `max` bytes, checked
+    /// against the digest.
+    pub fn get_blob_by_digest(&self, digest: &Digest, max: u64) -> Result<Vec<u8>, RemoteError> {
+        let resp = self.first_ok(MirrorCapability::Pull, |ep| {
+            let url = format!("{}/blobs/{digest}", ep.base);
+            self.send(
+                ep,
+                "GET",
+                &url,
+                &format!("blob {digest}"),
+                &[],
+                &Body::Empty,
+            )
+        })?;
+        let place = self.r.repository_url();
+        let body = read_capped(&place, resp, max, &format!("blob {digest}"))?;
+        let got = Digest::of(&body);
+        if &got != digest {
+            return Err(RemoteError::permanent(
+                place,
+                format!("blob {digest} has digest {got}: its bytes do not match"),
+            ));
+        }
+        Ok(body)
+    }
+
     /// A stream of the blob `desc` names; it fails at its end unless the
     /// bytes were exactly `desc.size` long and hash to `desc.digest`.
     pub fn blob_reader(&self, desc: &Descriptor) -> Result<BlobReader, RemoteError> {

@@ -12,6 +12,7 @@ mod features;
 mod image_cmds;
 mod mounts;
 mod registry_cmds;
+mod snapshotter_cmd;
 mod walk;
 
 use anyhow::{Context, Result};
@@ -226,6 +227,9 @@ enum Cmd {
     /// Convert an OCI image (registry or OCI layout) into a shoal image in
     /// a registry: layers streamed into one blob each, never unpacked.
     Convert(registry_cmds::ConvertArgs),
+    /// containerd's proxy snapshotter: shoal images mount lazily through
+    /// the daemon; other images get overlayfs snapshots.
+    Snapshotter(snapshotter_cmd::SnapshotterArgs),
     /// Benchmarks that print a table.
     Bench {
         #[command(subcommand)]
@@ -418,6 +422,7 @@ fn main() -> Result<()> {
         } => daemon_cmds::prefetch(&daemon_cmds::socket_arg(socket), domain, &fsid, recorded),
         Cmd::Push(a) => registry_cmds::push(a),
         Cmd::Convert(a) => registry_cmds::convert(a),
+        Cmd::Snapshotter(a) => snapshotter_cmd::run(a),
         Cmd::Bench {
             what:
                 BenchCmd::Build {
