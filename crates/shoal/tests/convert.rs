@@ -7,90 +7,11 @@
 //! request; bad sources fail with the reference named and push nothing.
 
 mod common;
+use common::oci::*;
 use common::servers::*;
 use common::*;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
-}
-
-fn have(tool: &str) -> bool {
-    ["/usr/bin", "/usr/sbin", "/bin", "/sbin"]
-        .iter()
-        .any(|d| Path::new(d).join(tool).exists())
-}
-
-/// Why this test cannot run here, if it cannot.
-fn missing(tools: &[&str]) -> Option<String> {
-    if !corpus_dir().join("base.tar.gz").exists() {
-        return Some("no corpus (../shared/corpus)".into());
-    }
-    tools
-        .iter()
-        .find(|t| !have(t))
-        .map(|t| format!("{t} not installed"))
-}
-
-/// An OCI layout of corpus layers, as an image builder would write it.
-fn layout(dir: &Path, tag: &str, layers: &[&str], extra: &[&str]) -> PathBuf {
-    let out = dir.join(format!("layout-{tag}"));
-    let mut cmd = Command::new("python3");
-    cmd.arg(fixture("oci_image.py")).arg(&out).arg(tag);
-    for l in layers {
-        cmd.arg(corpus_dir().join(l));
-    }
-    let o = cmd.args(extra).output().unwrap();
-    assert!(
-        o.status.success(),
-        "oci_image.py: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    out
-}
-
-/// `skopeo copy` a layout into a registry (as `host/repo:tag`).
-fn skopeo_push(layout: &Path, tag: &str, dest: &str, extra: &[&str]) {
-    let o = Command::new("skopeo")
-        .args(["copy", "--all", "--dest-tls-verify=false"])
-        .args(extra)
-        .arg(format!("oci:{}:{tag}", layout.display()))
-        .arg(format!("docker://{dest}"))
-        .output()
-        .unwrap();
-    assert!(
-        o.status.success(),
-        "skopeo copy: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-}
-
-fn convert(args: &[&str], env: &[(&str, &Path)]) -> Output {
-    let mut c = shoal();
-    c.arg("convert")
-        .args(args)
-        .env_remove("RUST_BACKTRACE")
-        .env_remove("SHOAL_CONFIG");
-    for (k, v) in env {
-        c.env(k, v);
-    }
-    c.output().unwrap()
-}
-
-fn convert_json(args: &[&str]) -> serde_json::Value {
-    let mut a = args.to_vec();
-    a.push("--json");
-    let o = convert(&a, &[]);
-    assert!(
-        o.status.success(),
-        "shoal convert {args:?}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    serde_json::from_slice(&o.stdout).unwrap()
-}
+use std::path::Path;
+use std::process::Command;
 
 /// The HTTP status of a manifest GET.
 fn manifest_status(host: &str, repo_tag: &str) -> String {
@@ -104,21 +25,6 @@ fn manifest_status(host: &str, repo_tag: &str) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
-fn skopeo_inspect(reference: &str, extra: &[&str]) -> serde_json::Value {
-    let o = Command::new("skopeo")
-        .args(["inspect", "--tls-verify=false"])
-        .args(extra)
-        .arg(format!("docker://{reference}"))
-        .output()
-        .unwrap();
-    assert!(
-        o.status.success(),
-        "skopeo inspect: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    serde_json::from_slice(&o.stdout).unwrap()
-}
-
 /// Uploads of a blob the registry accepted (the final PUT of each).
 fn uploads_of(reg: &Registry, digest: &str) -> usize {
     reg.served()
@@ -127,58 +33,6 @@ fn uploads_of(reg: &Registry, digest: &str) -> usize {
             s.method == "PUT" && s.status == 201 && s.uri.contains(&format!("digest={digest}"))
         })
         .count()
-}
-
-/// containerd on its own root, state and socket, CRI off.
-struct Containerd {
-    child: std::process::Child,
-    socket: PathBuf,
-}
-
-impl Containerd {
-    fn start(dir: &Path) -> Containerd {
-        std::fs::create_dir_all(dir).unwrap();
-        let socket = dir.join("containerd.sock");
-        let cfg = dir.join("config.toml");
-        std::fs::write(
-            &cfg,
-            format!(
-                "version = 2\nroot = \"{d}/root\"\nstate = \"{d}/state\"\ndisabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n[grpc]\n  address = \"{s}\"\n",
-                d = dir.display(),
-                s = socket.display()
-            ),
-        )
-        .unwrap();
-        let child = Command::new("containerd")
-            .arg("--config")
-            .arg(&cfg)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::fs::File::create(dir.join("containerd.log")).unwrap())
-            .spawn()
-            .unwrap();
-        let s = socket.clone();
-        wait_for("containerd", || {
-            std::os::unix::net::UnixStream::connect(&s).is_ok()
-        });
-        Containerd { child, socket }
-    }
-
-    fn ctr(&self, args: &[&str]) -> Output {
-        Command::new("ctr")
-            .arg("--address")
-            .arg(&self.socket)
-            .args(["--namespace", "shoal-test"])
-            .args(args)
-            .output()
-            .unwrap()
-    }
-}
-
-impl Drop for Containerd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 #[test]
@@ -262,7 +116,7 @@ fn corpus_image_converts_and_mounts_as_umoci_unpacks_it() {
 
     // containerd stores the image in its content store.
     if have("containerd") && have("ctr") {
-        let ctd = Containerd::start(&tmp.path().join("containerd"));
+        let ctd = Containerd::start(&tmp.path().join("containerd"), None);
         let o = ctd.ctr(&[
             "content",
             "fetch",

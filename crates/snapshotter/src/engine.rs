@@ -2,7 +2,7 @@
 //! containerd request does to snapshots, shoal images and mounts.
 
 use crate::error::SnapError;
-use crate::store::{now, Image, Kind, Remote, Snapshot, Store};
+use crate::store::{now, Bootstrap, Image, Kind, Remote, Snapshot, Store};
 use crate::{MountSpec, Mounter};
 use shoal_registry::{shoal, Client, Digest, Reference};
 use std::collections::BTreeMap;
@@ -63,6 +63,14 @@ pub struct Engine {
     pub mounter: Arc<dyn Mounter>,
     pub client: Client,
     pub policy: DomainPolicy,
+}
+
+/// `docker.io/…` is served by `registry-1.docker.io`.
+fn docker_hub(r: &str) -> String {
+    match r.strip_prefix("docker.io/") {
+        Some(rest) => format!("registry-1.docker.io/{rest}"),
+        None => r.to_string(),
+    }
 }
 
 fn label<'a>(labels: &'a BTreeMap<String, String>, keys: &[&str]) -> Option<&'a str> {
@@ -140,7 +148,7 @@ impl Engine {
             let (target, layer) = (target.clone(), layer.clone());
             return Err(self.commit_remote(&target, parent, &layer, labels, namespace));
         }
-        self.create(key, parent, labels, kind)?;
+        self.create(key, parent, labels, kind, self.policy.domain(namespace))?;
         self.mounts(key)
     }
 
@@ -152,7 +160,7 @@ impl Engine {
         parent: &str,
         layer: &str,
         labels: BTreeMap<String, String>,
-        namespace: &str,
+        _namespace: &str,
     ) -> SnapError {
         if self.store.state.snapshots.contains_key(target) {
             return SnapError::AlreadyExists(target.into());
@@ -162,8 +170,8 @@ impl Engine {
         }
         let remote = match layer {
             "blob" => Remote::Blob,
-            "bootstrap" => match self.add_image(&labels, namespace) {
-                Ok(image) => Remote::Bootstrap { image },
+            "bootstrap" => match self.add_bootstrap(&labels) {
+                Ok(bootstrap) => Remote::Bootstrap { bootstrap },
                 Err(e) => return e,
             },
             other => {
@@ -180,6 +188,7 @@ impl Engine {
             created: t,
             updated: t,
             remote: Some(remote),
+            domain: None,
         };
         self.store.state.snapshots.insert(target.into(), snap);
         match self.save() {
@@ -191,12 +200,8 @@ impl Engine {
         }
     }
 
-    /// Fetch and check the bootstrap the labels name; record its image.
-    fn add_image(
-        &mut self,
-        labels: &BTreeMap<String, String>,
-        namespace: &str,
-    ) -> Result<String, SnapError> {
+    /// Fetch and check the bootstrap the labels name; returns its hex.
+    fn add_bootstrap(&mut self, labels: &BTreeMap<String, String>) -> Result<String, SnapError> {
         let missing = |what: &str| {
             SnapError::InvalidArgument(format!(
                 "the shoal bootstrap layer arrived without its {what} label: pull with `ctr-remote images rpull` or through CRI, which pass layer labels (plain `ctr images pull` does not)"
@@ -205,13 +210,12 @@ impl Engine {
         let image_ref = label(labels, &IMAGE_REF).ok_or_else(|| missing("image reference"))?;
         let digest = label(labels, &LAYER_DIGEST).ok_or_else(|| missing("layer digest"))?;
         let digest = Digest::parse(digest).map_err(SnapError::InvalidArgument)?;
-        let r = Reference::parse(&format!("oci://{image_ref}")).map_err(|e| {
+        let r = Reference::parse(&format!("oci://{}", docker_hub(image_ref))).map_err(|e| {
             SnapError::InvalidArgument(format!("image reference {image_ref:?}: {e}"))
         })?;
         self.mounter.check().map_err(SnapError::Unavailable)?;
-        let domain = self.policy.domain(namespace);
-        let key = format!("{}/{}", domain.as_deref().unwrap_or("-"), digest.hex());
-        let path = self.store.bootstrap_path(digest.hex());
+        let hex = digest.hex().to_string();
+        let path = self.store.bootstrap_path(&hex);
         if !path.exists() {
             let bytes = self
                 .client
@@ -230,19 +234,13 @@ impl Engine {
                 .and_then(|_| std::fs::rename(&tmp, &path))
                 .map_err(|e| SnapError::io("storing the bootstrap", e))?;
         }
+        let remote = r.repository_url();
         self.store
             .state
-            .images
-            .entry(key.clone())
-            .or_insert_with(|| Image {
-                remote: r.repository_url(),
-                bootstrap: path,
-                domain: domain.clone().unwrap_or_default(),
-                fsid: digest.hex()[..32].to_string(),
-                mountpoint: None,
-                users: Default::default(),
-            });
-        Ok(key)
+            .bootstraps
+            .entry(hex.clone())
+            .or_insert(Bootstrap { remote, path });
+        Ok(hex)
     }
 
     fn create(
@@ -251,6 +249,7 @@ impl Engine {
         parent: &str,
         labels: BTreeMap<String, String>,
         kind: Kind,
+        domain: Option<String>,
     ) -> Result<(), SnapError> {
         if self.store.state.snapshots.contains_key(key) {
             return Err(SnapError::AlreadyExists(key.into()));
@@ -262,8 +261,8 @@ impl Engine {
         }
         let lowers = self.lowers(parent)?;
         for l in &lowers {
-            if let Lower::Image(img) = l {
-                self.use_image(img, key)?;
+            if let Lower::Image(hex) = l {
+                self.use_image(hex, domain.as_deref(), key)?;
             }
         }
         let id = self.store.next_id();
@@ -280,6 +279,7 @@ impl Engine {
             created: t,
             updated: t,
             remote: None,
+            domain,
         };
         self.store.state.snapshots.insert(key.into(), snap);
         self.save()
@@ -298,8 +298,8 @@ impl Engine {
             let s = self.get(&cur)?;
             match &s.remote {
                 None => out.push(Lower::Dir(self.store.fs_dir(s.id))),
-                Some(Remote::Bootstrap { image }) => {
-                    out.push(Lower::Image(image.clone()));
+                Some(Remote::Bootstrap { bootstrap }) => {
+                    out.push(Lower::Image(bootstrap.clone()));
                     return Ok(out);
                 }
                 Some(Remote::Blob) => {
@@ -315,29 +315,48 @@ impl Engine {
         )))
     }
 
-    /// Count `user` among the image's users, mounting it if it is not.
-    fn use_image(&mut self, image: &str, user: &str) -> Result<(), SnapError> {
-        let mp = self.store.mountpoint(image);
+    fn image_key(domain: Option<&str>, hex: &str) -> String {
+        format!("{}/{hex}", domain.unwrap_or("-"))
+    }
+
+    /// Count `user` among the users of bootstrap `hex`'s image in
+    /// `domain`, mounting it if it is not.
+    fn use_image(&mut self, hex: &str, domain: Option<&str>, user: &str) -> Result<(), SnapError> {
+        let key = Self::image_key(domain, hex);
+        let mp = self.store.mountpoint(&key);
+        let boot = self
+            .store
+            .state
+            .bootstraps
+            .get(hex)
+            .cloned()
+            .ok_or_else(|| SnapError::Internal(format!("bootstrap {hex} is not recorded")))?;
         let img = self
             .store
             .state
             .images
-            .get_mut(image)
-            .ok_or_else(|| SnapError::Internal(format!("image {image} is not recorded")))?;
+            .entry(key.clone())
+            .or_insert_with(|| Image {
+                bootstrap: hex.into(),
+                domain: domain.unwrap_or_default().into(),
+                fsid: hex[..32].to_string(),
+                mountpoint: None,
+                users: Default::default(),
+            });
         if img.mountpoint.is_none() {
             std::fs::create_dir_all(&mp)
                 .map_err(|e| SnapError::io("creating the mountpoint", e))?;
             let spec = MountSpec {
-                bootstrap: img.bootstrap.clone(),
-                remote: img.remote.clone(),
-                domain: Some(img.domain.clone()).filter(|d| !d.is_empty()),
+                bootstrap: boot.path.clone(),
+                remote: boot.remote.clone(),
+                domain: domain.map(str::to_string),
                 fsid: img.fsid.clone(),
                 mountpoint: mp.clone(),
             };
             self.mounter.mount(&spec).map_err(|e| {
-                SnapError::Unavailable(format!("mounting shoal image {} : {e}", img.remote))
+                SnapError::Unavailable(format!("mounting shoal image {}: {e}", boot.remote))
             })?;
-            tracing::info!(image, mountpoint = %mp.display(), "shoal image mounted");
+            tracing::info!(image = key, mountpoint = %mp.display(), "shoal image mounted");
             img.mountpoint = Some(mp);
         }
         img.users.insert(user.into());
@@ -370,10 +389,15 @@ impl Engine {
         for l in self.lowers(&s.parent)? {
             lowers.push(match l {
                 Lower::Dir(d) => d,
-                Lower::Image(i) => self.store.state.images[&i]
-                    .mountpoint
-                    .clone()
-                    .ok_or_else(|| SnapError::Internal(format!("image {i} is not mounted")))?,
+                Lower::Image(hex) => {
+                    let k = Self::image_key(s.domain.as_deref(), &hex);
+                    self.store
+                        .state
+                        .images
+                        .get(&k)
+                        .and_then(|i| i.mountpoint.clone())
+                        .ok_or_else(|| SnapError::Internal(format!("image {k} is not mounted")))?
+                }
             });
         }
         let show = |p: &Path| p.display().to_string();
@@ -454,8 +478,8 @@ impl Engine {
             )));
         }
         self.release(key)?;
-        if let Some(Remote::Bootstrap { image }) = &s.remote {
-            self.drop_image(image);
+        if let Some(Remote::Bootstrap { bootstrap }) = &s.remote {
+            self.drop_bootstrap(bootstrap);
         }
         self.store.state.snapshots.remove(key);
         self.save()?;
@@ -468,22 +492,25 @@ impl Engine {
         Ok(())
     }
 
-    /// Forget an image whose bootstrap layer is gone (unmounted by then:
-    /// its users are children of that layer, removed first).
-    fn drop_image(&mut self, image: &str) {
-        let Some(img) = self.store.state.images.remove(image) else {
+    /// Forget a bootstrap whose layer snapshot is gone, with its images
+    /// (unmounted by then: their users were children of that layer).
+    fn drop_bootstrap(&mut self, hex: &str) {
+        let Some(b) = self.store.state.bootstraps.remove(hex) else {
             return;
         };
-        let shared = self
+        let _ = std::fs::remove_file(&b.path);
+        let keys: Vec<String> = self
             .store
             .state
             .images
-            .values()
-            .any(|i| i.bootstrap == img.bootstrap);
-        if !shared {
-            let _ = std::fs::remove_file(&img.bootstrap);
+            .iter()
+            .filter(|(_, i)| i.bootstrap == hex)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in keys {
+            self.store.state.images.remove(&k);
+            let _ = std::fs::remove_dir(self.store.mountpoint(&k));
         }
-        let _ = std::fs::remove_dir(self.store.mountpoint(image));
     }
 
     pub fn update(

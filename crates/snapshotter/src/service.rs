@@ -61,13 +61,19 @@ impl Snapshotter {
     }
 }
 
-/// The containerd namespace a request is made in.
-fn namespace<T>(r: &Request<T>) -> String {
-    r.metadata()
-        .get("containerd-namespace")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("default")
-        .to_string()
+/// The containerd namespace a request is made in: containerd's metadata
+/// layer names backend snapshots `<namespace>/<id>/<key>` (proxy plugins
+/// do not get the namespace header), else the header, else `default`.
+fn namespace<T>(r: &Request<T>, key: &str) -> String {
+    match key.split_once('/') {
+        Some((ns, _)) if !ns.is_empty() => ns.to_string(),
+        _ => r
+            .metadata()
+            .get("containerd-namespace")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("default")
+            .to_string(),
+    }
 }
 
 fn labels(m: std::collections::HashMap<String, String>) -> BTreeMap<String, String> {
@@ -115,7 +121,7 @@ impl Snapshots for Snapshotter {
         &self,
         r: Request<pb::PrepareSnapshotRequest>,
     ) -> Reply<pb::PrepareSnapshotResponse> {
-        let ns = namespace(&r);
+        let ns = namespace(&r, &r.get_ref().key);
         let q = r.into_inner();
         tracing::debug!(key = q.key, parent = q.parent, labels = ?q.labels, "prepare");
         let m = self
@@ -127,7 +133,7 @@ impl Snapshots for Snapshotter {
     }
 
     async fn view(&self, r: Request<pb::ViewSnapshotRequest>) -> Reply<pb::ViewSnapshotResponse> {
-        let ns = namespace(&r);
+        let ns = namespace(&r, &r.get_ref().key);
         let q = r.into_inner();
         let m = self
             .run(move |e| e.prepare(&q.key, &q.parent, labels(q.labels), Kind::View, &ns))
@@ -187,6 +193,7 @@ impl Snapshots for Snapshotter {
 
     /// Every snapshot (filters are applied by containerd's metadata layer,
     /// which lists the backend only to walk it whole).
+    #[allow(clippy::result_large_err)] // tonic's stream item type is fixed
     async fn list(&self, _r: Request<pb::ListSnapshotsRequest>) -> Reply<Self::ListStream> {
         let all = self.run(|e| Ok(e.list())).await?;
         let pages: Vec<_> = all

@@ -21,8 +21,11 @@ pub enum Kind {
 pub enum Remote {
     /// A data blob: its bytes are read through the image's mount.
     Blob,
-    /// The bootstrap: the whole image, mounted as one lower layer.
-    Bootstrap { image: String },
+    /// The bootstrap (by sha256 hex): the whole image, mounted as one
+    /// lower layer. containerd names remote snapshots by chain ID in every
+    /// namespace, so one bootstrap snapshot may serve several namespaces:
+    /// the domain is chosen per container snapshot, not here.
+    Bootstrap { bootstrap: String },
 }
 
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
@@ -36,14 +39,26 @@ pub struct Snapshot {
     pub updated: (i64, u32),
     #[serde(default)]
     pub remote: Option<Remote>,
+    /// For active and view snapshots: the domain (of the requesting
+    /// namespace) its shoal image lower layer is mounted in.
+    #[serde(default)]
+    pub domain: Option<String>,
+}
+
+/// A bootstrap fetched at pull time.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct Bootstrap {
+    /// `oci://host/repo` its blobs come from.
+    pub remote: String,
+    pub path: PathBuf,
 }
 
 /// A shoal image in one domain, mounted while snapshots use it.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct Image {
-    /// `oci://host/repo` its blobs come from.
-    pub remote: String,
-    pub bootstrap: PathBuf,
+    /// The bootstrap's sha256 hex.
+    pub bootstrap: String,
+    /// Empty for none.
     pub domain: String,
     pub fsid: String,
     /// Where it is mounted, while it is.
@@ -56,7 +71,10 @@ pub struct Image {
 pub struct State {
     pub next_id: u64,
     pub snapshots: BTreeMap<String, Snapshot>,
-    /// By `<domain>/<bootstrap sha256 hex>`.
+    /// By sha256 hex.
+    #[serde(default)]
+    pub bootstraps: BTreeMap<String, Bootstrap>,
+    /// By `<domain>/<bootstrap sha256 hex>` (`-` for no domain).
     pub images: BTreeMap<String, Image>,
 }
 

@@ -3,6 +3,7 @@
 //! comparator and a mount guard.
 #![allow(dead_code)]
 
+pub mod oci;
 pub mod servers;
 
 use sha2::{Digest, Sha256};

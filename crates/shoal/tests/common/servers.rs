@@ -474,3 +474,138 @@ impl Drop for Registry {
         let _ = self.child.wait();
     }
 }
+
+/// containerd on its own root, state and socket, CRI off.
+pub struct Containerd {
+    child: std::process::Child,
+    pub socket: PathBuf,
+}
+
+impl Containerd {
+    /// With `snapshotter`, a proxy snapshotter plugin `shoal` at that socket.
+    pub fn start(dir: &Path, snapshotter: Option<&Path>) -> Containerd {
+        std::fs::create_dir_all(dir).unwrap();
+        let socket = dir.join("containerd.sock");
+        let cfg = dir.join("config.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "version = 2\nroot = \"{d}/root\"\nstate = \"{d}/state\"\ndisabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n[grpc]\n  address = \"{s}\"\n{p}",
+                d = dir.display(),
+                s = socket.display(),
+                p = snapshotter.map_or(String::new(), |p| format!(
+                    "[proxy_plugins.shoal]\n  type = \"snapshot\"\n  address = \"{}\"\n",
+                    p.display()
+                ))
+            ),
+        )
+        .unwrap();
+        let child = Command::new("containerd")
+            .arg("--config")
+            .arg(&cfg)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("containerd.log")).unwrap())
+            .spawn()
+            .unwrap();
+        let s = socket.clone();
+        wait_for("containerd", || {
+            std::os::unix::net::UnixStream::connect(&s).is_ok()
+        });
+        Containerd { child, socket }
+    }
+
+    /// `ctr` in namespace `shoal-test`.
+    pub fn ctr(&self, args: &[&str]) -> std::process::Output {
+        self.ctr_in("shoal-test", "ctr", args)
+    }
+
+    /// `tool` (ctr or ctr-remote) against this containerd in `namespace`.
+    pub fn ctr_in(&self, namespace: &str, tool: &str, args: &[&str]) -> std::process::Output {
+        Command::new(tool)
+            .arg("--address")
+            .arg(&self.socket)
+            .args(["--namespace", namespace])
+            .args(args)
+            .output()
+            .unwrap()
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `shoal snapshotter` on its own socket and root, mounting through a daemon.
+pub struct SnapshotterProc {
+    pub socket: PathBuf,
+    pub root: PathBuf,
+    pub log: PathBuf,
+    daemon_socket: PathBuf,
+    child: Option<Child>,
+}
+
+impl SnapshotterProc {
+    pub fn start(dir: &Path, daemon_socket: &Path) -> SnapshotterProc {
+        std::fs::create_dir_all(dir).unwrap();
+        let mut s = SnapshotterProc {
+            socket: dir.join("snapshotter.sock"),
+            root: dir.join("root"),
+            log: dir.join("snapshotter.log"),
+            daemon_socket: daemon_socket.into(),
+            child: None,
+        };
+        s.restart();
+        s
+    }
+
+    pub fn restart(&mut self) {
+        let _ = std::fs::remove_file(&self.socket);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_shoal"))
+            .arg("snapshotter")
+            .arg("--socket")
+            .arg(&self.socket)
+            .arg("--root")
+            .arg(&self.root)
+            .arg("--daemon-socket")
+            .arg(&self.daemon_socket)
+            .env("SHOAL_LOG", "info")
+            .env_remove("SHOAL_CONFIG")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let s = self.socket.clone();
+        wait_for("the snapshotter socket", || {
+            std::os::unix::net::UnixStream::connect(&s).is_ok()
+        });
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for SnapshotterProc {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill").arg(c.id().to_string()).status();
+            let _ = c.wait();
+        }
+    }
+}
