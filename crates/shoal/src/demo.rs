@@ -24,7 +24,7 @@ fn step(n: u32, what: &str) {
     println!("\n== {n}. {what}");
 }
 
-pub fn run(work: &Path) -> Result<()> {
+pub fn run(work: &Path, containers: Option<&Path>) -> Result<()> {
     let ex = example_dir();
     let (base, app) = (ex.join("base"), ex.join("app"));
     anyhow::ensure!(
@@ -120,6 +120,19 @@ pub fn run(work: &Path) -> Result<()> {
         Err(e) => {
             println!("mount skipped: {e:#} (needs root and a kernel with erofs file-backed mounts)")
         }
+    }
+    step(
+        8,
+        "a daemon and a domain: C and D mounted lazily, sharing the base blob",
+    );
+    crate::demo_live::domain(work, [("base", &c), ("app", &d)], &layer_blobs)?;
+
+    if let Some(corpus) = containers {
+        step(
+            9,
+            "containerd starts a container lazily through shoal snapshotter",
+        );
+        crate::demo_live::containers(work, corpus)?;
     }
     println!("\ndemo done: images and blobs are in {}", work.display());
     Ok(())

@@ -7,10 +7,12 @@ mod client;
 mod daemon;
 mod daemon_cmds;
 mod demo;
+mod demo_live;
 mod extract;
 mod features;
 mod image_cmds;
 mod mounts;
+mod oci_layout;
 mod registry_cmds;
 mod snapshotter_cmd;
 mod walk;
@@ -241,6 +243,14 @@ enum Cmd {
         /// Where to put the demo's images and blobs.
         #[arg(long, default_value = "target/demo")]
         work_dir: PathBuf,
+        /// Also start a container lazily with containerd and `shoal
+        /// snapshotter` (needs root, containerd, ctr-remote, runc,
+        /// docker-registry and the corpus).
+        #[arg(long)]
+        containers: bool,
+        /// The corpus of tar layers, for --containers.
+        #[arg(long, default_value = "../shared/corpus")]
+        corpus: PathBuf,
     },
 }
 
@@ -352,7 +362,11 @@ fn main() -> Result<()> {
         Cmd::Umount { mountpoint, socket } => {
             daemon_cmds::umount(&daemon_cmds::socket_arg(socket), &mountpoint)
         }
-        Cmd::Demo { work_dir } => demo::run(&work_dir),
+        Cmd::Demo {
+            work_dir,
+            containers,
+            corpus,
+        } => demo::run(&work_dir, containers.then_some(corpus.as_path())),
         Cmd::Doctor { socket, json } => daemon_cmds::doctor(&daemon_cmds::socket_arg(socket), json),
         Cmd::FanotifyPump {
             socket,

@@ -414,3 +414,35 @@ fn bad_input_fails_clearly() {
         "{st}"
     );
 }
+
+#[test]
+fn demo_shows_the_main_job() {
+    let Some(_w) = world() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let o = shoal()
+        .args(["demo", "--containers", "--work-dir"])
+        .arg(tmp.path().join("demo"))
+        .arg("--corpus")
+        .arg(corpus_dir())
+        .env_remove("SHOAL_CONFIG")
+        .output()
+        .unwrap();
+    let out = ok(o, "shoal demo --containers");
+    // Two images of one domain share the base blob, fetched once.
+    assert!(
+        out.contains("mounted demo,base") && out.contains("mounted demo,app"),
+        "{out}"
+    );
+    assert!(out.lines().any(|l| l.contains("refs=2")), "{out}");
+    // A container started lazily and its image went with it.
+    assert!(
+        out.contains("only the bootstrap") && out.contains("Debian GNU/Linux 12"),
+        "{out}"
+    );
+    assert!(out.contains("image unmounted"), "{out}");
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(
+        !mounts.contains(tmp.path().to_str().unwrap()),
+        "the demo left mounts behind"
+    );
+}
