@@ -249,6 +249,25 @@ fn blob_origins(
     Ok(out)
 }
 
+/// `output`, or a temporary directory (removed when the guard drops).
+fn work_dir(output: Option<&Path>) -> Result<(PathBuf, Option<tempfile::TempDir>), ConvertError> {
+    let (work, tmp) = match output {
+        Some(d) => (d.to_path_buf(), None),
+        None => {
+            let t = tempfile::Builder::new()
+                .prefix("shoal-convert-")
+                .tempdir()
+                .map_err(ConvertError::io(
+                    "creating a work directory in",
+                    std::env::temp_dir(),
+                ))?;
+            (t.path().to_path_buf(), Some(t))
+        }
+    };
+    std::fs::create_dir_all(&work).map_err(ConvertError::io("creating", &work))?;
+    Ok((work, tmp))
+}
+
 pub fn convert(
     client: &Client,
     src: &SourceRef,
@@ -265,21 +284,7 @@ pub fn convert(
     let progress = Progress::new(opts.progress);
     let img = Arc::new(SourceImage::open(src, client, &opts.platform)?);
     check_source(&img)?;
-    let tmp;
-    let work = match &opts.output {
-        Some(d) => d.clone(),
-        None => {
-            tmp = tempfile::Builder::new()
-                .prefix("shoal-convert-")
-                .tempdir()
-                .map_err(ConvertError::io(
-                    "creating a work directory in",
-                    std::env::temp_dir(),
-                ))?;
-            tmp.path().to_path_buf()
-        }
-    };
-    std::fs::create_dir_all(&work).map_err(ConvertError::io("creating", &work))?;
+    let (work, _tmp) = work_dir(opts.output.as_deref())?;
     let dicts = opts
         .chunk_dicts
         .iter()

@@ -136,28 +136,21 @@ fn containers_missing(corpus: &Path) -> Option<String> {
         .then(|| format!("no corpus at {} (--corpus DIR)", corpus.display()))
 }
 
-/// A Debian base image (the corpus layer) in a local registry, converted,
-/// pulled lazily by containerd through `shoal snapshotter`, and run.
-pub fn containers(work: &Path, corpus: &Path) -> Result<()> {
-    if let Some(why) = containers_missing(corpus) {
-        println!("containers skipped: {why}");
-        return Ok(());
-    }
-    let dir = work.join("containers");
-    std::fs::create_dir_all(&dir)?;
+/// docker-registry on a free loopback port; returns it and `host:port`.
+fn registry(dir: &Path) -> Result<(Proc, String)> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
-    let reg_cfg = dir.join("registry.yml");
+    let cfg = dir.join("registry.yml");
     std::fs::write(
-        &reg_cfg,
+        &cfg,
         format!(
             "version: 0.1\nlog: {{level: error}}\nstorage: {{filesystem: {{rootdirectory: {}}}}}\nhttp: {{addr: 127.0.0.1:{port}}}\n",
             dir.join("registry").display()
         ),
     )?;
-    let _reg = spawn(
-        Command::new("docker-registry").arg("serve").arg(&reg_cfg),
+    let reg = spawn(
+        Command::new("docker-registry").arg("serve").arg(&cfg),
         &dir.join("registry.log"),
     )?;
     let t = Instant::now();
@@ -168,15 +161,15 @@ pub fn containers(work: &Path, corpus: &Path) -> Result<()> {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+    Ok((reg, format!("127.0.0.1:{port}")))
+}
+
+/// The corpus base layer as an ordinary OCI image, converted into the
+/// registry at `host`; returns the shoal image's name.
+fn convert_base(dir: &Path, corpus: &Path, host: &str) -> Result<String> {
     let layout = dir.join("base-oci");
-    crate::oci_layout::write(
-        &layout,
-        "base",
-        &[corpus.join("base.tar.gz")],
-        &["cat", "/etc/os-release"],
-    )?;
-    let host = format!("127.0.0.1:{port}");
-    let client = shoal_registry::Client::new(Default::default());
+    let cmd = ["cat", "/etc/os-release"];
+    crate::oci_layout::write(&layout, "base", &[corpus.join("base.tar.gz")], &cmd)?;
     let dst = shoal_registry::Reference::parse(&format!("oci://{host}/demo/base:v1"))
         .map_err(anyhow::Error::msg)?;
     let opts = shoal_convert::ConvertOptions {
@@ -189,62 +182,89 @@ pub fn containers(work: &Path, corpus: &Path) -> Result<()> {
         progress: false,
     };
     let src = shoal_convert::SourceRef::parse(&format!("oci-layout:{}:base", layout.display()))?;
-    let r = shoal_convert::convert(&client, &src, &dst, &opts)?;
+    let r = shoal_convert::convert(
+        &shoal_registry::Client::new(Default::default()),
+        &src,
+        &dst,
+        &opts,
+    )?;
     println!(
-        "converted the corpus base image: {} of gzip layers -> {} blobs, bootstrap {} bytes",
+        "converted the corpus base image: {} bytes of gzip layers -> {} blob, bootstrap {} bytes",
         r.source_bytes, r.blobs, r.bootstrap_bytes
     );
-    let (_daemon, sock) = daemon(&dir)?;
+    Ok(format!("{host}/demo/base:v1"))
+}
+
+/// `shoal snapshotter` and a containerd using it; returns both and
+/// containerd's socket.
+fn snapshotter_and_containerd(dir: &Path, daemon: &Path) -> Result<(Proc, Proc, PathBuf)> {
     let sn_sock = dir.join("snapshotter.sock");
-    let exe = std::env::current_exe()?;
-    let _sn = spawn(
-        Command::new(&exe)
+    let sn = spawn(
+        Command::new(std::env::current_exe()?)
             .args(["snapshotter", "--socket"])
             .arg(&sn_sock)
             .arg("--root")
             .arg(dir.join("snapshotter"))
             .arg("--daemon-socket")
-            .arg(&sock)
+            .arg(daemon)
             .env("SHOAL_LOG", "warn"),
         &dir.join("snapshotter.log"),
     )?;
     wait_socket(&sn_sock, "the shoal snapshotter")?;
     let ctd = dir.join("containerd");
     std::fs::create_dir_all(&ctd)?;
-    let ctd_sock = ctd.join("containerd.sock");
+    let sock = ctd.join("containerd.sock");
     std::fs::write(
         ctd.join("config.toml"),
         format!(
             "version = 2\nroot = \"{d}/root\"\nstate = \"{d}/state\"\ndisabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n[grpc]\n  address = \"{s}\"\n[proxy_plugins.shoal]\n  type = \"snapshot\"\n  address = \"{sn}\"\n",
             d = ctd.display(),
-            s = ctd_sock.display(),
+            s = sock.display(),
             sn = sn_sock.display()
         ),
     )?;
-    let _ctd = spawn(
+    let c = spawn(
         Command::new("containerd")
             .arg("--config")
             .arg(ctd.join("config.toml")),
         &ctd.join("containerd.log"),
     )?;
-    wait_socket(&ctd_sock, "containerd")?;
-    let image = format!("{host}/demo/base:v1");
-    let ctr = |tool: &str, args: &[&str]| -> Result<String> {
-        let o = Command::new(tool)
-            .arg("--address")
-            .arg(&ctd_sock)
-            .args(["-n", "shoal-demo"])
-            .args(args)
-            .output()?;
-        anyhow::ensure!(
-            o.status.success(),
-            "{tool} {args:?}: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        Ok(String::from_utf8_lossy(&o.stdout).into_owned())
-    };
+    wait_socket(&sock, "containerd")?;
+    Ok((sn, c, sock))
+}
+
+/// `tool` (ctr or ctr-remote) in the demo's namespace; its stdout.
+fn ctr(sock: &Path, tool: &str, args: &[&str]) -> Result<String> {
+    let o = Command::new(tool)
+        .arg("--address")
+        .arg(sock)
+        .args(["-n", "shoal-demo"])
+        .args(args)
+        .output()?;
+    anyhow::ensure!(
+        o.status.success(),
+        "{tool} {args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    Ok(String::from_utf8_lossy(&o.stdout).into_owned())
+}
+
+/// A Debian base image (the corpus layer) in a local registry, converted,
+/// pulled lazily by containerd through `shoal snapshotter`, and run.
+pub fn containers(work: &Path, corpus: &Path) -> Result<()> {
+    if let Some(why) = containers_missing(corpus) {
+        println!("containers skipped: {why}");
+        return Ok(());
+    }
+    let dir = work.join("containers");
+    std::fs::create_dir_all(&dir)?;
+    let (_reg, host) = registry(&dir)?;
+    let image = convert_base(&dir, corpus, &host)?;
+    let (_daemon, sock) = daemon(&dir)?;
+    let (_sn, _ctd, ctd) = snapshotter_and_containerd(&dir, &sock)?;
     let t = Instant::now();
     ctr(
+        &ctd,
         "ctr-remote",
         &[
             "images",
@@ -257,6 +277,7 @@ pub fn containers(work: &Path, corpus: &Path) -> Result<()> {
     )?;
     let pulled = t.elapsed();
     let out = ctr(
+        &ctd,
         "ctr",
         &[
             "run",
@@ -278,10 +299,9 @@ pub fn containers(work: &Path, corpus: &Path) -> Result<()> {
     daemon_cmds::status(&sock, false)?;
     // Removing the container removes its snapshot (when containerd's
     // garbage collector runs): the image is unmounted then.
-    ctr("ctr", &["containers", "rm", "demo"])?;
-    let mounts = dir.join("snapshotter/mounts");
+    ctr(&ctd, "ctr", &["containers", "rm", "demo"])?;
     let t = Instant::now();
-    while let Some(mp) = mounted_under(&mounts) {
+    while let Some(mp) = mounted_under(&dir.join("snapshotter/mounts")) {
         if t.elapsed() > Duration::from_secs(10) {
             daemon_cmds::umount(&sock, &mp)?;
         } else {
