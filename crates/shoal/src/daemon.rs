@@ -241,6 +241,10 @@ pub fn do_bind(reg: &Registry, req: BindRequest) -> Result<Arc<shoal_core::Bound
             ))
         }
     };
+    // A remote URL that cannot work is the caller's mistake (400), not a
+    // failing remote (502).
+    shoal_core::remote::open(&remote, reg.http_options())
+        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("remote {remote}: {e}")))?;
     Ok(reg.bind(BindSpec {
         domain: req.domain,
         fsid: req.fsid,
@@ -335,6 +339,18 @@ async fn unbind(
                 let _ = std::fs::create_dir_all(path.parent().unwrap())
                     .and_then(|_| std::fs::write(&path, text));
             }
+        }
+        // A mounted image stays bound: unbinding it would let GC evict cache
+        // files the mount reads, and a rebind make a second cache object.
+        if let Some(mp) = reg.mounts.mountpoint_of(req.domain.as_deref(), &req.fsid) {
+            return Err(ApiError(
+                StatusCode::CONFLICT,
+                format!(
+                    "fsid {} is mounted at {} (EBUSY): `shoal umount` it, which also unbinds it",
+                    req.fsid,
+                    mp.display()
+                ),
+            ));
         }
         reg.unbind(req.domain.as_deref(), &req.fsid)?;
         Ok(Json(serde_json::json!({"unbound": req.fsid})))
@@ -563,6 +579,9 @@ pub fn run(socket: &Path, work_dir: &Path, cfg: &Config) -> Result<()> {
     };
     std::fs::create_dir_all(work_dir)
         .with_context(|| format!("creating {}", work_dir.display()))?;
+    // Caches, bindings and sockets: the daemon's alone, whatever the umask.
+    std::fs::set_permissions(work_dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("making {} private", work_dir.display()))?;
     let fan = shoal_fanotify::Frontend::new(
         &pump_socket,
         Some(launcher),

@@ -292,7 +292,14 @@ fn main() -> Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    match Cli::parse().cmd {
+    let cli = Cli::parse();
+    if !matches!(
+        cli.cmd,
+        Cmd::Daemon { .. } | Cmd::Snapshotter(_) | Cmd::FanotifyPump { .. }
+    ) {
+        shoal_sys::default_sigpipe();
+    }
+    match cli.cmd {
         Cmd::Build {
             output,
             blob_dir,

@@ -281,12 +281,37 @@ impl Mounts {
                 ));
             }
         }
-        // Dropping a FUSE session unmounts it and ends the session.
+        if let Kind::Fuse { .. } = e.kind {
+            // Unmount first: dropping the session would detach a busy mount
+            // and report success while it stays.
+            if let Err(err) = shoal_sys::umount(mp) {
+                let busy = err.raw_os_error() == Some(libc_ebusy());
+                map.insert(mp.to_path_buf(), e);
+                let why = if busy {
+                    format!(
+                        "{} is busy (EBUSY): files are open on it; it stays mounted",
+                        mp.display()
+                    )
+                } else {
+                    format!("unmounting {}: {err}", mp.display())
+                };
+                return Err(ApiError(StatusCode::CONFLICT, why));
+            }
+        }
+        // Dropping a FUSE session ends it (the mount is gone already).
         drop(e.kind);
         self.save(&map);
         drop(map);
         reg.unbind(e.domain.as_deref(), &e.fsid)?;
         Ok(Some(e.fsid))
+    }
+
+    /// Where `fsid` of `domain` is mounted, if it is.
+    pub fn mountpoint_of(&self, domain: Option<&str>, fsid: &str) -> Option<PathBuf> {
+        let map = self.map.lock().unwrap();
+        map.iter()
+            .find(|(_, e)| e.domain.as_deref() == domain && e.fsid == fsid)
+            .map(|(mp, _)| mp.clone())
     }
 
     pub fn list(&self) -> Vec<serde_json::Value> {
@@ -311,4 +336,9 @@ impl Mounts {
         map.retain(|_, e| !matches!(e.kind, Kind::Fuse { .. }));
         self.save(&map);
     }
+}
+
+/// EBUSY, as `std::io::Error::raw_os_error` reports it.
+fn libc_ebusy() -> i32 {
+    rustix::io::Errno::BUSY.raw_os_error()
 }

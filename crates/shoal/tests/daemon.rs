@@ -477,3 +477,115 @@ fn invalid_names_are_refused() {
     }
     assert!(!d.work.join("up").exists());
 }
+
+/// A busy FUSE mount: `shoal umount` says EBUSY and keeps it (mounted,
+/// bound, in status); unbinding a mounted image is refused, so GC cannot
+/// evict its cache; once the files are closed, umount works.
+#[test]
+fn busy_mounts_stay_and_mounted_images_stay_bound() {
+    if !rustix::process::geteuid().is_root() || !Path::new("/dev/fuse").exists() {
+        return skip("needs root and /dev/fuse");
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let (_, img, blobs) = build_demo(tmp.path(), "4096");
+    let d = Daemon::start(tmp.path());
+    let mnt = tmp.path().join("mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let remote = format!("file://{}", blobs.display());
+    let mnt_s = mnt.to_str().unwrap();
+    d.ok(&[
+        "mount",
+        "--frontend",
+        "fuse",
+        "--domain",
+        "busy",
+        "--fsid",
+        "demo",
+        img.to_str().unwrap(),
+        mnt_s,
+        "--remote",
+        &remote,
+    ]);
+    let open = std::fs::File::open(mnt.join("etc/os-release")).unwrap();
+    let o = d.cli(&["umount", mnt_s]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("busy"),
+        "umount of a busy mount: {err}"
+    );
+    let mounted = || {
+        std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap()
+            .contains(mnt_s)
+    };
+    assert!(mounted(), "the busy mount went away");
+    let o = d.cli(&["unbind", "--domain", "busy", "demo"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("is mounted at"),
+        "unbind of a mounted image: {err}"
+    );
+    d.ok(&["gc", "--max-bytes", "0"]);
+    let mut buf = String::new();
+    std::io::Read::read_to_string(&mut &open, &mut buf).unwrap();
+    assert!(buf.contains("Shoal Demo"), "{buf}");
+    assert_eq!(
+        d.status().as_array().unwrap().len(),
+        1,
+        "the binding must stay"
+    );
+    drop(open);
+    d.ok(&["umount", mnt_s]);
+    assert!(!mounted());
+    assert_eq!(d.status().as_array().unwrap().len(), 0, "umount unbinds");
+}
+
+/// Small things the CLI and API must get right.
+#[test]
+fn client_errors_and_private_work_dir() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_, img, _) = build_demo(tmp.path(), "4096");
+    let d = Daemon::start(tmp.path());
+    // A relative file:// remote is the caller's mistake, said as such.
+    let o = d.cli(&[
+        "bind",
+        "--fsid",
+        "x",
+        img.to_str().unwrap(),
+        "--remote",
+        "file://relative/dir",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("absolute path"),
+        "{err}"
+    );
+    // The work dir is private whatever the umask.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&d.work).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o700);
+    // `shoal status | head` ends quietly, however early the reader goes.
+    let blobs = img.parent().unwrap().join("blobs");
+    d.ok(&[
+        "bind",
+        "--fsid",
+        "x",
+        img.to_str().unwrap(),
+        "--remote",
+        &format!("file://{}", blobs.display()),
+    ]);
+    let o = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "{} status | head -c 0",
+            env!("CARGO_BIN_EXE_shoal")
+        ))
+        .env("SHOAL_SOCKET", &d.socket)
+        .output()
+        .unwrap();
+    assert!(
+        !String::from_utf8_lossy(&o.stderr).contains("panicked"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}

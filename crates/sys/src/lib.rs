@@ -6,6 +6,8 @@
 
 pub mod fanotify;
 mod mount;
+mod signal;
 
 pub use mount::{mount_erofs, mount_erofs_fscache, umount, umount_lazy};
+pub use signal::default_sigpipe;
 pub mod cachefiles;
