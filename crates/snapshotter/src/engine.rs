@@ -65,6 +65,59 @@ pub struct Engine {
     pub policy: DomainPolicy,
 }
 
+/// Whether a Prepare carries a shoal bootstrap layer to commit remotely.
+pub fn is_bootstrap_layer(labels: &BTreeMap<String, String>) -> bool {
+    labels.contains_key(TARGET)
+        && labels.get(shoal::LAYER_ANNOTATION).map(String::as_str) == Some("bootstrap")
+}
+
+/// Fetch the bootstrap the labels name into `dir` (named by its sha256
+/// hex), checked against its digest and opened as an EROFS image, unless it
+/// is there; returns its hex and the image's reference. Needs no engine
+/// state, so the service runs it before taking the engine's lock: a slow
+/// registry delays only its own pull.
+pub fn ensure_bootstrap(
+    client: &Client,
+    labels: &BTreeMap<String, String>,
+    dir: &Path,
+) -> Result<(String, Reference), SnapError> {
+    let missing = |what: &str| {
+        SnapError::InvalidArgument(format!(
+            "the shoal bootstrap layer arrived without its {what} label: pull with `ctr-remote images rpull` or through CRI, which pass layer labels (plain `ctr images pull` does not)"
+        ))
+    };
+    let image_ref = label(labels, &IMAGE_REF).ok_or_else(|| missing("image reference"))?;
+    let digest = label(labels, &LAYER_DIGEST).ok_or_else(|| missing("layer digest"))?;
+    let digest = Digest::parse(digest).map_err(SnapError::InvalidArgument)?;
+    let r = Reference::parse(&format!("oci://{}", docker_hub(image_ref)))
+        .map_err(|e| SnapError::InvalidArgument(format!("image reference {image_ref:?}: {e}")))?;
+    let hex = digest.hex().to_string();
+    let path = dir.join(&hex);
+    if path.exists() {
+        return Ok((hex, r));
+    }
+    let bytes = client
+        .repository(&r)
+        .get_blob_by_digest(&digest, MAX_BOOTSTRAP)
+        .map_err(|e| {
+            SnapError::Unavailable(format!("fetching the bootstrap of {image_ref}: {e}"))
+        })?;
+    erofs::Image::open(bytes.clone()).map_err(|e| {
+        SnapError::FailedPrecondition(format!(
+            "bootstrap {digest} of {image_ref} is not a usable image: {e}"
+        ))
+    })?;
+    let store = |()| -> std::io::Result<()> {
+        let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+        std::io::Write::write_all(&mut tmp, &bytes)?;
+        tmp.as_file().sync_all()?;
+        tmp.persist(&path).map_err(|e| e.error)?;
+        Ok(())
+    };
+    store(()).map_err(|e| SnapError::io("storing the bootstrap", e))?;
+    Ok((hex, r))
+}
+
 /// `docker.io/…` is served by `registry-1.docker.io`.
 fn docker_hub(r: &str) -> String {
     match r.strip_prefix("docker.io/") {
@@ -200,41 +253,12 @@ impl Engine {
         }
     }
 
-    /// Fetch and check the bootstrap the labels name; returns its hex.
+    /// Record the bootstrap the labels name (fetching it unless the
+    /// service did already, outside the engine's lock); returns its hex.
     fn add_bootstrap(&mut self, labels: &BTreeMap<String, String>) -> Result<String, SnapError> {
-        let missing = |what: &str| {
-            SnapError::InvalidArgument(format!(
-                "the shoal bootstrap layer arrived without its {what} label: pull with `ctr-remote images rpull` or through CRI, which pass layer labels (plain `ctr images pull` does not)"
-            ))
-        };
-        let image_ref = label(labels, &IMAGE_REF).ok_or_else(|| missing("image reference"))?;
-        let digest = label(labels, &LAYER_DIGEST).ok_or_else(|| missing("layer digest"))?;
-        let digest = Digest::parse(digest).map_err(SnapError::InvalidArgument)?;
-        let r = Reference::parse(&format!("oci://{}", docker_hub(image_ref))).map_err(|e| {
-            SnapError::InvalidArgument(format!("image reference {image_ref:?}: {e}"))
-        })?;
         self.mounter.check().map_err(SnapError::Unavailable)?;
-        let hex = digest.hex().to_string();
-        let path = self.store.bootstrap_path(&hex);
-        if !path.exists() {
-            let bytes = self
-                .client
-                .repository(&r)
-                .get_blob_by_digest(&digest, MAX_BOOTSTRAP)
-                .map_err(|e| {
-                    SnapError::Unavailable(format!("fetching the bootstrap of {image_ref}: {e}"))
-                })?;
-            erofs::Image::open(bytes.clone()).map_err(|e| {
-                SnapError::FailedPrecondition(format!(
-                    "bootstrap {digest} of {image_ref} is not a usable image: {e}"
-                ))
-            })?;
-            let tmp = path.with_extension("tmp");
-            std::fs::write(&tmp, &bytes)
-                .and_then(|_| std::fs::rename(&tmp, &path))
-                .map_err(|e| SnapError::io("storing the bootstrap", e))?;
-        }
-        let remote = r.repository_url();
+        let (hex, r) = ensure_bootstrap(&self.client, labels, &self.store.bootstraps_dir())?;
+        let (remote, path) = (r.repository_url(), self.store.bootstrap_path(&hex));
         self.store
             .state
             .bootstraps

@@ -28,6 +28,9 @@ pub struct SnapshotterOptions {
 #[derive(Clone)]
 pub struct Snapshotter {
     engine: Arc<Mutex<Engine>>,
+    /// For bootstrap fetches outside the engine's lock.
+    client: Client,
+    bootstraps: PathBuf,
 }
 
 impl Snapshotter {
@@ -37,6 +40,7 @@ impl Snapshotter {
     ) -> Result<Snapshotter, SnapError> {
         let store = Store::open(&opts.root)
             .map_err(|e| SnapError::io("opening the snapshotter root", e))?;
+        let bootstraps = store.bootstraps_dir();
         let mut engine = Engine {
             store,
             mounter,
@@ -45,7 +49,9 @@ impl Snapshotter {
         };
         engine.recover();
         Ok(Snapshotter {
+            client: engine.client.clone(),
             engine: Arc::new(Mutex::new(engine)),
+            bootstraps,
         })
     }
 
@@ -124,6 +130,13 @@ impl Snapshots for Snapshotter {
         let ns = namespace(&r, &r.get_ref().key);
         let q = r.into_inner();
         tracing::debug!(key = q.key, parent = q.parent, labels = ?q.labels, "prepare");
+        let l = labels(q.labels.clone());
+        if crate::engine::is_bootstrap_layer(&l) {
+            let (client, dir) = (self.client.clone(), self.bootstraps.clone());
+            tokio::task::spawn_blocking(move || crate::engine::ensure_bootstrap(&client, &l, &dir))
+                .await
+                .map_err(|e| Status::internal(format!("fetching the bootstrap: {e}")))??;
+        }
         let m = self
             .run(move |e| e.prepare(&q.key, &q.parent, labels(q.labels), Kind::Active, &ns))
             .await?;

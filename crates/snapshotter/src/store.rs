@@ -135,8 +135,12 @@ impl Store {
         self.snapshot_dir(id).join("work")
     }
 
+    pub fn bootstraps_dir(&self) -> PathBuf {
+        self.root.join("bootstraps")
+    }
+
     pub fn bootstrap_path(&self, hex: &str) -> PathBuf {
-        self.root.join("bootstraps").join(hex)
+        self.bootstraps_dir().join(hex)
     }
 
     pub fn mountpoint(&self, image_key: &str) -> PathBuf {
