@@ -19,6 +19,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
 
 pub const BLOCK: u64 = 4096;
 const MAP_MAGIC: &[u8; 8] = b"SHOALRDY";
@@ -53,6 +54,29 @@ struct Flight {
     cv: Condvar,
 }
 
+impl Flight {
+    /// The leader's result, or an error once `max` has passed: a waiter
+    /// never waits on a stuck flight longer than a fetch may take.
+    fn wait(&self, max: Duration) -> Result<(), String> {
+        let until = std::time::Instant::now() + max;
+        let mut done = self.done.lock().unwrap();
+        while done.is_none() {
+            let left = until.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return Err(format!(
+                    "the fetch in flight took longer than {} s",
+                    max.as_secs()
+                ));
+            }
+            done = self.cv.wait_timeout(done, left).unwrap().0;
+        }
+        done.clone().expect("checked above")
+    }
+}
+
+/// How long a reader waits on another's fetch unless told otherwise.
+const DEFAULT_FLIGHT_WAIT: Duration = Duration::from_secs(90);
+
 pub struct BlobCache {
     pub name: String,
     pub blocks: u32,
@@ -66,6 +90,8 @@ pub struct BlobCache {
     /// Serializes flushes so bits hit the disk only after their data.
     flush_lock: Mutex<()>,
     inflight: Mutex<HashMap<u32, Arc<Flight>>>,
+    /// Milliseconds a reader waits on another's fetch.
+    flight_wait_ms: AtomicU64,
     counters: Counters,
 }
 
@@ -190,8 +216,20 @@ impl BlobCache {
             dirty: Mutex::new(Vec::new()),
             flush_lock: Mutex::new(()),
             inflight: Mutex::new(HashMap::new()),
+            flight_wait_ms: AtomicU64::new(DEFAULT_FLIGHT_WAIT.as_millis() as u64),
             counters: Counters::default(),
         })
+    }
+
+    /// Bound how long readers wait on another reader's fetch (the remote's
+    /// deadline and retry budget, plus a margin).
+    pub fn set_flight_wait(&self, max: Duration) {
+        self.flight_wait_ms
+            .store(max.as_millis() as u64, Ordering::Relaxed);
+    }
+
+    fn flight_wait(&self) -> Duration {
+        Duration::from_millis(self.flight_wait_ms.load(Ordering::Relaxed))
     }
 
     pub fn data_path(&self) -> &Path {
@@ -273,17 +311,13 @@ impl BlobCache {
             }
         };
         if !leader {
-            let mut done = flight.done.lock().unwrap();
-            while done.is_none() {
-                done = flight.cv.wait(done).unwrap();
-            }
-            return match done.as_ref().unwrap() {
+            return match flight.wait(self.flight_wait()) {
                 Ok(()) => Ok(true),
                 Err(why) => Err(CoreError::Fetch {
                     blob: self.name.clone(),
                     offset: u64::from(start) * BLOCK,
                     len: u64::from(n) * BLOCK,
-                    why: why.clone(),
+                    why,
                 }),
             };
         }
@@ -341,16 +375,39 @@ impl BlobCache {
                 j += 1;
             }
             let (offset, len) = (u64::from(start) * BLOCK, u64::from(end - start) * BLOCK);
+            // A run the remotes could not serve fails as a whole: retrying
+            // it chunk by chunk would multiply a dead remote's deadline by
+            // the run's length. Only wrong bytes are retried per chunk.
             let run = if j - i > 1 {
-                remotes
+                let mut last = String::from("no remote");
+                let got = remotes
                     .iter()
-                    .find_map(|r| r.fetch(&self.name, offset, len).ok())
+                    .find_map(|r| match r.fetch(&self.name, offset, len) {
+                        Ok(b) => Some(b),
+                        Err(e) => {
+                            last = e.to_string();
+                            None
+                        }
+                    });
+                match got {
+                    Some(b) => Some(Ok(b)),
+                    None => {
+                        tracing::warn!(blob = %self.name, offset, len, cause = %last, "fetch failed");
+                        Some(Err(last))
+                    }
+                }
             } else {
                 None
             };
             for (e, flight) in &led[i..j] {
                 let result = match &run {
-                    Some(bytes) => {
+                    Some(Err(why)) => Err(CoreError::Fetch {
+                        blob: self.name.clone(),
+                        offset: u64::from(e.blkaddr.get()) * BLOCK,
+                        len: u64::from(e.nblocks.get()) * BLOCK,
+                        why: why.clone(),
+                    }),
+                    Some(Ok(bytes)) => {
                         let at = ((e.blkaddr.get() - start) as u64 * BLOCK) as usize;
                         let slice = &bytes[at..at + e.nblocks.get() as usize * BLOCK as usize];
                         if Sha256::digest(slice).as_slice() == e.digest {
@@ -376,16 +433,12 @@ impl BlobCache {
             i = j;
         }
         for (e, f) in waits {
-            let mut done = f.done.lock().unwrap();
-            while done.is_none() {
-                done = f.cv.wait(done).unwrap();
-            }
-            if let Some(Err(why)) = done.as_ref() {
+            if let Err(why) = f.wait(self.flight_wait()) {
                 first_err.get_or_insert(CoreError::Fetch {
                     blob: self.name.clone(),
                     offset: u64::from(e.blkaddr.get()) * BLOCK,
                     len: u64::from(e.nblocks.get()) * BLOCK,
-                    why: why.clone(),
+                    why,
                 });
             }
         }

@@ -207,6 +207,7 @@ impl Registry {
             inner: remote::open(url, &self.opts.http)?,
             attempts: self.opts.retries,
             base_delay: self.opts.retry_delay,
+            budget: self.opts.http.deadline,
         }))
     }
 
@@ -287,6 +288,9 @@ impl Registry {
                     *blocks,
                     &*self.opts.data_files,
                 )?;
+                // The leader's budget, one attempt that may start at its
+                // end, and a margin for the write and sync.
+                cache.set_flight_wait(self.opts.http.deadline * 2 + Duration::from_secs(5));
                 opened.insert(
                     name.clone(),
                     Arc::new(SharedBlob {

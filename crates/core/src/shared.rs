@@ -80,7 +80,7 @@ impl SharedBlob {
     /// reader; blobs are laid out in build order, so a tree walk is one
     /// too), up to `READ_AHEAD` bytes of the missing pinned chunks that
     /// follow are fetched in the same ranged requests. Read-ahead is best
-    /// effort: if it fails, only the range itself is fetched. Returns the
+    /// effort: if it fails, only the range itself is fetched, once. Returns the
     /// chunks covering the range, as [`SharedBlob::ensure_range`] does.
     pub fn ensure_range_ahead(&self, offset: u64, len: u64) -> Result<Vec<ChunkEntry>, CoreError> {
         let need = self.chunks_for(offset, len)?;
@@ -112,10 +112,13 @@ impl SharedBlob {
         let batched = self
             .cache
             .ensure_batch(&entries, &remotes, READ_AHEAD + len);
-        if batched.is_err() {
-            for e in &need {
-                self.cache.ensure(e, &remotes)?;
-            }
+        // A failed read-ahead falls back to the range asked for, once, in
+        // one request (not chunk by chunk, each with its own retries): a
+        // read fails within two fetch budgets however the remote fails.
+        match batched {
+            Err(e) if entries.len() == need.len() => return Err(e),
+            Err(_) => self.cache.ensure_batch(&need, &remotes, len.max(1))?,
+            Ok(()) => {}
         }
         self.last_fill_end
             .store(fill_end, std::sync::atomic::Ordering::Relaxed);

@@ -55,6 +55,9 @@ pub struct HttpOptions {
     pub connect_timeout: Duration,
     /// Longest silence while reading a reply.
     pub read_timeout: Duration,
+    /// The most one request may take, reply body included: a remote that
+    /// trickles a byte now and then defeats `read_timeout`, not this.
+    pub deadline: Duration,
     /// `http://host:port` of an HTTP(S) proxy (CONNECT) for every remote.
     pub proxy: Option<String>,
     /// Hosts (`host` or `host:port`, or `.suffix`) reached without the proxy.
@@ -69,6 +72,7 @@ impl Default for HttpOptions {
         HttpOptions {
             connect_timeout: Duration::from_secs(5),
             read_timeout: Duration::from_secs(10),
+            deadline: Duration::from_secs(30),
             proxy: None,
             no_proxy: Vec::new(),
             mirrors: Vec::new(),
@@ -107,6 +111,7 @@ pub fn agent(opts: &HttpOptions, host: &str) -> ureq::Agent {
         .timeout_connect(opts.connect_timeout)
         .timeout_read(opts.read_timeout)
         .timeout_write(opts.read_timeout)
+        .timeout(opts.deadline)
         .max_idle_connections_per_host(16)
         .user_agent(concat!("shoal/", env!("CARGO_PKG_VERSION")));
     if let Some(p) = opts.proxy.as_deref().filter(|_| !opts.bypasses_proxy(host)) {

@@ -36,6 +36,10 @@ pub struct Config {
     pub retries: Option<u32>,
     pub connect_timeout_secs: Option<u64>,
     pub read_timeout_secs: Option<u64>,
+    /// The most one remote request may take (body included), and the
+    /// budget of a read's retries: reads fail within about this when a
+    /// remote is down, hangs or trickles (default 30).
+    pub fetch_deadline_secs: Option<u64>,
     /// Threads answering fanotify events.
     pub fanotify_threads: Option<usize>,
     /// `http://host:port`: an HTTP(S) proxy (CONNECT) for every remote.
@@ -70,6 +74,9 @@ impl Config {
         }
         if let Some(s) = self.read_timeout_secs {
             http.read_timeout = Duration::from_secs(s);
+        }
+        if let Some(s) = self.fetch_deadline_secs {
+            http.deadline = Duration::from_secs(s.max(1));
         }
         http.proxy = self.proxy.clone();
         http.no_proxy = self.no_proxy.clone();

@@ -29,6 +29,10 @@ impl NetArgs {
             crate::daemon::Config::path(self.settings.clone()).as_deref(),
         )?;
         let mut http = cfg.http_options()?;
+        // Whole layers stream through one request: the daemon's per-read
+        // deadline does not apply (silence is still bounded by
+        // read_timeout_secs).
+        http.deadline = std::time::Duration::from_secs(6 * 3600);
         if self.insecure {
             http.insecure.extend(hosts.iter().map(|h| h.to_string()));
         }

@@ -589,3 +589,76 @@ fn client_errors_and_private_work_dir() {
         String::from_utf8_lossy(&o.stderr)
     );
 }
+
+/// A remote that trickles a byte a second defeats read timeouts, not the
+/// fetch deadline: the read fails within it (so does a second reader
+/// waiting on the same flight), nothing is cached, and once the remote is
+/// fixed the same read succeeds. A token endpoint that never ends its reply
+/// costs a bounded amount of memory and a clear error.
+#[test]
+fn trickling_and_flooding_remotes_fail_within_the_deadline() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (ex, img, blobs) = build_demo(tmp.path(), "4096");
+    let srv = Faulty::start(&blobs, tmp.path());
+    let d = Daemon::start_with(tmp.path(), "fetch_deadline_secs = 3\n");
+    d.ok(&[
+        "bind",
+        "--fsid",
+        "demo",
+        img.to_str().unwrap(),
+        "--remote",
+        &srv.url(),
+    ]);
+    let file = "usr/share/doc/shoal-demo/glossary.txt";
+    let want = std::fs::read(ex.join("base").join(file)).unwrap();
+    srv.set_mode("trickle");
+    let t = std::time::Instant::now();
+    let readers: Vec<_> = (0..2)
+        .map(|_| {
+            let (sock, file) = (d.socket.clone(), file.to_string());
+            std::thread::spawn(move || {
+                std::process::Command::new(env!("CARGO_BIN_EXE_shoal"))
+                    .args(["read", "demo", &file])
+                    .env("SHOAL_SOCKET", sock)
+                    .output()
+                    .unwrap()
+            })
+        })
+        .collect();
+    for r in readers {
+        let o = r.join().unwrap();
+        assert!(
+            !o.status.success(),
+            "a read from a trickling remote succeeded"
+        );
+    }
+    let took = t.elapsed();
+    assert!(
+        took < std::time::Duration::from_secs(15),
+        "reads took {took:?} with a 3 s deadline"
+    );
+    assert_eq!(assert_cache_correct(&d.work, "private/demo", &blobs), 0);
+    srv.set_mode("ok");
+    assert_eq!(d.ok(&["read", "demo", file]), want);
+
+    // An OCI remote whose token endpoint floods.
+    d.ok(&["unbind", "demo"]);
+    srv.set_mode("tokenflood");
+    let remote = format!("oci://127.0.0.1:{}/shoal/demo", srv.port);
+    d.ok(&[
+        "bind",
+        "--fsid",
+        "flood",
+        img.to_str().unwrap(),
+        "--remote",
+        &remote,
+    ]);
+    let o = d.cli(&["read", "flood", file]);
+    assert!(!o.status.success());
+    assert!(
+        d.log_text().contains("token reply larger than"),
+        "{}",
+        d.log_text()
+    );
+    assert!(d.rss_kib() < 256 * 1024, "daemon RSS {} KiB", d.rss_kib());
+}

@@ -37,6 +37,15 @@ impl Remote for FileRemote {
             }
         };
         let f = std::fs::File::open(&path).map_err(err)?;
+        // The range comes from an image, which may lie: allocate for it only
+        // once the blob is known to hold it.
+        let size = f.metadata().map_err(err)?.len();
+        if offset.checked_add(len).is_none_or(|end| end > size) {
+            return Err(RemoteError::Permanent {
+                url,
+                why: format!("bytes {offset}+{len}: beyond the blob's {size} bytes"),
+            });
+        }
         let mut buf = vec![0u8; len as usize];
         f.read_exact_at(&mut buf, offset).map_err(err)?;
         Ok(buf)

@@ -46,11 +46,14 @@ pub fn open(url: &str, opts: &HttpOptions) -> Result<Arc<dyn Remote>, RemoteErro
     ))
 }
 
-/// Retry transient failures with exponential backoff, a bounded number of times.
+/// Retry transient failures with exponential backoff, a bounded number of
+/// times and within one time budget: a read fails within `budget` (plus the
+/// one attempt under way) however the remote fails.
 pub struct Retrying {
     pub inner: Arc<dyn Remote>,
     pub attempts: u32,
     pub base_delay: Duration,
+    pub budget: Duration,
 }
 
 impl Remote for Retrying {
@@ -60,9 +63,14 @@ impl Remote for Retrying {
     fn fetch(&self, name: &str, offset: u64, len: u64) -> Result<Vec<u8>, RemoteError> {
         let mut delay = self.base_delay;
         let mut attempt = 1;
+        let start = std::time::Instant::now();
         loop {
             match self.inner.fetch(name, offset, len) {
-                Err(e) if e.is_transient() && attempt < self.attempts => {
+                Err(e)
+                    if e.is_transient()
+                        && attempt < self.attempts
+                        && start.elapsed() + delay < self.budget =>
+                {
                     tracing::warn!(blob = name, offset, len, attempt, error = %e, "fetch failed, retrying");
                     std::thread::sleep(delay);
                     delay = (delay * 2).min(Duration::from_secs(5));
