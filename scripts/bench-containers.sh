@@ -1,0 +1,214 @@
+#!/usr/bin/env bash
+# Container start benchmark, HelloBench-style: the corpus images (base,
+# base+py, base+web) run one short command each in containerd, lazily from
+# a shoal image (`ctr-remote rpull` + `shoal snapshotter`) and from the
+# ordinary gzip/zstd OCI image (`ctr pull`, overlayfs), both from a local
+# docker-registry. Cold: a fresh containerd, shoal daemon and snapshotter
+# (empty stores and caches) and dropped page cache, timed from the start of
+# the pull to the end of the container; warm: the same image, run again.
+# Registry bytes and requests are those of the cold pull and run; "opened"
+# is the size of the distinct regular files the command opens (strace in a
+# chroot of the unpacked tree). Medians of RUNS (default 3). MB = 10^6 bytes.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+corpus=${CORPUS:-$root/../shared/corpus}
+runs=${RUNS:-3}   # IMAGES="py" for a subset; CHUNK_SIZE for shoal convert
+shoal=$root/target/release/shoal
+cargo build --release -q --manifest-path "$root/Cargo.toml"
+command -v strace >/dev/null || apt-get install -y -qq strace >/dev/null
+tmp=$(mktemp -d)
+pids=() stack=() ctd= namespaces=() m=()
+
+stop() { for p in "$@"; do kill "$p" 2>/dev/null || true; done; for p in "$@"; do wait "$p" 2>/dev/null || true; done; }
+# Mounts below a directory, deepest first, lazily unmounted.
+umount_under() {
+  awk -v d="$1/" 'index($5, d) == 1 {print $5}' /proc/self/mountinfo | sort -r |
+    while read -r m; do umount -l "$m" 2>/dev/null || true; done
+}
+# The daemon's fanotify pump outlives the daemon by design: end ours by pid.
+stop_pumps() { for p in $(pgrep -f "fanotify-pump --socket $tmp/" || true); do kill "$p" 2>/dev/null || true; done; }
+wait_for() { for _ in $(seq 400); do "$@" >/dev/null 2>&1 && return 0; sleep 0.05; done; echo "timed out: $*" >&2; exit 1; }
+
+# A fresh shoal daemon, snapshotter and containerd under DIR.
+start_stack() {
+  local d=$1; mkdir -p "$d/ctd"
+  "$shoal" daemon --socket "$d/shoal.sock" --work-dir "$d/work" >"$d/daemon.log" 2>&1 & stack=($!)
+  wait_for env SHOAL_SOCKET="$d/shoal.sock" "$shoal" status --json
+  "$shoal" snapshotter --socket "$d/sn.sock" --root "$d/sn" --daemon-socket "$d/shoal.sock" \
+    >"$d/sn.log" 2>&1 & stack+=($!)
+  wait_for test -S "$d/sn.sock"
+  cat >"$d/ctd/config.toml" <<CONF
+version = 2
+root = "$d/ctd/root"
+state = "$d/ctd/state"
+disabled_plugins = ["io.containerd.grpc.v1.cri"]
+[grpc]
+  address = "$d/ctd/c.sock"
+[proxy_plugins.shoal]
+  type = "snapshot"
+  address = "$d/sn.sock"
+CONF
+  containerd --config "$d/ctd/config.toml" >"$d/ctd/log" 2>&1 & stack+=($!)
+  ctd=$d/ctd/c.sock
+  wait_for ctr --address "$ctd" version
+}
+# Tasks left by an interrupted run, then containerd, the snapshotter, the
+# mounts, the daemon and its pump; the directory goes too.
+stop_stack() {
+  local d=$1 ns t
+  for ns in $( [ -S "$ctd" ] && ctr --address "$ctd" namespaces ls -q 2>/dev/null); do
+    for t in $(ctr --address "$ctd" -n "$ns" tasks ls -q 2>/dev/null); do
+      ctr --address "$ctd" -n "$ns" tasks rm -f "$t" >/dev/null 2>&1 || true; done
+  done
+  [ ${#stack[@]} -eq 3 ] && stop "${stack[2]}"
+  [ ${#stack[@]} -ge 2 ] && stop "${stack[1]}"
+  umount_under "$d"
+  [ ${#stack[@]} -ge 1 ] && stop "${stack[0]}"
+  stop_pumps; stack=() ctd=; rm -rf "$d"
+}
+cleanup() {
+  set +e
+  stop_stack "$tmp/run"
+  stop "${pids[@]}"
+  umount_under "$tmp"; stop_pumps
+  for ns in "${namespaces[@]}"; do rmdir /sys/fs/cgroup/*/"$ns" 2>/dev/null; done
+  rm -rf "$tmp"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+port=$(python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])')
+cat >"$tmp/registry.yml" <<CONF
+version: 0.1
+log: {level: info, formatter: text}
+storage: {filesystem: {rootdirectory: $tmp/registry}, delete: {enabled: true}}
+http: {addr: 127.0.0.1:$port}
+CONF
+docker-registry serve "$tmp/registry.yml" >"$tmp/registry.log" 2>&1 & pids+=($!)
+wait_for bash -c "exec 3<>/dev/tcp/127.0.0.1/$port"
+reg=127.0.0.1:$port
+fixture=$root/crates/shoal/tests/fixtures/oci_image.py
+
+declare -A layers=(
+  [base]="$corpus/base.tar.gz"
+  [py]="$corpus/base.tar.gz $corpus/py-layer.tar.gz"
+  [web]="$corpus/base.tar.gz $corpus/web-layer.tar.zst"
+)
+read -r -a images <<<"${IMAGES:-base py web}"
+setcmd() {
+  case $1 in
+    base) cmd=(cat /etc/os-release) ;;
+    py) cmd=(python3 -c 'import json, email, http.client, yaml') ;;
+    web) cmd=(nginx -t) ;;
+  esac
+}
+
+# Bytes of the distinct regular files (by inode) that the workload opens or
+# executes, traced on the host in a chroot of the image's unpacked tree.
+opened_bytes() {
+  local t=$tmp/tree-$1; setcmd "$1"
+  mkdir -p "$t/proc" "$t/dev"; mount --bind /proc "$t/proc"; mount --bind /dev "$t/dev"
+  env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root strace -f -y -qq -e trace=open,openat,execve,chroot \
+    -o "$tmp/strace-$1" chroot "$t" "${cmd[@]}" >"$tmp/out" 2>&1 || { cat "$tmp/out"; exit 1; }
+  umount "$t/proc" "$t/dev"
+  python3 - "$t" "$tmp/strace-$1" <<'PY'
+import os, re, struct, sys
+tree, log = sys.argv[1], sys.argv[2]
+def inside(p):  # p resolved in the tree: absolute symlinks stay inside it
+    parts, cur = os.path.normpath("/" + p).strip("/").split("/"), ""
+    for k, c in enumerate(parts):
+        if os.path.islink(tree + cur + "/" + c):
+            t = os.readlink(tree + cur + "/" + c)
+            return inside((t if t.startswith("/") else cur + "/" + t) + "/" + "/".join(parts[k + 1:]))
+        cur += "/" + c
+    return tree + cur
+def interp(p):  # an ELF executable's PT_INTERP (the kernel opens it on exec)
+    with open(p, "rb") as f:
+        h = f.read(64)
+        if h[:4] != b"\x7fELF": return None
+        (off,), (size, n) = struct.unpack_from("<Q", h, 32), struct.unpack_from("<HH", h, 54)
+        for k in range(n):
+            f.seek(off + k * size); ph = f.read(size)
+            if struct.unpack_from("<I", ph)[0] == 3:
+                f.seek(struct.unpack_from("<Q", ph, 8)[0])
+                return f.read(struct.unpack_from("<Q", ph, 32)[0]).rstrip(b"\0").decode()
+inside_chroot, paths = False, []
+for line in open(log, errors="replace"):
+    line = line.rstrip()
+    if not inside_chroot:  # before chroot(): the host's chroot binary and its libraries
+        inside_chroot = re.search(r'chroot\(.*\) += 0$', line) is not None
+        continue
+    if m := re.search(r'= \d+<(.+)>$', line):
+        paths.append(m.group(1))
+    elif m := re.search(r'execve\("([^"]+)".* = 0$', line):
+        paths.append(inside(m.group(1)))
+        if i := interp(paths[-1]):
+            paths.append(inside(i))
+seen, total = set(), 0
+for p in paths:
+    if p.startswith(tree + "/") and not p.startswith((tree + "/proc/", tree + "/dev/")) and os.path.isfile(p):
+        st = os.stat(p)
+        if (st.st_dev, st.st_ino) not in seen:
+            seen.add((st.st_dev, st.st_ino)); total += st.st_size
+print(total)
+PY
+}
+
+for i in "${images[@]}"; do
+  # shellcheck disable=SC2086
+  python3 "$fixture" "$tmp/layout-$i" "$i" ${layers[$i]} >/dev/null
+  skopeo copy -q --dest-tls-verify=false "oci:$tmp/layout-$i:$i" "docker://$reg/src/$i:v1"
+  "$shoal" convert --chunk-size "${CHUNK_SIZE:-1048576}" "oci://$reg/src/$i:v1" "oci://$reg/shoal/$i:v1" --json >/dev/null
+  rm -rf "$tmp/layout-$i"; mkdir -p "$tmp/tree-$i"
+  for l in ${layers[$i]}; do tar -xf "$l" -C "$tmp/tree-$i" --same-owner --xattrs 2>/dev/null || true; done
+  # whiteouts as a plain unpack leaves them: remove them and their targets
+  find "$tmp/tree-$i" -name '.wh.*' -print0 | while IFS= read -r -d '' w; do
+    b=$(basename "$w"); t="$(dirname "$w")/${b#.wh.}"; rm -rf "$w" "$t"; done
+done
+
+median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+now() { date +%s.%N; }
+# Bytes written and requests answered by the registry after log line N.
+served() {
+  tail -n +"$(($1 + 1))" "$tmp/registry.log" | awk '/msg="response completed"/ { n++
+    if (match($0, /http.response.written=[0-9]+/)) s += substr($0, RSTART + 22, RLENGTH - 22) }
+    END { printf "%d %d\n", s, n }'
+}
+ctr_() { local t=$1; shift; timeout 600 "$t" --address "$ctd" -n "$ns" "$@"; }
+pull() {
+  if [ "$tool" = shoal ]; then ctr_ ctr-remote images rpull --plain-http --snapshotter shoal "$reg/shoal/$i:v1"
+  else ctr_ ctr images pull --plain-http "$reg/src/$i:v1"; fi >"$tmp/out" 2>&1 || { cat "$tmp/out"; exit 1; }
+}
+run() {
+  if [ "$tool" = shoal ]; then ctr_ ctr run --rm --snapshotter shoal --net-host "$reg/shoal/$i:v1" "$1" "${cmd[@]}"
+  else ctr_ ctr run --rm --net-host "$reg/src/$i:v1" "$1" "${cmd[@]}"; fi >"$tmp/out" 2>&1 || { cat "$tmp/out"; exit 1; }
+}
+
+printf '| %-8s | %-9s | %7s | %7s | %11s | %8s | %9s |\n' workload tool "cold s" "warm s" "registry MB" requests "opened MB"
+printf '|----------|-----------|---------|---------|-------------|----------|-----------|\n'
+for i in "${images[@]}"; do
+  opened=$(opened_bytes "$i"); echo "$opened" >"$tmp/opened-$i"
+  setcmd "$i"
+  for tool in shoal overlayfs; do
+    : >"$tmp/r"
+    for n in $(seq "$runs"); do
+      ns=$tool-$i-$n; namespaces+=("$ns")
+      start_stack "$tmp/run"
+      sync; echo 3 >/proc/sys/vm/drop_caches
+      l0=$(wc -l <"$tmp/registry.log")
+      t0=$(now); pull; run "cold-$n"; t1=$(now)
+      read -r bytes reqs < <(served "$l0")
+      t2=$(now); run "warm-$n"; t3=$(now)
+      echo "$(echo "$t1 - $t0" | bc) $(echo "$t3 - $t2" | bc) $bytes $reqs" >>"$tmp/r"
+      stop_stack "$tmp/run"
+    done
+    for c in 1 2 3 4; do m[c]=$(awk -v c=$c '{print $c}' "$tmp/r" | median); done
+    echo "$i $tool ${m[1]} ${m[3]}" >>"$tmp/summary"
+    printf '| %-8s | %-9s | %7.2f | %7.2f | %11.1f | %8d | %9.1f |\n' "$i" "$tool" "${m[1]}" "${m[2]}" \
+      "$(echo "${m[3]} / 10^6" | bc -l)" "${m[4]}" "$(echo "$opened / 10^6" | bc -l)"
+  done
+done
+echo
+awk -v o="$(cat "$tmp/opened-py")" '$1 == "py" { s[$2] = $3; b[$2] = $4 } END {
+  printf "cold py: shoal is %.1fx faster than overlayfs (target >= 8x)\n", s["overlayfs"] / s["shoal"]
+  printf "py: shoal registry bytes / opened bytes = %.2f (target <= 1.2)\n", b["shoal"] / o }' "$tmp/summary"
