@@ -57,6 +57,9 @@ pub struct Trailer {
 const _: () = assert!(core::mem::size_of::<Trailer>() == 64);
 pub const TRAILER_SIZE: u64 = 64;
 
+/// The most blocks one chunk may have: 1 GiB, the largest chunk size.
+pub const MAX_CHUNK_BLOCKS: u64 = (1 << 30) / 4096;
+
 /// The parsed table: per device id, entries sorted by `blkaddr`, disjoint.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ChunkTable {
@@ -152,6 +155,13 @@ impl ChunkTable {
             let mut end = 0u64;
             for e in &entries {
                 let (start, nb) = (u64::from(e.blkaddr.get()), u64::from(e.nblocks.get()));
+                // No builder writes a chunk over 1 GiB; a reader fetches and
+                // verifies a chunk whole, so a bigger one is a memory attack.
+                if nb > MAX_CHUNK_BLOCKS {
+                    return Err(bad(format!(
+                        "device {dev}: entry at block {start} of {nb} blocks exceeds the largest chunk (1 GiB)"
+                    )));
+                }
                 if nb == 0 || start < end || start + nb > blocks {
                     return Err(bad(format!(
                         "device {dev}: entry at block {start} (+{nb}) overlaps or exceeds {blocks} blocks"
@@ -165,5 +175,37 @@ impl ChunkTable {
             return Err(bad(format!("{} trailing bytes", rest.len())));
         }
         Ok(ChunkTable { blobs })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(blkaddr: u32, nblocks: u32) -> ChunkEntry {
+        ChunkEntry {
+            blkaddr: blkaddr.into(),
+            nblocks: nblocks.into(),
+            digest: [0; 32],
+        }
+    }
+
+    #[test]
+    fn entries_are_bounded() {
+        let decode = |entries: Vec<ChunkEntry>, blocks: u32| {
+            let t = ChunkTable {
+                blobs: vec![(1, entries)],
+            };
+            let bytes = t.encode(0);
+            ChunkTable::decode(&bytes[..bytes.len() - 64], &[(1, blocks)])
+        };
+        let huge = u32::MAX;
+        assert!(decode(vec![entry(0, 262_144)], huge).is_ok());
+        // A 64 GiB chunk on a 64 GiB device: in bounds, but refused.
+        let e = decode(vec![entry(0, 16 << 20)], huge).unwrap_err();
+        assert!(e.to_string().contains("largest chunk"), "{e}");
+        assert!(decode(vec![entry(10, 1)], 10).is_err());
+        assert!(decode(vec![entry(0, 2), entry(1, 1)], 10).is_err());
+        assert!(decode(vec![entry(0, 0)], 10).is_err());
     }
 }
