@@ -17,9 +17,6 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-/// Bootstraps of chunk dictionaries larger than this are refused.
-const MAX_BOOTSTRAP: u64 = 1 << 30;
-
 #[derive(Clone, Debug)]
 pub struct ConvertOptions {
     pub platform: Platform,
@@ -89,7 +86,7 @@ fn load_dict(
         reference: spec.into(),
         why: "not a shoal image (no bootstrap layer), so not a chunk dictionary".into(),
     })?;
-    let bytes = repo.get_blob(boot, MAX_BOOTSTRAP)?;
+    let bytes = repo.get_blob(boot, shoal::MAX_BOOTSTRAP)?;
     let path = work.join(format!("dict-{}.boot", boot.digest.hex()));
     std::fs::write(&path, bytes).map_err(ConvertError::io("writing", &path))?;
     Ok(Dict {

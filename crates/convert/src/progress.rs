@@ -21,12 +21,6 @@ impl Progress {
         }
     }
 
-    pub fn hidden() -> Progress {
-        Progress {
-            multi: MultiProgress::with_draw_target(ProgressDrawTarget::hidden()),
-        }
-    }
-
     /// A byte-counting bar for one transfer.
     pub fn bytes(&self, what: String, total: u64) -> ProgressBar {
         let bar = self.multi.add(ProgressBar::new(total));

@@ -125,14 +125,6 @@ impl SourceImage {
             }
         }
     }
-
-    /// The registry repository it came from, if any.
-    pub fn repository(&self) -> Option<&Repository> {
-        match &self.store {
-            Store::Registry(r) => Some(r),
-            Store::Layout(_) => None,
-        }
-    }
 }
 
 fn blob_path(dir: &Path, d: &Digest) -> PathBuf {

@@ -7,9 +7,6 @@ use crate::remote::{HttpOptions, RemoteError};
 use shoal_registry::{shoal, Client, Platform, Reference};
 use std::path::{Path, PathBuf};
 
-/// Bootstraps larger than this are refused before they are fetched.
-const MAX_BOOTSTRAP: u64 = 1 << 30;
-
 fn bad_ref(url: &str, why: String) -> CoreError {
     CoreError::Remote(RemoteError::Permanent {
         url: url.into(),
@@ -42,7 +39,7 @@ pub fn pull_bootstrap(
     })?;
     let path = dir.join(boot.digest.hex());
     if !path.exists() {
-        let bytes = repo.get_blob(boot, MAX_BOOTSTRAP)?;
+        let bytes = repo.get_blob(boot, shoal::MAX_BOOTSTRAP)?;
         let tmp = path.with_extension("tmp");
         std::fs::write(&tmp, &bytes)
             .and_then(|_| std::fs::rename(&tmp, &path))

@@ -7,7 +7,7 @@ use crate::error::RemoteError;
 use crate::manifest::{
     Descriptor, Index, Manifest, ManifestKind, Platform, ACCEPT_MANIFESTS, MAX_MANIFEST_BYTES,
 };
-use crate::net::{agent, classify, read_range, HttpOptions, MirrorCapability};
+use crate::net::{agent, classify, read_range, url_host, HttpOptions, MirrorCapability};
 use crate::reference::{Digest, Reference};
 use sha2::Digest as _;
 use std::collections::HashMap;
@@ -72,10 +72,6 @@ impl Client {
         }
     }
 
-    pub fn options(&self) -> &HttpOptions {
-        &self.shared.opts
-    }
-
     /// Use `creds` for `host` (instead of the Docker config's).
     pub fn set_credentials(&self, host: &str, creds: Credentials) {
         self.shared.creds.lock().unwrap().insert(host.into(), creds);
@@ -120,19 +116,6 @@ pub enum Upload {
     Mounted,
     /// Its bytes were sent.
     Uploaded,
-}
-
-fn url_host(url: &str) -> String {
-    url::Url::parse(url)
-        .ok()
-        .and_then(|u| {
-            let h = u.host_str()?.to_string();
-            Some(match u.port() {
-                Some(p) => format!("{h}:{p}"),
-                None => h,
-            })
-        })
-        .unwrap_or_default()
 }
 
 impl Repository {

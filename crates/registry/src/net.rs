@@ -104,6 +104,21 @@ impl HttpOptions {
     }
 }
 
+/// `host` or `host:port` of a URL, as pools, proxies and credentials key
+/// hosts (empty if it has none).
+pub fn url_host(url: &str) -> String {
+    url::Url::parse(url)
+        .ok()
+        .and_then(|u| {
+            let h = u.host_str()?.to_string();
+            Some(match u.port() {
+                Some(p) => format!("{h}:{p}"),
+                None => h,
+            })
+        })
+        .unwrap_or_default()
+}
+
 /// A connection pool with these options; `host` decides whether it goes
 /// through the proxy.
 pub fn agent(opts: &HttpOptions, host: &str) -> ureq::Agent {

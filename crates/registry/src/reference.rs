@@ -167,15 +167,6 @@ impl Reference {
         }
     }
 
-    /// The same repository with another tag and no digest.
-    pub fn with_tag(&self, tag: &str) -> Reference {
-        Reference {
-            tag: Some(tag.into()),
-            digest: None,
-            ..self.clone()
-        }
-    }
-
     /// `oci://host/repo` without tag or digest: a blob remote.
     pub fn repository_url(&self) -> String {
         format!("oci://{}/{}", self.host, self.repo)

@@ -22,6 +22,10 @@ pub const FSID_ANNOTATION: &str = "containerd.io/snapshot/shoal.fsid";
 pub const FORMAT_ANNOTATION: &str = "dev.shoal.image.format";
 pub const FORMAT_VERSION: &str = "1";
 
+/// Bootstraps larger than this are refused before they are fetched
+/// (bind by reference, chunk dictionaries, the snapshotter).
+pub const MAX_BOOTSTRAP: u64 = 1 << 30;
+
 /// The artifact layout of earlier `shoal push`es, still read.
 pub const LEGACY_ARTIFACT_TYPE: &str = "application/vnd.shoal.image.v1";
 pub const LEGACY_BOOTSTRAP_MEDIA_TYPE: &str = "application/vnd.shoal.bootstrap.v1";

@@ -21,8 +21,6 @@ const LAYER_DIGEST: [&str; 2] = [
     "containerd.io/snapshot/cri.layer-digest",
     "containerd.io/snapshot/remote/stargz.digest",
 ];
-/// Bootstraps larger than this are refused.
-const MAX_BOOTSTRAP: u64 = 1 << 30;
 
 /// A mount in containerd's terms.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -98,7 +96,7 @@ pub fn ensure_bootstrap(
     }
     let bytes = client
         .repository(&r)
-        .get_blob_by_digest(&digest, MAX_BOOTSTRAP)
+        .get_blob_by_digest(&digest, shoal::MAX_BOOTSTRAP)
         .map_err(|e| {
             SnapError::Unavailable(format!("fetching the bootstrap of {image_ref}: {e}"))
         })?;

@@ -2,7 +2,7 @@
 //! GETs over a keep-alive connection pool, with timeouts.
 
 use super::{HttpOptions, Remote, RemoteError};
-use shoal_registry::{agent, classify, read_range};
+use shoal_registry::{agent, classify, read_range, url_host};
 
 pub struct HttpRemote {
     base: String,
@@ -11,15 +11,10 @@ pub struct HttpRemote {
 
 impl HttpRemote {
     pub fn new(url: &str, opts: HttpOptions) -> Result<Self, RemoteError> {
-        let u = url::Url::parse(url).map_err(|e| RemoteError::Permanent {
+        url::Url::parse(url).map_err(|e| RemoteError::Permanent {
             url: url.to_string(),
             why: e.to_string(),
         })?;
-        let host = match (u.host_str(), u.port()) {
-            (Some(h), Some(p)) => format!("{h}:{p}"),
-            (h, None) => h.unwrap_or_default().to_string(),
-            (None, Some(_)) => String::new(),
-        };
         let base = if url.ends_with('/') {
             url.to_string()
         } else {
@@ -27,7 +22,7 @@ impl HttpRemote {
         };
         Ok(HttpRemote {
             base,
-            agent: agent(&opts, &host),
+            agent: agent(&opts, &url_host(url)),
         })
     }
 }
