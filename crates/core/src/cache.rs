@@ -322,13 +322,19 @@ impl BlobCache {
             };
         }
         let result = self.fetch_verify_store(entry, remotes);
+        self.land(start, &flight, &result);
+        result.map(|_| true)
+    }
+
+    /// End the flight for the chunk at `start`: count a failure, retire
+    /// the flight and wake its waiters with the leader's result.
+    fn land(&self, start: u32, flight: &Flight, result: &Result<(), CoreError>) {
         if result.is_err() {
             self.counters.failures.fetch_add(1, Ordering::Relaxed);
         }
         self.inflight.lock().unwrap().remove(&start);
         *flight.done.lock().unwrap() = Some(result.as_ref().map(|_| ()).map_err(|e| e.to_string()));
         flight.cv.notify_all();
-        result.map(|_| true)
     }
 
     /// Make many chunks ready, fetching each run of adjacent missing chunks
@@ -419,13 +425,7 @@ impl BlobCache {
                     }
                     None => self.fetch_verify_store(e, remotes),
                 };
-                if result.is_err() {
-                    self.counters.failures.fetch_add(1, Ordering::Relaxed);
-                }
-                self.inflight.lock().unwrap().remove(&e.blkaddr.get());
-                *flight.done.lock().unwrap() =
-                    Some(result.as_ref().map(|_| ()).map_err(|e| e.to_string()));
-                flight.cv.notify_all();
+                self.land(e.blkaddr.get(), flight, &result);
                 if let Err(err) = result {
                     first_err.get_or_insert(err);
                 }

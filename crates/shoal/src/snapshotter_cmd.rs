@@ -34,6 +34,16 @@ struct DaemonMounter {
     socket: PathBuf,
 }
 
+impl DaemonMounter {
+    /// POST a typed request to the control API; the error, said whole.
+    fn post(&self, path: &str, req: &impl serde::Serialize) -> Result<(), String> {
+        let body = serde_json::to_value(req).expect("requests serialize");
+        crate::client::call(&self.socket, "POST", path, Some(&body))
+            .map(|_| ())
+            .map_err(|e| format!("{e:#}"))
+    }
+}
+
 impl Mounter for DaemonMounter {
     fn check(&self) -> Result<(), String> {
         crate::client::call(&self.socket, "GET", "/v1/status", None)
@@ -53,20 +63,14 @@ impl Mounter for DaemonMounter {
             mountpoint: spec.mountpoint.clone(),
             frontend: "auto".into(),
         };
-        let body = serde_json::to_value(&req).expect("requests serialize");
-        crate::client::call(&self.socket, "POST", "/v1/mount", Some(&body))
-            .map(|_| ())
-            .map_err(|e| format!("{e:#}"))
+        self.post("/v1/mount", &req)
     }
 
     fn unmount(&self, mountpoint: &Path) -> Result<(), String> {
         let req = UmountRequest {
             mountpoint: mountpoint.into(),
         };
-        let body = serde_json::to_value(&req).expect("requests serialize");
-        crate::client::call(&self.socket, "POST", "/v1/umount", Some(&body))
-            .map(|_| ())
-            .map_err(|e| format!("{e:#}"))
+        self.post("/v1/umount", &req)
     }
 }
 

@@ -197,7 +197,7 @@ impl Engine {
             kind,
         ) {
             let (target, layer) = (target.clone(), layer.clone());
-            return Err(self.commit_remote(&target, parent, &layer, labels, namespace));
+            return Err(self.commit_remote(&target, parent, &layer, labels));
         }
         self.create(key, parent, labels, kind, self.policy.domain(namespace))?;
         self.mounts(key)
@@ -211,7 +211,6 @@ impl Engine {
         parent: &str,
         layer: &str,
         labels: BTreeMap<String, String>,
-        _namespace: &str,
     ) -> SnapError {
         if self.store.state.snapshots.contains_key(target) {
             return SnapError::AlreadyExists(target.into());
