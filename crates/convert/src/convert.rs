@@ -27,6 +27,8 @@ pub struct ConvertOptions {
     /// Keep the bootstrap (`DIR/image.boot`) and blobs (`DIR/blobs/`) here.
     pub output: Option<PathBuf>,
     pub max_size: Option<u64>,
+    /// Write inode fingerprints (page-cache sharing on Linux 7.0+).
+    pub fingerprints: bool,
     pub progress: bool,
 }
 
@@ -297,6 +299,7 @@ pub fn convert(
             .ok()
             .and_then(|s| s.parse().ok()),
         max_size: opts.max_size,
+        fingerprints: opts.fingerprints,
     };
     let current = Current::default();
     let sources = layer_sources(&img, &progress, &current);

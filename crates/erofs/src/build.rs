@@ -22,6 +22,8 @@ pub struct BuildOptions {
     /// The most file data (logical bytes, holes included) the image may
     /// hold; `None` for no limit.
     pub max_size: Option<u64>,
+    /// Write inode content fingerprints for page-cache sharing.
+    pub fingerprints: bool,
 }
 
 impl Default for BuildOptions {
@@ -33,6 +35,7 @@ impl Default for BuildOptions {
             fsid: None,
             source_date_epoch: None,
             max_size: None,
+            fingerprints: true,
         }
     }
 }
@@ -153,6 +156,7 @@ pub fn build_sources(
         chunk_size: opts.chunk_size,
         build_time: opts.source_date_epoch.map(|t| (t, 0)),
         volume_name: opts.fsid.clone().unwrap_or_default().into_bytes(),
+        fingerprints: opts.fingerprints,
     };
     let img = write_image(&tree, &blobs, &placement, &wopts)?;
     write_atomic(output, &img)?;

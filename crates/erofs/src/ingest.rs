@@ -29,7 +29,7 @@ fn store_data(
     src: &mut dyn FileSource,
     size: u64,
     buf: &mut Vec<u8>,
-) -> Result<Vec<Option<ChunkRef>>, StoreError> {
+) -> Result<Data, StoreError> {
     let cs = store.chunk_size();
     // A sparse entry can claim any size without storing a byte; every
     // chunk still costs an index entry and a step here.
@@ -41,6 +41,9 @@ fn store_data(
     // `size` may come from a hostile tar header: reserve only what a few
     // chunks need and grow as data really arrives.
     let mut chunks = Vec::with_capacity(size.div_ceil(cs).min(1024) as usize);
+    // The content digest rides along the chunk pass (no second read).
+    let mut fingerprint = (size > 0).then(Sha256::new);
+    let mut hole_bytes = 0u64;
     let mut pos = 0;
     while pos < size {
         let len = cs.min(size - pos);
@@ -49,14 +52,42 @@ fn store_data(
                 .map_err(|e| StoreError::Read(e.to_string()))?;
             store.note_hole(len).map_err(StoreError::Build)?;
             chunks.push(None);
+            hole_bytes += len;
+            if hole_bytes > MAX_HASHED_HOLE {
+                fingerprint = None;
+            }
+            if let Some(h) = fingerprint.as_mut() {
+                hash_zeros(h, len);
+            }
         } else {
             buf.resize(len as usize, 0);
             src.read_exact(buf).map_err(StoreError::Read)?;
+            if let Some(h) = fingerprint.as_mut() {
+                h.update(&buf[..]);
+            }
             chunks.push(store.add_chunk(buf).map_err(StoreError::Build)?);
         }
         pos += len;
     }
-    Ok(chunks)
+    Ok(Data::File {
+        size,
+        chunks,
+        fingerprint: fingerprint.map(|h| h.finalize().into()),
+    })
+}
+
+/// A sparse entry may claim terabytes of hole: hashing them would cost
+/// minutes, so a file with more hole than this gets no fingerprint (the
+/// kernel then simply does not share its page cache).
+const MAX_HASHED_HOLE: u64 = 256 << 20;
+
+fn hash_zeros(h: &mut Sha256, mut len: u64) {
+    static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
+    while len > 0 {
+        let n = len.min(ZEROS.len() as u64) as usize;
+        h.update(&ZEROS[..n]);
+        len -= n as u64;
+    }
 }
 
 /// At most this many chunks in one file: 16 GiB with 4 KiB chunks, 4 TiB
@@ -309,9 +340,7 @@ fn apply_entry<R: Read>(
         Kind::Regular => {
             meta.mode |= S_IFREG;
             let size = e.size;
-            let chunks =
-                store_data(store, &mut ar.file(e), size, buf).map_err(|err| err.at(bad))?;
-            Data::File { size, chunks }
+            store_data(store, &mut ar.file(e), size, buf).map_err(|err| err.at(bad))?
         }
         Kind::Directory => {
             meta.mode |= S_IFDIR;
@@ -476,13 +505,12 @@ pub fn apply_dir(tree: &mut Tree, store: &mut ChunkStore, root: &Path) -> Result
                     pos: 0,
                     sparse: md.blocks() * 512 < size,
                 };
-                let chunks = store_data(store, &mut src, size, &mut buf).map_err(|e| {
+                store_data(store, &mut src, size, &mut buf).map_err(|e| {
                     e.at(|why| BuildError::Io {
                         path: path.clone(),
                         source: std::io::Error::other(why),
                     })
-                })?;
-                Data::File { size, chunks }
+                })?
             }
             S_IFLNK => Data::Symlink(
                 std::fs::read_link(&path)

@@ -14,6 +14,12 @@ pub const EROFS_NULL_ADDR: u32 = u32::MAX;
 pub const EROFS_FEATURE_COMPAT_SB_CHKSUM: u32 = 0x0000_0001;
 pub const EROFS_FEATURE_COMPAT_MTIME: u32 = 0x0000_0002;
 pub const EROFS_FEATURE_COMPAT_XATTR_FILTER: u32 = 0x0000_0004;
+/// Long xattr name prefixes are stored plainly in the metadata area at
+/// `xattr_prefix_start * 4` (not inside a packed inode).
+pub const EROFS_FEATURE_COMPAT_PLAIN_XATTR_PFX: u32 = 0x0000_0010;
+/// `ishare_xattr_prefix_id` names the long prefix whose xattr holds each
+/// inode's content fingerprint, for page-cache sharing (Linux 7.0+).
+pub const EROFS_FEATURE_COMPAT_ISHARE_XATTRS: u32 = 0x0000_0020;
 
 pub const EROFS_FEATURE_INCOMPAT_ZERO_PADDING: u32 = 0x0000_0001;
 pub const EROFS_FEATURE_INCOMPAT_COMPR_CFGS: u32 = 0x0000_0002;
@@ -29,7 +35,8 @@ pub const EROFS_FEATURE_INCOMPAT_SUPPORTED: u32 = EROFS_FEATURE_INCOMPAT_ZERO_PA
     | EROFS_FEATURE_INCOMPAT_CHUNKED_FILE
     | EROFS_FEATURE_INCOMPAT_DEVICE_TABLE
     | EROFS_FEATURE_INCOMPAT_ZTAILPACKING
-    | EROFS_FEATURE_INCOMPAT_FRAGMENTS;
+    | EROFS_FEATURE_INCOMPAT_FRAGMENTS
+    | EROFS_FEATURE_INCOMPAT_XATTR_PREFIXES;
 
 /// `struct erofs_super_block`, 128 bytes at [`EROFS_SUPER_OFFSET`].
 #[derive(Clone, Copy, Debug, Default, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
@@ -59,7 +66,9 @@ pub struct SuperBlock {
     pub xattr_prefix_start: U32,
     pub packed_nid: U64,
     pub xattr_filter_reserved: u8,
-    pub reserved2: [u8; 23],
+    /// Which long prefix holds the fingerprint (with `COMPAT_ISHARE_XATTRS`).
+    pub ishare_xattr_prefix_id: u8,
+    pub reserved2: [u8; 22],
 }
 const _: () = assert!(core::mem::size_of::<SuperBlock>() == 128);
 
@@ -191,6 +200,16 @@ pub struct XattrEntry {
     pub e_value_size: U16,
 }
 const _: () = assert!(core::mem::size_of::<XattrEntry>() == 4);
+
+/// Bit 7 of `e_name_index`: the low bits index the long prefix table.
+pub const EROFS_XATTR_LONG_PREFIX: u8 = 0x80;
+pub const EROFS_XATTR_LONG_PREFIX_MASK: u8 = 0x7f;
+
+/// The fingerprint xattr mkfs.erofs writes with `--xattr-inode-digest`: a
+/// long prefix of base index 0 (no namespace, so never listed to users)
+/// whose value is `sha256:` and the 32-byte digest of the file's content.
+pub const EROFS_FINGERPRINT_XATTR: &[u8] = b"erofs.fingerprint.v1";
+pub const EROFS_FINGERPRINT_SHA256: &[u8] = b"sha256:";
 
 pub const EROFS_XATTR_INDEX_USER: u8 = 1;
 pub const EROFS_XATTR_INDEX_POSIX_ACL_ACCESS: u8 = 2;

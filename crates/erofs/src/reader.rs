@@ -154,6 +154,24 @@ pub struct Image<R> {
     pub chunk_table: Option<ChunkTable>,
     pub image_size: u64,
     blksz: u64,
+    /// The long xattr name prefixes (`XATTR_PREFIXES`), by id.
+    pub xattr_prefixes: Vec<LongPrefix>,
+}
+
+/// `struct erofs_xattr_long_prefix`: a short prefix (by base index, 0 for
+/// none) followed by an infix, shared by every entry that refers to it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LongPrefix {
+    pub base_index: u8,
+    pub infix: Vec<u8>,
+}
+
+/// One xattr as stored, its name resolved to (base index, rest): the rest
+/// is the long prefix's infix (if any) followed by the entry's name.
+struct RawXattr {
+    base_index: u8,
+    name: Vec<u8>,
+    value: Vec<u8>,
 }
 
 fn io(what: &'static str, offset: u64) -> impl FnOnce(std::io::Error) -> Error {
@@ -251,7 +269,9 @@ impl<R: ReadAt> Image<R> {
             chunk_table: None,
             image_size,
             blksz,
+            xattr_prefixes: Vec::new(),
         };
+        img.xattr_prefixes = img.load_xattr_prefixes()?;
         img.chunk_table = img.load_chunk_table()?;
         Ok(img)
     }
@@ -268,6 +288,54 @@ impl<R: ReadAt> Image<R> {
     pub fn device_tag(&self, device_id: u16) -> Option<String> {
         let slot = self.devices.get(usize::from(device_id).checked_sub(1)?)?;
         tag_name(device_id, &slot.tag).ok().flatten()
+    }
+
+    /// Read the long prefix table as `erofs_xattr_prefixes_init` does, for
+    /// the plain layout (the one mkfs.erofs 1.8+ and shoal write).
+    fn load_xattr_prefixes(&self) -> Result<Vec<LongPrefix>> {
+        let sb = &self.sb;
+        let count = sb.xattr_prefix_count;
+        if sb.feature_incompat.get() & EROFS_FEATURE_INCOMPAT_XATTR_PREFIXES == 0 || count == 0 {
+            return Ok(Vec::new());
+        }
+        let plain = sb.feature_compat.get() & EROFS_FEATURE_COMPAT_PLAIN_XATTR_PFX != 0;
+        if !plain && sb.packed_nid.get() != 0 {
+            return Err(Error::Unsupported(
+                "long xattr prefixes inside the packed inode".into(),
+            ));
+        }
+        let mut pos = u64::from(sb.xattr_prefix_start.get()) * 4;
+        let mut out = Vec::with_capacity(usize::from(count));
+        for id in 0..count {
+            pos = pos.div_ceil(4) * 4;
+            let bad = |why: &str| Error::CorruptSuper(format!("long xattr prefix {id}: {why}"));
+            if pos + 2 > self.image_size {
+                return Err(bad("beyond the image end"));
+            }
+            let len = u64::from(u16::from_le_bytes(
+                self.read("xattr prefix", pos, 2)?.try_into().unwrap(),
+            ));
+            // The kernel's bounds: a base index, then at most a name.
+            if !(1..=256).contains(&len) || pos + 2 + len > self.image_size {
+                return Err(bad(&format!("length {len}")));
+            }
+            let raw = self.read("xattr prefix", pos + 2, len)?;
+            out.push(LongPrefix {
+                base_index: raw[0],
+                infix: raw[1..].to_vec(),
+            });
+            pos += 2 + len;
+        }
+        if sb.feature_compat.get() & EROFS_FEATURE_COMPAT_ISHARE_XATTRS != 0
+            && usize::from(sb.ishare_xattr_prefix_id) >= out.len()
+        {
+            return Err(Error::CorruptSuper(format!(
+                "ishare xattr prefix id {} of {} prefixes",
+                sb.ishare_xattr_prefix_id,
+                out.len()
+            )));
+        }
+        Ok(out)
     }
 
     fn load_chunk_table(&self) -> Result<Option<ChunkTable>> {
@@ -420,8 +488,44 @@ impl<R: ReadAt> Image<R> {
         Ok(ino)
     }
 
-    /// All xattrs of an inode as (full name, value), shared ones included.
+    /// All xattrs of an inode as (full name, value), shared ones included,
+    /// as the kernel lists them: names without a namespace (such as the
+    /// fingerprint) are not listed.
     pub fn xattrs(&self, ino: &Inode) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let mut out = Vec::new();
+        for x in self.raw_xattrs(ino)? {
+            if x.base_index == 0 {
+                continue;
+            }
+            let name = xattr_full_name(x.base_index, &x.name).ok_or_else(|| {
+                Error::corrupt(ino.nid, format!("unknown xattr name index {}", x.base_index))
+            })?;
+            out.push((name, x.value));
+        }
+        Ok(out)
+    }
+
+    /// The inode's content fingerprint for page-cache sharing: the value of
+    /// the xattr the superblock's `ishare_xattr_prefix_id` names, as
+    /// `erofs_xattr_fill_inode_fingerprint` reads it.
+    pub fn fingerprint(&self, ino: &Inode) -> Result<Option<Vec<u8>>> {
+        if self.sb.feature_compat.get() & EROFS_FEATURE_COMPAT_ISHARE_XATTRS == 0 {
+            return Ok(None);
+        }
+        let Some(p) = self
+            .xattr_prefixes
+            .get(usize::from(self.sb.ishare_xattr_prefix_id))
+        else {
+            return Ok(None);
+        };
+        Ok(self
+            .raw_xattrs(ino)?
+            .into_iter()
+            .find(|x| x.base_index == p.base_index && x.name == p.infix)
+            .map(|x| x.value))
+    }
+
+    fn raw_xattrs(&self, ino: &Inode) -> Result<Vec<RawXattr>> {
         if ino.xattr_isize == 0 {
             return Ok(Vec::new());
         }
@@ -458,15 +562,46 @@ impl<R: ReadAt> Image<R> {
                 return Err(beyond());
             }
             let raw = self.read("shared xattr", at, len)?;
-            out.push(parse_entry(ino.nid, &raw)?.0);
+            out.push(self.parse_entry(ino.nid, &raw)?.0);
         }
         let mut rest = &body[ids_end..];
         while rest.len() >= 4 {
-            let ((name, value), used) = parse_entry(ino.nid, rest)?;
-            out.push((name, value));
+            let (x, used) = self.parse_entry(ino.nid, rest)?;
+            out.push(x);
             rest = &rest[used.min(rest.len())..];
         }
         Ok(out)
+    }
+
+    /// One xattr entry and the bytes it took (padded to 4).
+    fn parse_entry(&self, nid: u64, raw: &[u8]) -> Result<(RawXattr, usize)> {
+        let e = XattrEntry::read_from_prefix(raw)
+            .map_err(|_| Error::corrupt(nid, "truncated xattr entry"))?
+            .0;
+        let nl = usize::from(e.e_name_len);
+        let vl = usize::from(e.e_value_size.get());
+        if 4 + nl + vl > raw.len() {
+            return Err(Error::corrupt(nid, "xattr entry overruns its area"));
+        }
+        let suffix = &raw[4..4 + nl];
+        let (base_index, name) = if e.e_name_index & EROFS_XATTR_LONG_PREFIX != 0 {
+            let id = e.e_name_index & EROFS_XATTR_LONG_PREFIX_MASK;
+            let p = self.xattr_prefixes.get(usize::from(id)).ok_or_else(|| {
+                Error::corrupt(nid, format!("xattr names long prefix {id}, which is not defined"))
+            })?;
+            (p.base_index, [p.infix.as_slice(), suffix].concat())
+        } else {
+            (e.e_name_index, suffix.to_vec())
+        };
+        let value = raw[4 + nl..4 + nl + vl].to_vec();
+        Ok((
+            RawXattr {
+                base_index,
+                name,
+                value,
+            },
+            (4 + nl + vl).div_ceil(4) * 4,
+        ))
     }
 
     /// Read `len` bytes of a flat (uncompressed, non-chunked) inode's data,
@@ -837,21 +972,3 @@ fn check_order(nid: u64, prev: &[u8], name: &[u8]) -> Result<()> {
     }
 }
 
-/// A parsed xattr (full name, value) and the bytes its entry took.
-type ParsedXattr = ((Vec<u8>, Vec<u8>), usize);
-
-fn parse_entry(nid: u64, raw: &[u8]) -> Result<ParsedXattr> {
-    let e = XattrEntry::read_from_prefix(raw)
-        .map_err(|_| Error::corrupt(nid, "truncated xattr entry"))?
-        .0;
-    let nl = usize::from(e.e_name_len);
-    let vl = usize::from(e.e_value_size.get());
-    if 4 + nl + vl > raw.len() {
-        return Err(Error::corrupt(nid, "xattr entry overruns its area"));
-    }
-    let name = xattr_full_name(e.e_name_index, &raw[4..4 + nl]).ok_or_else(|| {
-        Error::corrupt(nid, format!("unknown xattr name index {}", e.e_name_index))
-    })?;
-    let value = raw[4 + nl..4 + nl + vl].to_vec();
-    Ok(((name, value), (4 + nl + vl).div_ceil(4) * 4))
-}

@@ -23,6 +23,10 @@ pub enum Data {
     File {
         size: u64,
         chunks: Vec<Option<ChunkRef>>,
+        /// sha256 of the whole content, computed while the chunks are
+        /// stored; `None` for empty files and files with too much hole to
+        /// hash. The writer turns it into the kernel's inode fingerprint.
+        fingerprint: Option<[u8; 32]>,
     },
     Symlink(Vec<u8>),
     /// Character or block device; `rdev` in the kernel's `new_encode_dev` form.
@@ -404,6 +408,7 @@ mod tests {
             data: Data::File {
                 size: 0,
                 chunks: vec![],
+                fingerprint: None,
             },
         }
     }

@@ -8,6 +8,7 @@ use crate::chunktable::ChunkTable;
 use crate::error::BuildError;
 use crate::ondisk::*;
 use crate::tree::*;
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use zerocopy::IntoBytes;
 
@@ -21,6 +22,69 @@ pub struct WriteOptions {
     pub build_time: Option<(u64, u32)>,
     /// Stored in the superblock's `volume_name` (at most 16 bytes).
     pub volume_name: Vec<u8>,
+    /// Write each regular file's content fingerprint (the xattr and
+    /// superblock fields mkfs.erofs `--xattr-inode-digest` writes), so that
+    /// mounts with `inode_share,domain_id=` share page cache (Linux 7.0+).
+    pub fingerprints: bool,
+}
+
+type Xattrs = BTreeMap<Vec<u8>, Vec<u8>>;
+
+/// How xattr names are stored: the kernel's short prefixes, and the long
+/// prefixes this image declares (today only the fingerprint's).
+struct XattrNames {
+    /// Full names of the long prefixes (base index 0: no namespace).
+    long: Vec<&'static [u8]>,
+}
+
+impl XattrNames {
+    fn split<'a>(&self, name: &'a [u8]) -> Option<(u8, &'a [u8])> {
+        for (i, p) in self.long.iter().enumerate() {
+            if name.starts_with(p) {
+                return Some((EROFS_XATTR_LONG_PREFIX | i as u8, &name[p.len()..]));
+            }
+        }
+        xattr_split_name(name)
+    }
+
+    /// The long prefix table as the kernel reads it with
+    /// `PLAIN_XATTR_PFX`: per prefix a le16 length, the base index and the
+    /// infix, each record 4-byte aligned.
+    fn table(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        for p in &self.long {
+            out.extend_from_slice(&(1 + p.len() as u16).to_le_bytes());
+            out.push(0);
+            out.extend_from_slice(p);
+            out.resize(align(out.len(), 4), 0);
+        }
+        out
+    }
+}
+
+/// A node's xattrs as written: any fingerprint its source claimed is
+/// dropped (only one computed here from the content may be written), and
+/// the computed one added when fingerprints are on.
+fn node_xattrs<'a>(node: &'a Node, fingerprints: bool) -> Cow<'a, Xattrs> {
+    let fp = match &node.data {
+        Data::File {
+            fingerprint: Some(d),
+            ..
+        } if fingerprints => Some(d),
+        _ => None,
+    };
+    if fp.is_none() && !node.meta.xattrs.contains_key(EROFS_FINGERPRINT_XATTR) {
+        return Cow::Borrowed(&node.meta.xattrs);
+    }
+    let mut x = node.meta.xattrs.clone();
+    x.remove(EROFS_FINGERPRINT_XATTR);
+    if let Some(d) = fp {
+        x.insert(
+            EROFS_FINGERPRINT_XATTR.to_vec(),
+            [EROFS_FINGERPRINT_SHA256, d.as_slice()].concat(),
+        );
+    }
+    Cow::Owned(x)
 }
 
 struct Layout {
@@ -99,7 +163,8 @@ fn dir_blocks(entries: &[(&[u8], NodeId, u8)]) -> (Vec<u8>, Vec<(usize, NodeId)>
 
 /// Build the inline xattr body (header, shared ids, entries).
 fn xattr_body(
-    xattrs: &BTreeMap<Vec<u8>, Vec<u8>>,
+    xattrs: &Xattrs,
+    names: &XattrNames,
     shared: &HashMap<(&[u8], &[u8]), u32>,
 ) -> Result<(u16, Vec<u8>), BuildError> {
     if xattrs.is_empty() {
@@ -111,7 +176,7 @@ fn xattr_body(
         match shared.get(&(name.as_slice(), value.as_slice())) {
             Some(&id) if ids.len() < 255 => ids.push(id),
             _ => {
-                let (index, suffix) = xattr_split_name(name).ok_or_else(|| {
+                let (index, suffix) = names.split(name).ok_or_else(|| {
                     BuildError::Invalid(format!(
                         "xattr {:?} has a prefix EROFS cannot store",
                         String::from_utf8_lossy(name)
@@ -211,19 +276,36 @@ pub fn write_image(
             .unwrap_or((0, 0))
     });
 
+    let xattrs: Vec<Cow<Xattrs>> = order
+        .iter()
+        .map(|&id| node_xattrs(&nodes[id], opts.fingerprints))
+        .collect();
+    let fingerprinted = xattrs
+        .iter()
+        .any(|x| x.contains_key(EROFS_FINGERPRINT_XATTR));
+    let names = XattrNames {
+        long: if fingerprinted {
+            vec![EROFS_FINGERPRINT_XATTR]
+        } else {
+            Vec::new()
+        },
+    };
+
     // Shared xattrs: any (name, value) pair on two or more inodes.
     let mut xcount: BTreeMap<(&[u8], &[u8]), usize> = BTreeMap::new();
-    for &id in &order {
-        for (k, v) in &nodes[id].meta.xattrs {
+    for x in &xattrs {
+        for (k, v) in x.iter() {
             *xcount.entry((k.as_slice(), v.as_slice())).or_default() += 1;
         }
     }
     let mut shared_area = Vec::new();
     let mut shared_list = Vec::new();
     for ((k, v), n) in xcount {
-        if n >= 2 && xattr_split_name(k).is_some() {
+        if n < 2 {
+            continue;
+        }
+        if let Some((index, suffix)) = names.split(k) {
             shared_list.push((k, v, shared_area.len()));
-            let (index, suffix) = xattr_split_name(k).unwrap();
             encode_xattr_entry(&mut shared_area, index, suffix, v)?;
         }
     }
@@ -242,7 +324,7 @@ pub fn write_image(
     for (i, &id) in order.iter().enumerate() {
         let node = &nodes[id];
         let m = &node.meta;
-        let (icount, xbody) = xattr_body(&m.xattrs, &shared_rel)?;
+        let (icount, xbody) = xattr_body(&xattrs[i], &names, &shared_rel)?;
         let (content, patches) = match &node.data {
             Data::Dir(children) => {
                 let mut entries: Vec<(&[u8], NodeId, u8)> = Vec::with_capacity(children.len() + 2);
@@ -278,7 +360,7 @@ pub fn write_image(
                     (EROFS_INODE_FLAT_PLAIN, 0, 0)
                 }
             }
-            Data::File { size, chunks } if *size > 0 => (
+            Data::File { size, chunks, .. } if *size > 0 => (
                 EROFS_INODE_CHUNK_BASED,
                 0,
                 align(head, 8) - head + 8 * chunks.len(),
@@ -311,12 +393,13 @@ pub fn write_image(
         .iter()
         .map(|(k, v, off)| ((*k, *v), ((shared_start + off) / 4) as u32))
         .collect();
-    let meta_end = shared_start + shared_area.len();
+    let prefix_table = names.table();
+    let prefix_start = shared_start + shared_area.len();
+    let meta_end = prefix_start + prefix_table.len();
     let mut data_blk = align(meta_end, BLK) / BLK;
-    for (i, &id) in order.iter().enumerate() {
-        let l = &mut layouts[i];
-        if !shared.is_empty() && !nodes[id].meta.xattrs.is_empty() {
-            let (icount, body) = xattr_body(&nodes[id].meta.xattrs, &shared)?;
+    for (i, l) in layouts.iter_mut().enumerate() {
+        if !shared.is_empty() && !xattrs[i].is_empty() {
+            let (icount, body) = xattr_body(&xattrs[i], &names, &shared)?;
             debug_assert_eq!(icount, l.xattr_icount);
             l.xattr_icount = icount;
             l.xattr_body = body;
@@ -402,7 +485,7 @@ pub fn write_image(
             let at = l.raw_blkaddr as usize * BLK;
             img[at..at + full].copy_from_slice(&l.content[..full]);
         }
-        if let Data::File { size, chunks } = &node.data {
+        if let Data::File { size, chunks, .. } = &node.data {
             if *size > 0 {
                 p = align(p, 8);
                 for c in chunks {
@@ -421,7 +504,8 @@ pub fn write_image(
             }
         }
     }
-    img[shared_start..meta_end].copy_from_slice(&shared_area);
+    img[shared_start..prefix_start].copy_from_slice(&shared_area);
+    img[prefix_start..meta_end].copy_from_slice(&prefix_table);
 
     // Device table.
     for (k, b) in blobs.iter().enumerate() {
@@ -440,9 +524,17 @@ pub fn write_image(
         ));
     }
     volume_name[..opts.volume_name.len()].copy_from_slice(&opts.volume_name);
+    let (long_compat, long_incompat) = if names.long.is_empty() {
+        (0, 0)
+    } else {
+        (
+            EROFS_FEATURE_COMPAT_PLAIN_XATTR_PFX | EROFS_FEATURE_COMPAT_ISHARE_XATTRS,
+            EROFS_FEATURE_INCOMPAT_XATTR_PREFIXES,
+        )
+    };
     let mut sb = SuperBlock {
         magic: EROFS_SUPER_MAGIC_V1.into(),
-        feature_compat: EROFS_FEATURE_COMPAT_SB_CHKSUM.into(),
+        feature_compat: (EROFS_FEATURE_COMPAT_SB_CHKSUM | long_compat).into(),
         blkszbits: 12,
         root_nid: (layouts[0].nid as u16).into(),
         inos: (order.len() as u64).into(),
@@ -451,6 +543,7 @@ pub fn write_image(
         blocks: total_blocks.into(),
         volume_name,
         feature_incompat: (EROFS_FEATURE_INCOMPAT_CHUNKED_FILE
+            | long_incompat
             | if ndev > 0 {
                 EROFS_FEATURE_INCOMPAT_DEVICE_TABLE
             } else {
@@ -459,6 +552,10 @@ pub fn write_image(
         .into(),
         extra_devices: (ndev as u16).into(),
         devt_slotoff: ((DEVT_OFFSET / 128) as u16).into(),
+        xattr_prefix_count: names.long.len() as u8,
+        xattr_prefix_start: ((prefix_start / 4) as u32).into(),
+        // The fingerprint's prefix is the first (and only) long prefix.
+        ishare_xattr_prefix_id: 0,
         ..Default::default()
     };
     img[1024..1152].copy_from_slice(sb.as_bytes());

@@ -179,6 +179,7 @@ fn convert_base(dir: &Path, corpus: &Path, host: &str) -> Result<String> {
         fsid: None,
         output: None,
         max_size: None,
+        fingerprints: true,
         progress: false,
     };
     let src = shoal_convert::SourceRef::parse(&format!("oci-layout:{}:base", layout.display()))?;

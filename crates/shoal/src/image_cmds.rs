@@ -98,6 +98,8 @@ fn feature_names(compat: u32, incompat: u32) -> Vec<&'static str> {
         (EROFS_FEATURE_COMPAT_SB_CHKSUM, "sb_csum"),
         (EROFS_FEATURE_COMPAT_MTIME, "mtime"),
         (EROFS_FEATURE_COMPAT_XATTR_FILTER, "xattr_filter"),
+        (EROFS_FEATURE_COMPAT_PLAIN_XATTR_PFX, "plain_xattr_pfx"),
+        (EROFS_FEATURE_COMPAT_ISHARE_XATTRS, "ishare_xattrs"),
     ] {
         if compat & bit != 0 {
             v.push(name);

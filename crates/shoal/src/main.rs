@@ -60,6 +60,11 @@ enum Cmd {
         /// otherwise expand without bound.
         #[arg(long, default_value = "64G", value_parser = parse_size)]
         max_size: u64,
+        /// Write no inode fingerprints (`erofs.fingerprint.v1`, the sha256 of
+        /// each file as mkfs.erofs --xattr-inode-digest writes it), which let
+        /// mounts of one domain share page cache on Linux 7.0+.
+        #[arg(long)]
+        no_fingerprints: bool,
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
@@ -308,6 +313,7 @@ fn main() -> Result<()> {
             layer_blobs,
             reuse_blobs,
             max_size,
+            no_fingerprints,
             json,
             sources,
         } => {
@@ -322,6 +328,7 @@ fn main() -> Result<()> {
                 fsid,
                 source_date_epoch: sde,
                 max_size: (max_size > 0).then_some(max_size),
+                fingerprints: !no_fingerprints,
             };
             let report = erofs::build(&sources, &blob_dir, &output, &opts)
                 .with_context(|| format!("building {}", output.display()))?;

@@ -70,6 +70,10 @@ pub struct ConvertArgs {
     output: Option<PathBuf>,
     #[arg(long, default_value = "64G", value_parser = crate::parse_size)]
     max_size: u64,
+    /// Write no inode fingerprints (`erofs.fingerprint.v1`), which let
+    /// mounts of one domain share page cache on Linux 7.0+.
+    #[arg(long)]
+    no_fingerprints: bool,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
@@ -101,6 +105,7 @@ pub fn convert(a: ConvertArgs) -> Result<()> {
         fsid: a.fsid.clone(),
         output: a.output.clone(),
         max_size: (a.max_size > 0).then_some(a.max_size),
+        fingerprints: !a.no_fingerprints,
         progress: !a.json,
     };
     let r = shoal_convert::convert(&client, &src, &dst, &opts)
