@@ -270,6 +270,7 @@ impl Frontend {
         self: &Arc<Self>,
         img: &BoundImage,
         mountpoint: &Path,
+        opts: &shoal_sys::ErofsOptions<'_>,
     ) -> Result<(), FanotifyError> {
         let conn = self.connect()?;
         let mut watched = Vec::new();
@@ -291,7 +292,8 @@ impl Frontend {
             }
         }
         let devices: Vec<&Path> = img.blobs.iter().map(|b| b.cache.data_path()).collect();
-        if let Err(source) = shoal_sys::mount_erofs(&img.spec.bootstrap, &devices, mountpoint) {
+        if let Err(source) = shoal_sys::mount_erofs(&img.spec.bootstrap, &devices, mountpoint, opts)
+        {
             self.release(&watched);
             return Err(FanotifyError::Mount {
                 bootstrap: img.spec.bootstrap.clone(),

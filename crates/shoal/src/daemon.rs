@@ -53,6 +53,14 @@ pub struct Config {
     /// Registry mirrors, tried in order before the origin (`[[mirror]]`).
     #[serde(default)]
     pub mirror: Vec<shoal_registry::Mirror>,
+    /// Mount file-backed with `directio` where the kernel has it (default
+    /// true): each page is cached once, not once more for the cache file.
+    pub directio: Option<bool>,
+    /// Mounts of one domain share the page cache of equal files
+    /// (`inode_share`, Linux 7.0+; default true). Images of a domain then
+    /// trust each other's fingerprints: turn it off for a domain that mixes
+    /// images from parties that do not trust each other.
+    pub page_cache_share: Option<bool>,
 }
 
 /// Where settings are read from when no flag names a file.
@@ -104,6 +112,7 @@ pub struct Daemon {
     pub(crate) reg: Arc<Registry>,
     pub(crate) fan: Arc<shoal_fanotify::Frontend>,
     pub(crate) features: crate::features::Features,
+    pub(crate) kernel_mounts: crate::mounts::KernelMountPolicy,
     mounts: crate::mounts::Mounts,
     /// `/dev/cachefiles`, bound on the first fscache mount.
     fscache: std::sync::Mutex<Option<Arc<shoal_fscache::Frontend>>>,
@@ -317,7 +326,7 @@ async fn umount(
 async fn doctor(State(d): State<Shared>) -> impl IntoResponse {
     Json(serde_json::json!({
         "features": d.features,
-        "mounts": d.mounts.list(),
+        "mounts": d.mounts.list(&d),
         "fanotify": {
             "pump_connected": d.fan.pump_connected(),
             "marked": d.fan.marked(),
@@ -648,6 +657,7 @@ pub fn run(socket: &Path, work_dir: &Path, cfg: &Config) -> Result<()> {
         reg: reg.clone(),
         mounts: crate::mounts::Mounts::load(work_dir, &reg, &fan),
         fan,
+        kernel_mounts: crate::mounts::KernelMountPolicy::new(&features, cfg),
         features,
         fscache: std::sync::Mutex::new(fscache),
     });

@@ -136,11 +136,17 @@ pub fn doctor(socket: &Path, as_json: bool) -> Result<()> {
         println!("daemon on {}: {} mount(s)", socket.display(), m.len());
         for x in m {
             println!(
-                "  {} {},{} ({})",
+                "  {} {},{} ({}{}), page cache sharing {}",
                 x["mountpoint"].as_str().unwrap_or("?"),
                 x["domain"].as_str().unwrap_or("-"),
                 x["fsid"].as_str().unwrap_or("?"),
-                x["frontend"].as_str().unwrap_or("?")
+                x["frontend"].as_str().unwrap_or("?"),
+                if x["directio"].as_bool() == Some(true) {
+                    ", directio"
+                } else {
+                    ""
+                },
+                x["page_cache_share"].as_str().unwrap_or("?")
             );
         }
         let fan = &v["fanotify"];

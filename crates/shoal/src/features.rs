@@ -119,15 +119,34 @@ pub fn detect(work_dir: &Path) -> Features {
             Err("no /dev/fuse".into())
         },
     );
+    // erofs refuses a parameter it does not know at fsconfig time, so
+    // setting it on a throw-away context tells what this kernel has.
+    let directio = feature(
+        "erofs directio",
+        if shoal_sys::erofs_knows_flag("directio") {
+            Ok("backing files read with direct I/O: each page cached once".into())
+        } else {
+            Err(format!(
+                "kernel {kernel} has no erofs directio (Linux 6.13+): pages cached twice"
+            ))
+        },
+    );
     let ishare = feature(
         "erofs inode_share",
-        if Path::new("/sys/fs/erofs/features/ishare_xattrs").exists() {
-            Ok("/sys/fs/erofs/features/ishare_xattrs".into())
-        } else {
-            Err(
-                "not in /sys/fs/erofs/features (Linux 7.0+): page cache not shared across images"
+        match (
+            shoal_sys::erofs_knows_flag("inode_share"),
+            config_has(&config, "CONFIG_EROFS_FS_PAGE_CACHE_SHARE"),
+        ) {
+            (false, _) => Err(format!(
+                "kernel {kernel} has no erofs inode_share (Linux 7.0+): each mount caches its own pages"
+            )),
+            (true, Some(false)) => {
+                Err("kernel built without CONFIG_EROFS_FS_PAGE_CACHE_SHARE".into())
+            }
+            (true, _) => Ok(
+                "mounts of one domain share the page cache of files with equal fingerprints"
                     .into(),
-            )
+            ),
         },
     );
     // Every frontend gets a line: chosen, passed over, or impossible.
@@ -175,7 +194,15 @@ pub fn detect(work_dir: &Path) -> Features {
     }
     Features {
         kernel,
-        features: vec![erofs, file_backed, fanotify, cachefiles, fuse, ishare],
+        features: vec![
+            erofs,
+            file_backed,
+            fanotify,
+            cachefiles,
+            fuse,
+            directio,
+            ishare,
+        ],
         auto,
         reasons,
     }

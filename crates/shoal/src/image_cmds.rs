@@ -508,7 +508,12 @@ pub fn mount(image: &Path, mountpoint: &Path, args: &BlobArgs) -> Result<()> {
         check_blob_size(&img, k, p)?;
     }
     let refs: Vec<&Path> = paths.iter().map(|p| p.as_path()).collect();
-    shoal_sys::mount_erofs(image, &refs, mountpoint)
+    // Local blobs: direct I/O keeps one copy of each page in memory.
+    let opts = shoal_sys::ErofsOptions {
+        directio: shoal_sys::erofs_knows_flag("directio"),
+        inode_share: None,
+    };
+    shoal_sys::mount_erofs(image, &refs, mountpoint, &opts)
         .with_context(|| format!("mounting {} at {}", image.display(), mountpoint.display()))
 }
 

@@ -34,6 +34,54 @@ struct Record {
     frontend: String,
 }
 
+/// What kernel mounts ask erofs for, from the settings and the kernel.
+pub struct KernelMountPolicy {
+    pub directio: bool,
+    /// `Err(why not)` when mounts of a domain do not share page cache.
+    pub page_cache_share: Result<(), String>,
+}
+
+impl KernelMountPolicy {
+    pub fn new(features: &crate::features::Features, cfg: &crate::daemon::Config) -> Self {
+        let have = |name: &str| {
+            features
+                .features
+                .iter()
+                .find(|f| f.name == name)
+                .map_or(Err(format!("{name}: not detected")), |f| {
+                    if f.available {
+                        Ok(())
+                    } else {
+                        Err(f.detail.clone())
+                    }
+                })
+        };
+        KernelMountPolicy {
+            directio: cfg.directio != Some(false) && have("erofs directio").is_ok(),
+            page_cache_share: if cfg.page_cache_share == Some(false) {
+                Err("page_cache_share = false in the settings".into())
+            } else {
+                have("erofs inode_share")
+            },
+        }
+    }
+
+    /// The erofs options of a file-backed mount in `domain`. The kernel's
+    /// domain id is prefixed, so shoal's domains never share page cache
+    /// with erofs mounts of other tools that happen to use the same name.
+    fn options<'a>(&self, domain_id: Option<&'a str>) -> shoal_sys::ErofsOptions<'a> {
+        shoal_sys::ErofsOptions {
+            directio: self.directio,
+            inode_share: domain_id.filter(|_| self.page_cache_share.is_ok()),
+        }
+    }
+}
+
+/// The kernel's `domain_id` for a shoal domain.
+fn kernel_domain_id(domain: &str) -> String {
+    format!("shoal.{domain}")
+}
+
 pub struct Mounts {
     path: PathBuf,
     map: Mutex<BTreeMap<PathBuf, Entry>>,
@@ -45,24 +93,11 @@ pub fn mounted(mp: &Path) -> bool {
     let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
         return false;
     };
+    let want = mp.as_os_str().as_encoded_bytes();
     info.lines().any(|l| {
-        l.split(' ').nth(4).is_some_and(|f| {
-            let mut out = Vec::new();
-            let b = f.as_bytes();
-            let mut i = 0;
-            while i < b.len() {
-                if b[i] == b'\\' && i + 3 < b.len() {
-                    if let Ok(v) = u8::from_str_radix(&f[i + 1..i + 4], 8) {
-                        out.push(v);
-                        i += 4;
-                        continue;
-                    }
-                }
-                out.push(b[i]);
-                i += 1;
-            }
-            out == mp.as_os_str().as_encoded_bytes()
-        })
+        l.split(' ')
+            .nth(4)
+            .is_some_and(|f| shoal_sys::mount::unescape(f) == want)
     })
 }
 
@@ -234,9 +269,12 @@ impl Mounts {
                     .map(|()| Kind::Fscache)
                     .map_err(|e| format!("fscache mount at {}: {e}", mp.display()))
             }),
-            _ => fan
-                .mount(&img, &mp)
-                .map(|()| Kind::Fanotify)
+            _ => {
+                let domain_id = domain.as_deref().map(kernel_domain_id);
+                let opts = d.kernel_mounts.options(domain_id.as_deref());
+                fan.mount(&img, &mp, &opts)
+            }
+            .map(|()| Kind::Fanotify)
                 .map_err(|e| e.to_string()),
         };
         let kind = match kind {
@@ -314,15 +352,18 @@ impl Mounts {
             .map(|(mp, _)| mp.clone())
     }
 
-    pub fn list(&self) -> Vec<serde_json::Value> {
+    pub fn list(&self, d: &Daemon) -> Vec<serde_json::Value> {
         self.map
             .lock()
             .unwrap()
             .iter()
             .map(|(mp, e)| {
+                let (directio, share) = page_cache(d, mp, e);
                 serde_json::json!({
                     "mountpoint": mp, "domain": e.domain, "fsid": e.fsid,
                     "frontend": kind_name(&e.kind),
+                    "directio": directio,
+                    "page_cache_share": share,
                 })
             })
             .collect()
@@ -336,6 +377,31 @@ impl Mounts {
         map.retain(|_, e| !matches!(e.kind, Kind::Fuse { .. }));
         self.save(&map);
     }
+}
+
+/// Whether a mount reads its backing files with direct I/O, and whether
+/// it shares page cache with its domain ("active", or "off: why"), from
+/// the options the kernel really applied to it.
+fn page_cache(d: &Daemon, mp: &Path, e: &Entry) -> (bool, String) {
+    let off = |why: &str| format!("off: {why}");
+    if !matches!(e.kind, Kind::Fanotify) {
+        return (
+            false,
+            off(&format!("the {} frontend does not use it", kind_name(&e.kind))),
+        );
+    }
+    let opts = shoal_sys::mount_super_options(mp).unwrap_or_default();
+    let has = |o: &str| opts.iter().any(|x| x == o);
+    let share = if has("inode_share") {
+        "active".to_string()
+    } else if e.domain.is_none() {
+        off("no domain (mounts without one never share)")
+    } else if let Err(why) = &d.kernel_mounts.page_cache_share {
+        off(why)
+    } else {
+        off("the image has no inode fingerprints (rebuild it with shoal build or convert)")
+    };
+    (has("directio"), share)
 }
 
 /// EBUSY, as `std::io::Error::raw_os_error` reports it.

@@ -5,9 +5,12 @@
 //! use is one documented syscall or fd adoption.
 
 pub mod fanotify;
-mod mount;
+pub mod mount;
 mod signal;
 
-pub use mount::{mount_erofs, mount_erofs_fscache, umount, umount_lazy};
+pub use mount::{
+    erofs_knows_flag, mount_erofs, mount_erofs_fscache, mount_super_options, umount, umount_lazy,
+    ErofsOptions,
+};
 pub use signal::default_sigpipe;
 pub mod cachefiles;

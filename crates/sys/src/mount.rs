@@ -2,14 +2,31 @@
 
 use rustix::fd::AsFd;
 use rustix::mount::{
-    fsconfig_create, fsconfig_set_string, fsmount, fsopen, move_mount, unmount, FsMountFlags,
-    FsOpenFlags, MountAttrFlags, MoveMountFlags, UnmountFlags,
+    fsconfig_create, fsconfig_set_flag, fsconfig_set_string, fsmount, fsopen, move_mount, unmount,
+    FsMountFlags, FsOpenFlags, MountAttrFlags, MoveMountFlags, UnmountFlags,
 };
 use std::path::Path;
 
+/// Options of a file-backed EROFS mount beyond its devices.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ErofsOptions<'a> {
+    /// `directio` (Linux 6.13+): read the backing files with direct I/O,
+    /// so a page read through the mount is cached once, by erofs, instead
+    /// of twice (erofs's page and the backing file's).
+    pub directio: bool,
+    /// `inode_share,domain_id=D` (Linux 7.0+): regular files whose
+    /// fingerprints are equal share one page cache with every mount of D.
+    pub inode_share: Option<&'a str>,
+}
+
 /// Mount an EROFS bootstrap file-backed at `target`, with one `device=` per
 /// data blob in device-slot order (mount(8) cannot pass files as devices).
-pub fn mount_erofs(source: &Path, devices: &[&Path], target: &Path) -> std::io::Result<()> {
+pub fn mount_erofs(
+    source: &Path,
+    devices: &[&Path],
+    target: &Path,
+    opts: &ErofsOptions<'_>,
+) -> std::io::Result<()> {
     let fs = fsopen("erofs", FsOpenFlags::FSOPEN_CLOEXEC)?;
     let ctx = |e: rustix::io::Errno, what: &str| {
         std::io::Error::new(std::io::Error::from(e).kind(), format!("erofs {what}: {e}"))
@@ -17,6 +34,13 @@ pub fn mount_erofs(source: &Path, devices: &[&Path], target: &Path) -> std::io::
     fsconfig_set_string(fs.as_fd(), "source", source).map_err(|e| ctx(e, "source"))?;
     for d in devices {
         fsconfig_set_string(fs.as_fd(), "device", *d).map_err(|e| ctx(e, "device"))?;
+    }
+    if opts.directio {
+        fsconfig_set_flag(fs.as_fd(), "directio").map_err(|e| ctx(e, "directio"))?;
+    }
+    if let Some(domain) = opts.inode_share {
+        fsconfig_set_flag(fs.as_fd(), "inode_share").map_err(|e| ctx(e, "inode_share"))?;
+        fsconfig_set_string(fs.as_fd(), "domain_id", domain).map_err(|e| ctx(e, "domain_id"))?;
     }
     fsconfig_create(fs.as_fd()).map_err(|e| ctx(e, "create"))?;
     let mnt = fsmount(
@@ -34,6 +58,54 @@ pub fn mount_erofs(source: &Path, devices: &[&Path], target: &Path) -> std::io::
     )
     .map_err(|e| ctx(e, "move_mount"))?;
     Ok(())
+}
+
+/// Whether this kernel's erofs knows the flag parameter `name` (a kernel
+/// without it refuses the parameter when it is set, before any mount).
+/// A kernel that knows the name but was built without the feature accepts
+/// it and only logs; the mount's options then tell (see
+/// [`mount_super_options`]).
+pub fn erofs_knows_flag(name: &str) -> bool {
+    let Ok(fs) = fsopen("erofs", FsOpenFlags::FSOPEN_CLOEXEC) else {
+        return false;
+    };
+    fsconfig_set_flag(fs.as_fd(), name).is_ok()
+}
+
+/// The superblock options of the mount at `target` as the kernel shows
+/// them (`/proc/self/mountinfo`, the last field): what the filesystem
+/// really applied, e.g. whether erofs kept `inode_share` for this image.
+pub fn mount_super_options(target: &Path) -> Option<Vec<String>> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let want = target.as_os_str().as_encoded_bytes();
+    info.lines().rev().find_map(|l| {
+        let fields: Vec<&str> = l.split(' ').collect();
+        let sep = fields.iter().position(|f| *f == "-")?;
+        if unescape(fields.get(4)?) != want {
+            return None;
+        }
+        let opts = fields.get(sep + 3)?;
+        Some(opts.split(',').map(str::to_string).collect())
+    })
+}
+
+/// Undo mountinfo's octal escapes (`\040` for a space, …).
+pub fn unescape(f: &str) -> Vec<u8> {
+    let b = f.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 3 < b.len() {
+            if let Ok(v) = u8::from_str_radix(&f[i + 1..i + 4], 8) {
+                out.push(v);
+                i += 4;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    out
 }
 
 pub fn umount(target: &Path) -> std::io::Result<()> {
