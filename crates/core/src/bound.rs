@@ -7,7 +7,7 @@ use crate::error::CoreError;
 use crate::shared::SharedBlob;
 use erofs::chunktable::ChunkEntry;
 use erofs::Image;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::sync::{Arc, Mutex};
 
@@ -19,6 +19,11 @@ pub struct BoundImage {
     /// Per device slot (index 0 = device 1).
     pub blobs: Vec<Arc<SharedBlob>>,
     pub(crate) access: Mutex<AccessLog>,
+    /// Whether its mounts may share page cache with the domain's other
+    /// images (`inode_share`): `Err(why not)`. See [`crate::fingerprint`].
+    pub page_cache_share: Result<(), String>,
+    /// The fingerprints it added to its domain's, released on unbind.
+    pub(crate) fingerprints: HashMap<Vec<u8>, crate::fingerprint::ContentProof>,
 }
 
 /// A chunk as (device id, block address).

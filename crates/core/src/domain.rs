@@ -99,6 +99,7 @@ pub struct Domain {
 struct DomainState {
     images: BTreeMap<String, Arc<BoundImage>>,
     blobs: HashMap<String, Arc<SharedBlob>>,
+    fingerprints: crate::fingerprint::DomainFingerprints,
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -217,6 +218,11 @@ impl Registry {
         let key = DomainKey::new(spec.domain.as_deref(), &spec.fsid)?;
         let image = open_image(&spec.bootstrap)?;
         let remote = self.open_remote(&spec.remote)?;
+        // Only a shared domain shares page cache; checked before the lock.
+        let fingerprints = match &key {
+            DomainKey::Shared(_) => crate::fingerprint::image_fingerprints(&image)?,
+            DomainKey::Private(_) => Err("no domain: mounts without one never share".into()),
+        };
         let table = image.chunk_table.clone().unwrap();
         let mut wanted = Vec::new();
         for (i, slot) in image.devices.iter().enumerate() {
@@ -322,12 +328,24 @@ impl Registry {
             *blob.refs.lock().unwrap() += 1;
             blobs.push(blob);
         }
+        let (page_cache_share, fingerprints) = match fingerprints {
+            Ok(fps) => match st.fingerprints.admit(&fps) {
+                Ok(()) => (Ok(()), fps),
+                Err(why) => {
+                    tracing::warn!(fsid = %spec.fsid, domain = %key, %why, "page cache not shared");
+                    (Err(why), HashMap::new())
+                }
+            },
+            Err(why) => (Err(why), HashMap::new()),
+        };
         let bound = Arc::new(BoundImage {
             spec: spec.clone(),
             key: key.clone(),
             image,
             blobs,
             access: Mutex::new(AccessLog::default()),
+            page_cache_share,
+            fingerprints,
         });
         st.images.insert(spec.fsid.clone(), bound.clone());
         drop(st);
@@ -348,6 +366,7 @@ impl Registry {
         let d = domains.get(&key).cloned().ok_or_else(not_bound)?;
         let mut st = d.state.lock().unwrap();
         let img = st.images.remove(fsid).ok_or_else(not_bound)?;
+        st.fingerprints.release(&img.fingerprints);
         for b in &img.blobs {
             if let Err(e) = b.cache.flush() {
                 tracing::warn!(blob = %b.cache.name, error = %e, "flushing readiness on unbind");

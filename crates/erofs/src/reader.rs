@@ -117,6 +117,9 @@ impl Inode {
     pub fn is_dir(&self) -> bool {
         self.file_type() == S_IFDIR
     }
+    pub fn is_reg(&self) -> bool {
+        self.file_type() == S_IFREG
+    }
     /// (major, minor) for device nodes.
     pub fn rdev(&self) -> (u32, u32) {
         match self.file_type() {
@@ -498,7 +501,10 @@ impl<R: ReadAt> Image<R> {
                 continue;
             }
             let name = xattr_full_name(x.base_index, &x.name).ok_or_else(|| {
-                Error::corrupt(ino.nid, format!("unknown xattr name index {}", x.base_index))
+                Error::corrupt(
+                    ino.nid,
+                    format!("unknown xattr name index {}", x.base_index),
+                )
             })?;
             out.push((name, x.value));
         }
@@ -587,7 +593,10 @@ impl<R: ReadAt> Image<R> {
         let (base_index, name) = if e.e_name_index & EROFS_XATTR_LONG_PREFIX != 0 {
             let id = e.e_name_index & EROFS_XATTR_LONG_PREFIX_MASK;
             let p = self.xattr_prefixes.get(usize::from(id)).ok_or_else(|| {
-                Error::corrupt(nid, format!("xattr names long prefix {id}, which is not defined"))
+                Error::corrupt(
+                    nid,
+                    format!("xattr names long prefix {id}, which is not defined"),
+                )
             })?;
             (p.base_index, [p.infix.as_slice(), suffix].concat())
         } else {
@@ -757,6 +766,29 @@ impl<R: ReadAt> Image<R> {
             ));
         }
         self.read_flat(ino, 0, ino.size)
+    }
+
+    /// Visit every inode reachable from the root once (hard links and a
+    /// directory named twice are visited once; cycles end), directories
+    /// before their entries.
+    pub fn for_each_inode(&self, mut f: impl FnMut(&Inode) -> Result<()>) -> Result<()> {
+        let mut seen = std::collections::HashSet::new();
+        let mut stack = vec![self.root_nid()];
+        while let Some(nid) = stack.pop() {
+            if !seen.insert(nid) {
+                continue;
+            }
+            let ino = self.inode(nid)?;
+            f(&ino)?;
+            if ino.is_dir() {
+                for e in self.read_dir(&ino)? {
+                    if e.name != b"." && e.name != b".." {
+                        stack.push(e.nid);
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     /// A directory's entries in on-disk order. Names must be strictly
@@ -971,4 +1003,3 @@ fn check_order(nid: u64, prev: &[u8], name: &[u8]) -> Result<()> {
         )),
     }
 }
-

@@ -89,9 +89,18 @@ fn every_non_empty_file_carries_the_sha256_of_its_content() {
         assert_eq!(fps[*f], want, "{f}");
     }
     let sb = &img.sb;
-    assert_ne!(sb.feature_compat.get() & EROFS_FEATURE_COMPAT_ISHARE_XATTRS, 0);
-    assert_ne!(sb.feature_compat.get() & EROFS_FEATURE_COMPAT_PLAIN_XATTR_PFX, 0);
-    assert_ne!(sb.feature_incompat.get() & EROFS_FEATURE_INCOMPAT_XATTR_PREFIXES, 0);
+    assert_ne!(
+        sb.feature_compat.get() & EROFS_FEATURE_COMPAT_ISHARE_XATTRS,
+        0
+    );
+    assert_ne!(
+        sb.feature_compat.get() & EROFS_FEATURE_COMPAT_PLAIN_XATTR_PFX,
+        0
+    );
+    assert_ne!(
+        sb.feature_incompat.get() & EROFS_FEATURE_INCOMPAT_XATTR_PREFIXES,
+        0
+    );
     assert_eq!(
         img.xattr_prefixes,
         vec![erofs::reader::LongPrefix {
@@ -108,7 +117,10 @@ fn every_non_empty_file_carries_the_sha256_of_its_content() {
     let again = tmp.path().join("again");
     std::fs::create_dir(&again).unwrap();
     let image2 = build(&src, &again, true);
-    assert_eq!(std::fs::read(&image).unwrap(), std::fs::read(&image2).unwrap());
+    assert_eq!(
+        std::fs::read(&image).unwrap(),
+        std::fs::read(&image2).unwrap()
+    );
 }
 
 #[test]
@@ -119,8 +131,14 @@ fn fingerprints_can_be_turned_off() {
     let image = build(&src, tmp.path(), false);
     let (img, fps) = fingerprints(&image);
     assert!(fps.values().all(|v| v.is_none()), "{fps:?}");
-    assert_eq!(img.sb.feature_compat.get() & EROFS_FEATURE_COMPAT_ISHARE_XATTRS, 0);
-    assert_eq!(img.sb.feature_incompat.get() & EROFS_FEATURE_INCOMPAT_XATTR_PREFIXES, 0);
+    assert_eq!(
+        img.sb.feature_compat.get() & EROFS_FEATURE_COMPAT_ISHARE_XATTRS,
+        0
+    );
+    assert_eq!(
+        img.sb.feature_incompat.get() & EROFS_FEATURE_INCOMPAT_XATTR_PREFIXES,
+        0
+    );
 }
 
 /// erofs-utils 1.9.3 from `../shared/peers`, the release that writes
@@ -148,12 +166,19 @@ fn fingerprints_equal_mkfs_erofs_1_9_3() {
     let theirs = tmp.path().join("mkfs.erofs");
     let out = Command::new(&mkfs)
         .args(["--quiet", "--xattr-inode-digest", "--chunksize=1048576"])
-        .arg(format!("--blobdev={}", tmp.path().join("mkfs.blob").display()))
+        .arg(format!(
+            "--blobdev={}",
+            tmp.path().join("mkfs.blob").display()
+        ))
         .arg(&theirs)
         .arg(&src)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let (our_img, our_fps) = fingerprints(&ours);
     let (their_img, their_fps) = fingerprints(&theirs);
     assert_eq!(our_fps, their_fps);

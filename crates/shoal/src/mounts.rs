@@ -44,17 +44,16 @@ pub struct KernelMountPolicy {
 impl KernelMountPolicy {
     pub fn new(features: &crate::features::Features, cfg: &crate::daemon::Config) -> Self {
         let have = |name: &str| {
-            features
-                .features
-                .iter()
-                .find(|f| f.name == name)
-                .map_or(Err(format!("{name}: not detected")), |f| {
+            features.features.iter().find(|f| f.name == name).map_or(
+                Err(format!("{name}: not detected")),
+                |f| {
                     if f.available {
                         Ok(())
                     } else {
                         Err(f.detail.clone())
                     }
-                })
+                },
+            )
         };
         KernelMountPolicy {
             directio: cfg.directio != Some(false) && have("erofs directio").is_ok(),
@@ -66,18 +65,25 @@ impl KernelMountPolicy {
         }
     }
 
-    /// The erofs options of a file-backed mount in `domain`. The kernel's
-    /// domain id is prefixed, so shoal's domains never share page cache
-    /// with erofs mounts of other tools that happen to use the same name.
-    fn options<'a>(&self, domain_id: Option<&'a str>) -> shoal_sys::ErofsOptions<'a> {
+    /// The erofs options of a file-backed mount of `img` in `domain_id`:
+    /// sharing only when the kernel has it and core has checked the
+    /// image's fingerprints against its domain's.
+    fn options<'a>(
+        &self,
+        img: &BoundImage,
+        domain_id: Option<&'a str>,
+    ) -> shoal_sys::ErofsOptions<'a> {
         shoal_sys::ErofsOptions {
             directio: self.directio,
-            inode_share: domain_id.filter(|_| self.page_cache_share.is_ok()),
+            inode_share: domain_id
+                .filter(|_| self.page_cache_share.is_ok() && img.page_cache_share.is_ok()),
         }
     }
 }
 
-/// The kernel's `domain_id` for a shoal domain.
+/// The kernel's `domain_id` for a shoal domain, prefixed so that shoal's
+/// domains never share page cache with erofs mounts of other tools that
+/// happen to use the same name.
 fn kernel_domain_id(domain: &str) -> String {
     format!("shoal.{domain}")
 }
@@ -271,11 +277,11 @@ impl Mounts {
             }),
             _ => {
                 let domain_id = domain.as_deref().map(kernel_domain_id);
-                let opts = d.kernel_mounts.options(domain_id.as_deref());
+                let opts = d.kernel_mounts.options(&img, domain_id.as_deref());
                 fan.mount(&img, &mp, &opts)
             }
             .map(|()| Kind::Fanotify)
-                .map_err(|e| e.to_string()),
+            .map_err(|e| e.to_string()),
         };
         let kind = match kind {
             Ok(k) => k,
@@ -387,7 +393,10 @@ fn page_cache(d: &Daemon, mp: &Path, e: &Entry) -> (bool, String) {
     if !matches!(e.kind, Kind::Fanotify) {
         return (
             false,
-            off(&format!("the {} frontend does not use it", kind_name(&e.kind))),
+            off(&format!(
+                "the {} frontend does not use it",
+                kind_name(&e.kind)
+            )),
         );
     }
     let opts = shoal_sys::mount_super_options(mp).unwrap_or_default();
@@ -398,6 +407,13 @@ fn page_cache(d: &Daemon, mp: &Path, e: &Entry) -> (bool, String) {
         off("no domain (mounts without one never share)")
     } else if let Err(why) = &d.kernel_mounts.page_cache_share {
         off(why)
+    } else if let Some(Err(why)) = d
+        .reg
+        .get(e.domain.as_deref(), &e.fsid)
+        .ok()
+        .map(|img| img.page_cache_share.clone())
+    {
+        off(&why)
     } else {
         off("the image has no inode fingerprints (rebuild it with shoal build or convert)")
     };
