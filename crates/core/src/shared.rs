@@ -26,6 +26,16 @@ const READ_AHEAD: u64 = 2 << 20;
 const READ_AHEAD_SLACK: u64 = 512 << 10;
 
 impl SharedBlob {
+    /// The remote this blob is fetched from first: what fairness between
+    /// slow and healthy remotes is keyed by.
+    pub fn remote_key(&self) -> String {
+        self.remotes
+            .read()
+            .unwrap()
+            .first()
+            .map(|r| r.describe())
+            .unwrap_or_default()
+    }
     pub fn refs(&self) -> usize {
         *self.refs.lock().unwrap()
     }

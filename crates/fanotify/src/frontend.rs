@@ -9,6 +9,7 @@
 //! mark, and reads of it run at native speed.
 
 use crate::client::{PumpConn, PumpEvent};
+use crate::fair::FairQueue;
 use rustix::fd::{BorrowedFd, OwnedFd};
 use shoal_core::cache::{DataFiles, PlainFiles, BLOCK};
 use shoal_core::domain::SharedBlob;
@@ -173,24 +174,45 @@ impl Frontend {
         Ok(())
     }
 
+    /// A dispatcher queues events per remote; workers take them fairly
+    /// (see [`FairQueue`]): one remote may hold all workers but two.
     fn spawn_workers(self: &Arc<Self>, events: Receiver<PumpEvent>, conn: Arc<PumpConn>) {
-        let events = Arc::new(Mutex::new(events));
+        let queue = Arc::new(FairQueue::new(self.threads.saturating_sub(2)));
+        {
+            let (me, queue) = (self.clone(), queue.clone());
+            let _ = std::thread::Builder::new()
+                .name("fanotify-dispatch".into())
+                .spawn(move || {
+                    for ev in events {
+                        me.wait_serving();
+                        queue.push(me.fairness_key(&ev), ev);
+                    }
+                    queue.close();
+                });
+        }
         for i in 0..self.threads {
-            let (me, events, conn) = (self.clone(), events.clone(), conn.clone());
+            let (me, queue, conn) = (self.clone(), queue.clone(), conn.clone());
             let _ = std::thread::Builder::new()
                 .name(format!("fanotify-{i}"))
-                .spawn(move || loop {
-                    let ev = match events.lock().unwrap().recv() {
-                        Ok(ev) => ev,
-                        Err(_) => return,
-                    };
-                    me.wait_serving();
-                    let response = me.handle(&ev);
-                    if let Err(e) = conn.answer(ev.id, response) {
-                        tracing::error!(error = %e, "answering the pump");
+                .spawn(move || {
+                    while let Some((key, ev)) = queue.pop() {
+                        let response = me.handle(&ev);
+                        queue.done(&key);
+                        if let Err(e) = conn.answer(ev.id, response) {
+                            tracing::error!(error = %e, "answering the pump");
+                        }
                     }
                 });
         }
+    }
+
+    /// The remote an event's blob is fetched from ("" if unknown).
+    fn fairness_key(&self, ev: &PumpEvent) -> String {
+        rustix::fs::fstat(&ev.fd)
+            .ok()
+            .and_then(|st| self.lookup((st.st_dev, st.st_ino)))
+            .map(|b| b.remote_key())
+            .unwrap_or_default()
     }
 
     fn lookup(&self, dev_ino: (u64, u64)) -> Option<Arc<SharedBlob>> {

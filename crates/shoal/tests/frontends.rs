@@ -358,3 +358,63 @@ fn mounted(mnt: &Path) -> bool {
     let mp = mnt.to_str().unwrap();
     info.lines().any(|l| l.split(' ').nth(4) == Some(mp))
 }
+
+/// One remote that trickles cannot starve the others (issue 13): with 3
+/// fanotify workers, three cold readers hang on a trickling remote, yet a
+/// cold read in another domain, from a healthy remote, is answered at once
+/// (a remote may hold all workers but two), and the hung readers get EIO
+/// within the fetch deadline.
+#[test]
+fn fanotify_a_trickling_remote_does_not_starve_other_domains() {
+    if let Some(why) = unavailable("fanotify") {
+        return skip(&why);
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let ex = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/demo");
+    let blobs = tmp.path().join("blobs");
+    let img = build_layer_blobs(tmp.path(), "demo", &[ex.join("base")], &blobs);
+    let srv = Faulty::start(&blobs, tmp.path());
+    let d = Daemon::start_with(
+        tmp.path(),
+        "fetch_deadline_secs = 3\nfanotify_threads = 3\n",
+    );
+    let (bad, good) = (tmp.path().join("bad"), tmp.path().join("good"));
+    let _mb = mount(&d, "fanotify", "slow", "demo", &img, &srv.url(), &bad);
+    let healthy = format!("file://{}", blobs.display());
+    let _mg = mount(&d, "fanotify", "fine", "demo", &img, &healthy, &good);
+    srv.set_mode("trickle");
+    let t = std::time::Instant::now();
+    let files = [
+        "etc/os-release",
+        "usr/share/doc/shoal-demo/glossary.txt",
+        "usr/share/doc/shoal-demo/README",
+    ];
+    let readers: Vec<_> = files
+        .iter()
+        .map(|f| {
+            let p = bad.join(f);
+            std::thread::spawn(move || std::fs::read(p))
+        })
+        .collect();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let want = std::fs::read(ex.join("base/usr/bin/hello")).unwrap();
+    assert_eq!(std::fs::read(good.join("usr/bin/hello")).unwrap(), want);
+    let healthy_after = t.elapsed();
+    assert!(
+        healthy_after < std::time::Duration::from_secs(6),
+        "the healthy domain's read took {healthy_after:?} behind a trickling remote"
+    );
+    for r in readers {
+        let e = r.join().unwrap().unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc_eio()), "{e}");
+    }
+    println!(
+        "healthy read answered after {healthy_after:?}; trickling reads failed after {:?}",
+        t.elapsed()
+    );
+    srv.set_mode("ok");
+    assert_eq!(
+        std::fs::read(bad.join(files[0])).unwrap(),
+        std::fs::read(ex.join("base").join(files[0])).unwrap()
+    );
+}

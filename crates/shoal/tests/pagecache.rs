@@ -35,20 +35,21 @@ fn pattern(len: usize, seed: u32) -> Vec<u8> {
 /// own, built alone so that its blob is its own too: sharing page cache
 /// must not depend on sharing a blob.
 fn image(dir: &Path, name: &str, shared: &[u8], seed: u32) -> PathBuf {
+    image_with(dir, name, shared, seed, &[])
+}
+
+fn image_with(dir: &Path, name: &str, shared: &[u8], seed: u32, flags: &[&str]) -> PathBuf {
     let src = dir.join(format!("{name}-src"));
     std::fs::create_dir_all(src.join("lib")).unwrap();
     std::fs::write(src.join("lib/shared.so"), shared).unwrap();
     std::fs::write(src.join("own"), pattern(100_000, seed)).unwrap();
     let img = dir.join(format!("{name}.img"));
     let blobs = dir.join("blobs");
-    run_shoal(os![
-        "build",
-        "-o",
-        img.to_str().unwrap(),
-        "--blob-dir",
-        blobs.to_str().unwrap(),
-        src.to_str().unwrap()
-    ]);
+    let mut args: Vec<&std::ffi::OsStr> = os!["build", "-o"].to_vec();
+    args.extend([img.as_os_str(), "--blob-dir".as_ref(), blobs.as_os_str()]);
+    args.extend(flags.iter().map(std::ffi::OsStr::new));
+    args.push(src.as_os_str());
+    run_shoal(&args);
     img
 }
 
@@ -256,6 +257,7 @@ fn page_cache_sharing_in_vm_7_2() {
     let other = pattern(SHARED_LEN, 9);
     let liar = image(tmp.path(), "liar", &other, 4);
     lie_about_fingerprint(&liar, &other, &shared);
+    image_with(tmp.path(), "old", &shared, 5, &["--no-fingerprints"]);
     let out = Command::new(&vm)
         .args(["--kernel"])
         .arg(&kernel)
@@ -310,7 +312,7 @@ fn pagecache_suite_in_vm() {
     let tmp = tempfile::tempdir_in(scratch).unwrap();
     let bootstraps = tmp.path().join("images");
     std::fs::create_dir(&bootstraps).unwrap();
-    for name in ["a", "b", "liar"] {
+    for name in ["a", "b", "liar", "old"] {
         std::fs::copy(
             input.join(format!("{name}.img")),
             bootstraps.join(format!("{name}.img")),
@@ -445,5 +447,19 @@ fn pagecache_suite_in_vm() {
     );
     assert!(std::fs::read(at("b-second")).unwrap() == shared);
     println!("vm: a lying fingerprint shares nothing, whichever image is bound first");
+
+    // An image without fingerprints (built before them) still mounts in
+    // a sharing domain: the kernel turns sharing off for it.
+    mount(&d, Some("dom"), "old", &img("old"), &remote, &m("old"));
+    guards.push(Mounted(m("old")));
+    let r = mount_report(&d, &m("old"));
+    assert!(
+        r["page_cache_share"]
+            .as_str()
+            .unwrap()
+            .contains("no inode fingerprints"),
+        "{r}"
+    );
+    assert!(std::fs::read(at("old")).unwrap() == shared);
     drop(guards);
 }
