@@ -139,15 +139,20 @@ fn synthetic_tree_survives_kernel_mount_and_extract() {
     );
     // fsck.erofs 1.9.3 (../shared/peers) knows the fingerprints' long xattr
     // prefixes; Debian's 1.5 predates them and checks an image without.
-    let peer = corpus_dir().join("../peers/bin/fsck.erofs");
-    let img = if peer.exists() {
+    let peer = peer_fsck_erofs();
+    let img = if peer.is_some() {
         img
     } else {
         let plain = tmp.path().join("plain.img");
-        build(&[&src], &plain, &blobs, &["--chunk-size", "65536", "--no-fingerprints"]);
+        build(
+            &[&src],
+            &plain,
+            &blobs,
+            &["--chunk-size", "65536", "--no-fingerprints"],
+        );
         plain
     };
-    let fsck_bin = if peer.exists() { peer } else { "fsck.erofs".into() };
+    let fsck_bin = peer.unwrap_or_else(|| "fsck.erofs".into());
     let fsck = Command::new(&fsck_bin)
         .arg(format!(
             "--device={}",

@@ -80,6 +80,14 @@ pub fn kernel_mount_unavailable() -> Option<String> {
     None
 }
 
+/// erofs-utils 1.9.3's fsck.erofs from ../shared/peers: it knows every
+/// feature shoal writes (Debian's 1.5 predates the fingerprints' long xattr
+/// prefixes and refuses such images).
+pub fn peer_fsck_erofs() -> Option<PathBuf> {
+    let p = corpus_dir().join("../peers/bin/fsck.erofs");
+    p.exists().then_some(p)
+}
+
 pub fn skip(reason: &str) {
     println!("skipped: {reason}");
 }
