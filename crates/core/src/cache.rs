@@ -556,6 +556,17 @@ impl BlobCache {
         Ok(())
     }
 
+    /// Drop the cache file's clean pages, whatever put them there: the
+    /// daemon's fills, or the kernel's buffered reads of the file under an
+    /// erofs mount without `directio` (erofs keeps its own copy of what
+    /// it read, so these are the second copy). Dirty pages stay.
+    pub fn trim_pages(&self) {
+        use rustix::fs::{fadvise, Advice};
+        if let Err(e) = fadvise(&self.data, 0, None, Advice::DontNeed) {
+            tracing::debug!(blob = %self.name, error = %e, "dropping cache file pages");
+        }
+    }
+
     /// Drop the now clean pages of what was filled. The cache file is a
     /// store, not a page cache: what the kernel reads is cached where it is
     /// read (erofs's own pages with `directio`, FUSE's pages, cachefiles

@@ -411,6 +411,13 @@ impl Registry {
     }
 
     /// Every blob of every domain.
+    /// Drop every cache file's clean pages: see [`BlobCache::trim_pages`].
+    pub fn trim_page_cache(&self) {
+        for b in self.all_blobs() {
+            b.cache.trim_pages();
+        }
+    }
+
     pub fn all_blobs(&self) -> Vec<Arc<SharedBlob>> {
         let domains = self.domains.lock().unwrap();
         domains

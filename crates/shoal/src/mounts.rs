@@ -56,7 +56,7 @@ impl KernelMountPolicy {
             )
         };
         KernelMountPolicy {
-            directio: cfg.directio != Some(false) && have("erofs directio").is_ok(),
+            directio: cfg.directio == Some(true) && have("erofs directio").is_ok(),
             page_cache_share: if cfg.page_cache_share == Some(false) {
                 Err("page_cache_share = false in the settings".into())
             } else {
