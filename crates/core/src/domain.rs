@@ -163,6 +163,10 @@ pub struct Registry {
     pub work_dir: PathBuf,
     opts: RegistryOptions,
     domains: Mutex<BTreeMap<DomainKey, Arc<Domain>>>,
+    /// Serializes saves of bindings.json (each writes the whole list).
+    state_lock: Mutex<()>,
+    /// The last save failed: the flush tick retries it.
+    state_dirty: std::sync::atomic::AtomicBool,
 }
 
 fn open_image(path: &Path) -> Result<Image<File>, CoreError> {
@@ -191,10 +195,13 @@ impl Registry {
             what: "creating work directory".into(),
             source,
         })?;
+        crate::state::take_reserve(work_dir);
         Ok(Registry {
             work_dir: work_dir.to_path_buf(),
             opts,
             domains: Mutex::new(BTreeMap::new()),
+            state_lock: Mutex::new(()),
+            state_dirty: Default::default(),
         })
     }
 
@@ -349,8 +356,14 @@ impl Registry {
         });
         st.images.insert(spec.fsid.clone(), bound.clone());
         drop(st);
+        // A binding the disk does not hold would be lost by a restart under
+        // a live mount: if it cannot be saved, it is undone.
+        if let Err(e) = self.save_state() {
+            let _ = self.detach(&key, &spec.fsid);
+            tracing::error!(fsid = %spec.fsid, domain = %key, error = %e, "binding undone: state not saved");
+            return Err(e);
+        }
         tracing::info!(fsid = %spec.fsid, domain = %key, remote = %spec.remote, "image bound");
-        self.save_state()?;
         Ok(bound)
     }
 
@@ -358,12 +371,28 @@ impl Registry {
     /// cache files stay for reuse until GC evicts them).
     pub fn unbind(&self, domain: Option<&str>, fsid: &str) -> Result<(), CoreError> {
         let key = DomainKey::new(domain, fsid)?;
+        self.detach(&key, fsid)?;
+        tracing::info!(fsid, domain = %key, "image unbound");
+        // The image is gone from memory whatever the disk says: a state
+        // that cannot be saved now (full disk, even past the reserve) is
+        // saved by the next flush tick, and a restart before that is
+        // reconciled by the mounts (see the daemon's mount records).
+        if let Err(e) = self.save_state() {
+            tracing::error!(fsid, domain = %key, error = %e, "saving bindings after unbind: retried");
+            self.state_dirty
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// Remove an image from memory: its blobs lose a reference.
+    fn detach(&self, key: &DomainKey, fsid: &str) -> Result<Arc<BoundImage>, CoreError> {
         let not_bound = || CoreError::NotBound {
             domain: key.to_string(),
             fsid: fsid.to_string(),
         };
         let mut domains = self.domains.lock().unwrap();
-        let d = domains.get(&key).cloned().ok_or_else(not_bound)?;
+        let d = domains.get(key).cloned().ok_or_else(not_bound)?;
         let mut st = d.state.lock().unwrap();
         let img = st.images.remove(fsid).ok_or_else(not_bound)?;
         st.fingerprints.release(&img.fingerprints);
@@ -383,13 +412,11 @@ impl Registry {
         }
         if st.images.is_empty() {
             drop(st);
-            domains.remove(&key);
+            domains.remove(key);
         } else {
             drop(st);
         }
-        drop(domains);
-        tracing::info!(fsid, domain = %key, "image unbound");
-        self.save_state()
+        Ok(img)
     }
 
     /// What a kernel cookie names, fs/erofs/fscache.c style: in volume
@@ -453,6 +480,16 @@ impl Registry {
 
     /// Make every cache's readiness durable (see [`BlobCache::flush`]).
     pub fn flush_all(&self) {
+        if self
+            .state_dirty
+            .swap(false, std::sync::atomic::Ordering::Relaxed)
+        {
+            if let Err(e) = self.save_state() {
+                tracing::debug!(error = %e, "saving bindings: still failing");
+                self.state_dirty
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
         for b in self.all_blobs() {
             if let Err(e) = b.cache.flush() {
                 tracing::error!(blob = %b.cache.name, error = %e, "flushing readiness map");
@@ -523,20 +560,18 @@ impl Registry {
         self.work_dir.join("bindings.json")
     }
 
-    /// Persist the bindings (atomically) so a restarted daemon restores them.
+    /// Persist the bindings (atomically, into the reserve on a full disk)
+    /// so a restarted daemon restores them.
     fn save_state(&self) -> Result<(), CoreError> {
+        let _serial = self.state_lock.lock().unwrap();
         let specs: Vec<BindSpec> = self.all_images().iter().map(|i| i.spec.clone()).collect();
         let path = self.state_path();
-        let tmp = path.with_extension("json.tmp");
-        let io = |source| CoreError::Io {
+        let bytes = serde_json::to_vec_pretty(&specs).expect("bind specs serialize");
+        crate::state::write_atomic(&self.work_dir, &path, &bytes).map_err(|source| CoreError::Io {
             path: path.clone(),
             what: "saving bindings".into(),
             source,
-        };
-        let f = File::create(&tmp).map_err(io)?;
-        serde_json::to_writer_pretty(&f, &specs).map_err(|e| io(e.into()))?;
-        f.sync_all().map_err(io)?;
-        std::fs::rename(&tmp, &path).map_err(io)
+        })
     }
 
     /// Rebind what the last run had bound. Returns the failures (the image

@@ -12,6 +12,7 @@ pub mod names;
 pub mod publish;
 pub mod remote;
 mod shared;
+pub mod state;
 
 pub use domain::{BindSpec, BoundImage, DomainKey, Registry, RegistryOptions};
 pub use error::CoreError;

@@ -163,6 +163,11 @@ impl From<CoreError> for ApiError {
             CoreError::InvalidName { .. }
             | CoreError::Unusable { .. }
             | CoreError::Image { .. } => StatusCode::BAD_REQUEST,
+            CoreError::Io { source, .. }
+                if source.raw_os_error() == Some(rustix::io::Errno::NOSPC.raw_os_error()) =>
+            {
+                StatusCode::INSUFFICIENT_STORAGE
+            }
             _ => StatusCode::BAD_GATEWAY,
         };
         ApiError(code, e.to_string())

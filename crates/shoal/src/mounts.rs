@@ -24,6 +24,7 @@ pub struct Entry {
     domain: Option<String>,
     fsid: String,
     kind: Kind,
+    bind: Option<shoal_core::BindSpec>,
 }
 
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -32,6 +33,10 @@ struct Record {
     domain: Option<String>,
     fsid: String,
     frontend: String,
+    /// The binding the mount made, so a restart can restore it from the
+    /// mount alone (should bindings.json have missed it).
+    #[serde(default)]
+    bind: Option<shoal_core::BindSpec>,
 }
 
 /// What kernel mounts ask erofs for, from the settings and the kernel.
@@ -144,6 +149,7 @@ impl Mounts {
                                 domain: r.domain,
                                 fsid: r.fsid,
                                 kind: Kind::Fuse { _session: session },
+                                bind: r.bind,
                             },
                         );
                     }
@@ -153,10 +159,27 @@ impl Mounts {
                 }
                 continue;
             }
-            if !matches!(r.frontend.as_str(), "fanotify" | "fscache") || !mounted(&r.mountpoint) {
+            if !matches!(r.frontend.as_str(), "fanotify" | "fscache") {
                 continue;
             }
-            match reg.get(r.domain.as_deref(), &r.fsid) {
+            if !mounted(&r.mountpoint) {
+                // Unmounted while no daemon ran, or the daemon stopped
+                // before it could record the umount: the binding the
+                // mount made goes with it.
+                if reg.get(r.domain.as_deref(), &r.fsid).is_ok() {
+                    tracing::info!(mountpoint = %r.mountpoint.display(), fsid = %r.fsid, "mount gone: its binding is released");
+                    let _ = reg.unbind(r.domain.as_deref(), &r.fsid);
+                }
+                continue;
+            }
+            let bound = reg
+                .get(r.domain.as_deref(), &r.fsid)
+                .or_else(|e| match &r.bind {
+                    // Mounted, but bindings.json missed it: bind it again.
+                    Some(spec) => reg.bind(spec.clone()),
+                    None => Err(e),
+                });
+            match bound {
                 Ok(img) => {
                     let kind = if r.frontend == "fanotify" {
                         fan.adopt(&img);
@@ -171,6 +194,7 @@ impl Mounts {
                             domain: r.domain,
                             fsid: r.fsid,
                             kind,
+                            bind: r.bind,
                         },
                     );
                 }
@@ -195,11 +219,15 @@ impl Mounts {
                 domain: e.domain.clone(),
                 fsid: e.fsid.clone(),
                 frontend: kind_name(&e.kind).into(),
+                bind: e.bind.clone(),
             })
             .collect();
-        let tmp = self.path.with_extension("json.tmp");
-        let r = std::fs::write(&tmp, serde_json::to_vec_pretty(&records).unwrap())
-            .and_then(|_| std::fs::rename(&tmp, &self.path));
+        let work_dir = self.path.parent().unwrap_or(Path::new("."));
+        let r = shoal_core::state::write_atomic(
+            work_dir,
+            &self.path,
+            &serde_json::to_vec_pretty(&records).unwrap(),
+        );
         if let Err(e) = r {
             tracing::error!(path = %self.path.display(), error = %e, "saving mounts");
         }
@@ -292,7 +320,16 @@ impl Mounts {
         };
         tracing::info!(mountpoint = %mp.display(), fsid = %fsid, frontend, "mounted");
         let mut map = self.map.lock().unwrap();
-        map.insert(mp, Entry { domain, fsid, kind });
+        let bind = Some(img.spec.clone());
+        map.insert(
+            mp,
+            Entry {
+                domain,
+                fsid,
+                kind,
+                bind,
+            },
+        );
         self.save(&map);
         Ok((img, frontend))
     }
@@ -344,9 +381,11 @@ impl Mounts {
         }
         // Dropping a FUSE session ends it (the mount is gone already).
         drop(e.kind);
+        // Unbind before the record goes: a restart in between finds the
+        // record of a mount that is gone and releases the binding.
+        reg.unbind(e.domain.as_deref(), &e.fsid)?;
         self.save(&map);
         drop(map);
-        reg.unbind(e.domain.as_deref(), &e.fsid)?;
         Ok(Some(e.fsid))
     }
 

@@ -418,3 +418,170 @@ fn fanotify_a_trickling_remote_does_not_starve_other_domains() {
         std::fs::read(ex.join("base").join(files[0])).unwrap()
     );
 }
+
+/// Fill `dir`'s file system to the last block.
+fn fill_up(dir: &Path, name: &str) -> PathBuf {
+    use std::io::Write;
+    let p = dir.join(name);
+    let mut f = std::fs::File::create(&p).unwrap();
+    let block = vec![0xa5u8; 64 << 10];
+    while f.write_all(&block).is_ok() {}
+    let small = [0u8; 512];
+    while f.write_all(&small).is_ok() {}
+    let _ = f.sync_all();
+    // ext4 keeps blocks back from a writer it already refused: take the
+    // rest one synced block at a time, as the daemon's state writes would.
+    for i in 0.. {
+        let q = dir.join(format!("{name}.{i}"));
+        let r = std::fs::File::create(&q).and_then(|mut g| {
+            g.write_all(&[1u8; 4096])?;
+            g.sync_all()
+        });
+        if r.is_err() {
+            let _ = std::fs::remove_file(&q);
+            break;
+        }
+    }
+    p
+}
+
+/// What `shoal status` says is bound, as (domain, fsid) pairs.
+fn bound(d: &Daemon) -> Vec<String> {
+    let mut out = Vec::new();
+    for v in d.status().as_array().unwrap() {
+        for i in v["images"].as_array().unwrap() {
+            out.push(i["fsid"].as_str().unwrap().to_string());
+        }
+    }
+    out.sort();
+    out
+}
+
+/// A full work directory (issue 13, item 7): umount still unmounts and
+/// unbinds, and the state on disk says so (a reserve holds the last
+/// writes); a mount that cannot record its binding is refused (507) and
+/// leaves nothing behind; after a restart `shoal status` agrees with
+/// /proc/self/mountinfo. A restart also reconciles a mount unmounted while
+/// no daemon ran, and a mount whose binding bindings.json lost.
+#[test]
+fn fanotify_state_stays_true_on_a_full_disk_and_across_restarts() {
+    if let Some(why) = unavailable("fanotify") {
+        return skip(&why);
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let ex = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/demo");
+    let blobs = tmp.path().join("blobs");
+    let img = build_layer_blobs(tmp.path(), "demo", &[ex.join("base")], &blobs);
+    let remote = format!("file://{}", blobs.display());
+    let dd = tmp.path().join("d");
+    let work = dd.join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    // A small ext4 on a loop device (tmpfs has no pre-content events).
+    let fs_img = tmp.path().join("work.ext4");
+    std::fs::File::create(&fs_img)
+        .unwrap()
+        .set_len(8 << 20)
+        .unwrap();
+    let st = Command::new("mkfs.ext4")
+        .args(["-q", "-F"])
+        .arg(&fs_img)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let st = Command::new("mount")
+        .args(["-o", "loop"])
+        .arg(&fs_img)
+        .arg(&work)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let _tmpfs = Mount(work.clone());
+    let mut d = Daemon::start(&dd);
+    let m = |n: &str| tmp.path().join(n);
+    let file = "usr/share/doc/shoal-demo/glossary.txt";
+    let want = std::fs::read(ex.join("base").join(file)).unwrap();
+    let _a = mount(&d, "fanotify", "dom", "a", &img, &remote, &m("a"));
+    assert_eq!(std::fs::read(m("a").join(file)).unwrap(), want);
+
+    // Full: umount works, and says so on disk.
+    let filler = fill_up(&work, "filler");
+    d.ok(&["umount", m("a").to_str().unwrap()]);
+    assert!(!mounted(&m("a")));
+    assert_eq!(bound(&d), Vec::<String>::new());
+    // The reserve gave its room to that save; once that room is taken
+    // too, a mount that cannot save its binding is refused and undone.
+    let filler2 = fill_up(&work, "filler2");
+    std::fs::create_dir_all(m("b")).unwrap();
+    let o = d.cli(&[
+        "mount",
+        "--frontend",
+        "fanotify",
+        "--domain",
+        "dom",
+        "--fsid",
+        "b",
+        img.to_str().unwrap(),
+        m("b").to_str().unwrap(),
+        "--remote",
+        &remote,
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    let df = Command::new("df").arg(&work).output().unwrap();
+    assert!(
+        !o.status.success() && err.contains("No space left"),
+        "{err} {} {}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&df.stdout)
+    );
+    assert!(!mounted(&m("b")));
+    assert_eq!(bound(&d), Vec::<String>::new());
+    d.term();
+    d.restart();
+    assert_eq!(
+        bound(&d),
+        Vec::<String>::new(),
+        "a restart brought a binding back"
+    );
+
+    // Room again: a mount survives a restart, bound and readable.
+    for e in std::fs::read_dir(&work).unwrap() {
+        let p = e.unwrap().path();
+        if p.file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with("filler")
+        {
+            std::fs::remove_file(p).unwrap();
+        }
+    }
+    let _ = (filler, filler2);
+    let _b = mount(&d, "fanotify", "dom", "b", &img, &remote, &m("b"));
+    let _c = mount(&d, "fanotify", "dom", "c", &img, &remote, &m("c"));
+    d.term();
+    // While no daemon runs: c is unmounted by hand, and bindings.json
+    // loses b (as a save that never reached the disk would).
+    assert!(Command::new("umount")
+        .arg(m("c"))
+        .status()
+        .unwrap()
+        .success());
+    std::fs::write(work.join("bindings.json"), "[]").unwrap();
+    d.restart();
+    assert_eq!(bound(&d), vec!["b".to_string()]);
+    assert!(mounted(&m("b")) && !mounted(&m("c")));
+    assert_eq!(std::fs::read(m("b").join(file)).unwrap(), want);
+    d.ok(&["umount", m("b").to_str().unwrap()]);
+    d.term();
+    d.restart();
+    assert_eq!(bound(&d), Vec::<String>::new());
+    // With no mount left and the daemon gone, the fanotify pump exits.
+    d.term();
+    wait_for("the fanotify pump to exit", || {
+        let pat = format!("fanotify-pump --socket {}", work.display());
+        !Command::new("pgrep")
+            .args(["-f", &pat])
+            .status()
+            .unwrap()
+            .success()
+    });
+}
