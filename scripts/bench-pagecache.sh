@@ -82,9 +82,10 @@ for k in $(seq 8); do
     "$corpus/base.tar.gz" "$corpus/py-layer.tar.gz" "$tmp/v$k.tar" >/dev/null
 done
 if [ -z "${SKIP_VM:-}" ]; then   # SKIP_VM=1: only the host table
-  echo "## Page cache for N mounts of one domain (Linux 7.2 VM, fanotify, directio)"
+  echo "## Page cache for N mounts of one domain (Linux 7.2 VM, fanotify)"
   echo
-  "$vm/run-in-vm.sh" --kernel "$vm/bzImage-7.2" --mem 4G --smp 2 --disk 4G --timeout 1800 -- \
+  "$vm/run-in-vm.sh" --kernel "$vm/bzImage-7.2" --mem 4G --smp 2 --disk 4G --timeout 1800 \
+    ${KLOG:+--klog "$KLOG"} -- \
     "$0" --in-vm "$tmp" | grep -E '^(\||tree:)'
 fi
 

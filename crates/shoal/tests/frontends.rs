@@ -585,3 +585,145 @@ fn fanotify_state_stays_true_on_a_full_disk_and_across_restarts() {
             .success()
     });
 }
+
+/// `img` with its last chunk claiming 64 GiB (device slot and chunk table
+/// resealed, superblock checksum recomputed): "valid" but hostile.
+fn hostile_copy(img: &Path, out: &Path) {
+    use erofs::chunktable::MAX_CHUNK_BLOCKS;
+    let mut bytes = std::fs::read(img).unwrap();
+    let image = erofs::Image::open(std::fs::File::open(img).unwrap()).unwrap();
+    let mut table = image.chunk_table.clone().unwrap();
+    let (dev, entries) = table.blobs.last_mut().unwrap();
+    let last = entries.last_mut().unwrap();
+    let huge: u32 = 16 << 20; // blocks: 64 GiB
+    assert!(u64::from(huge) > MAX_CHUNK_BLOCKS);
+    last.nblocks = huge.into();
+    let blocks = last.blkaddr.get() + huge;
+    let slot = 1152 + 128 * (usize::from(*dev) - 1) + 64;
+    bytes[slot..slot + 4].copy_from_slice(&blocks.to_le_bytes());
+    let end = u64::from(image.sb.blocks.get()) * 4096;
+    bytes.truncate(end as usize);
+    bytes.extend_from_slice(&table.encode(end));
+    bytes[1028..1032].fill(0);
+    let sum = erofs::ondisk::sb_checksum(&bytes[1024..4096]);
+    bytes[1028..1032].copy_from_slice(&sum.to_le_bytes());
+    std::fs::write(out, bytes).unwrap();
+}
+
+/// Time to read every file under `dir` (each file whole).
+fn timed_read_all(dir: &Path) -> std::time::Duration {
+    let t = std::time::Instant::now();
+    read_all(dir);
+    t.elapsed()
+}
+
+/// The daemon under faults (issue 13): a hostile bootstrap, a token
+/// endpoint that never ends, a trickling, a hanging and a dead remote, each
+/// in a domain of its own with cold readers hanging on it, while another
+/// domain reads a healthy image through fanotify and FUSE: the healthy
+/// reads take about what they take alone, the daemon's memory stays
+/// bounded, every faulty read fails with EIO within the deadline's bound,
+/// and once the remotes are fixed the same reads succeed.
+#[test]
+fn fault_suite_leaves_a_healthy_domain_alone() {
+    for f in ["fanotify", "fuse"] {
+        if let Some(why) = unavailable(f) {
+            return skip(&why);
+        }
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let ex = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/demo");
+    let blobs = tmp.path().join("blobs");
+    let img = build_layer_blobs(tmp.path(), "demo", &[ex.join("base")], &blobs);
+    let d = Daemon::start_with(&tmp.path().join("d"), "fetch_deadline_secs = 3\n");
+    let m = |n: &str| tmp.path().join("mnt").join(n);
+    let healthy = format!("file://{}", blobs.display());
+
+    // Alone: cold reads of the whole image, through each frontend.
+    let _h0 = mount(&d, "fanotify", "healthy0", "h", &img, &healthy, &m("h0"));
+    let _f0 = mount(&d, "fuse", "healthy0f", "h", &img, &healthy, &m("f0"));
+    let alone = timed_read_all(&m("h0")).max(timed_read_all(&m("f0")));
+
+    // A hostile bootstrap is refused at bind, naming the chunk.
+    let bad = tmp.path().join("hostile.img");
+    hostile_copy(&img, &bad);
+    let o = d.cli(&[
+        "bind",
+        "--domain",
+        "hostile",
+        "--fsid",
+        "x",
+        bad.to_str().unwrap(),
+        "--remote",
+        &healthy,
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("largest chunk"),
+        "{err}"
+    );
+
+    // One faulty remote per domain, readers hanging on each.
+    let mut servers = Vec::new();
+    let mut mounts = Vec::new();
+    let mut readers = Vec::new();
+    let files = ["etc/os-release", "usr/share/doc/shoal-demo/glossary.txt"];
+    for mode in ["tokenflood", "trickle", "slow", "down"] {
+        let dir = tmp.path().join(mode);
+        std::fs::create_dir_all(&dir).unwrap();
+        let srv = Faulty::start(&blobs, &dir);
+        srv.set_mode(mode);
+        let remote = if mode == "tokenflood" {
+            format!("oci://127.0.0.1:{}/shoal/demo", srv.port)
+        } else {
+            srv.url()
+        };
+        mounts.push(mount(&d, "fanotify", mode, "demo", &img, &remote, &m(mode)));
+        for f in files {
+            let p = m(mode).join(f);
+            readers.push(std::thread::spawn(move || {
+                let t = std::time::Instant::now();
+                (std::fs::read(&p), t.elapsed())
+            }));
+        }
+        servers.push(srv);
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+
+    // The healthy domain, cold again, meanwhile.
+    let _h1 = mount(&d, "fanotify", "healthy1", "h", &img, &healthy, &m("h1"));
+    let _f1 = mount(&d, "fuse", "healthy1f", "h", &img, &healthy, &m("f1"));
+    let busy = timed_read_all(&m("h1")).max(timed_read_all(&m("f1")));
+    println!("healthy cold read alone {alone:?}, beside the faults {busy:?}");
+    assert!(
+        busy <= alone * 3 + std::time::Duration::from_secs(2),
+        "healthy reads took {busy:?} beside the faults, {alone:?} alone"
+    );
+    let rss = d.rss_kib();
+    assert!(rss < 256 * 1024, "daemon RSS {rss} KiB");
+
+    // Every faulty read fails with EIO, within the bound of the deadline.
+    for r in readers {
+        let (res, took) = r.join().unwrap();
+        let e = res.expect_err("a read from a faulty remote succeeded");
+        assert_eq!(e.raw_os_error(), Some(libc_eio()), "{e}");
+        assert!(
+            took < std::time::Duration::from_secs(40),
+            "EIO after {took:?}"
+        );
+    }
+    let rss = d.rss_kib();
+    assert!(rss < 256 * 1024, "daemon RSS {rss} KiB");
+
+    // Fixed remotes: the same reads succeed.
+    for s in &servers {
+        s.set_mode("ok");
+    }
+    for mode in ["tokenflood", "trickle", "slow", "down"] {
+        for f in files {
+            let want = std::fs::read(ex.join("base").join(f)).unwrap();
+            assert_eq!(std::fs::read(m(mode).join(f)).unwrap(), want, "{mode} {f}");
+        }
+    }
+    drop(mounts);
+}
