@@ -11,8 +11,10 @@
 # dropped) and warm.
 #   "cache MB"  page cache growth (Cached, /proc/meminfo) for the N reads,
 #               1.5 s after them (the daemon trims cache files every second)
-#   "per page"  that growth divided by one copy of one tree's pages (each
-#               file's size rounded up to 4 KiB): 1.0 is one copy
+#   "files MB"  of that, what reading the files' data adds once every
+#               mount's metadata (its own bootstrap, directories) is read
+#   "files per page"  files MB divided by one copy of one tree's pages
+#               (each file's size rounded up to 4 KiB): 1.0 is one copy
 #   "time s"    wall time of the N reads
 # MB = 10^6 bytes. NS="1 4 8" sets the mount counts. Run it alone: other
 # work on the machine shows up in Cached.
@@ -32,7 +34,7 @@ if [ "${1:-}" = --in-vm ]; then
   drop() { sync; echo 3 >/proc/sys/vm/drop_caches; }
   readall() { for m in "$@"; do find "$m" -type f -print0 | xargs -0 cat >/dev/null; done; }
   tree=
-  printf '| sharing | N | cache MB | per page | time s |\n| --- | --- | --- | --- | --- |\n'
+  printf '| sharing | N | cache MB | files MB | files per page | time s |\n| --- | --- | --- | --- | --- | --- |\n'
   for share in true false; do
     d=$work/d-$share
     mkdir -p "$d"
@@ -58,10 +60,14 @@ if [ "${1:-}" = --in-vm ]; then
     for n in $ns; do
       drop
       c0=$(cached); t0=$(date +%s.%N)
+      # Metadata first (each image's own bootstrap and directories), then
+      # the files' data: "files" is what the data alone adds.
+      for m in "${mounts[@]:0:$n}"; do find "$m" -type f >/dev/null; done
+      cm=$(cached)
       readall "${mounts[@]:0:$n}"
       t1=$(date +%s.%N); sleep 1.5; c1=$(cached)   # after the daemon's trim
-      awk -v s="$share" -v n="$n" -v g="$((c1 - c0))" -v t="$tree" -v a="$t0" -v b="$t1" \
-        'BEGIN { printf "| %s | %d | %.1f | %.2f | %.2f |\n", (s == "true" ? "inode_share" : "none"), n, g / 1e6, g / t, b - a }'
+      awk -v s="$share" -v n="$n" -v g="$((c1 - c0))" -v f="$((c1 - cm))" -v t="$tree" -v a="$t0" -v b="$t1" \
+        'BEGIN { printf "| %s | %d | %.1f | %.1f | %.2f | %.2f |\n", (s == "true" ? "inode_share" : "none"), n, g / 1e6, f / 1e6, f / t, b - a }'
     done
     for m in "${mounts[@]}"; do "$shoal" umount "$m" >/dev/null; done
     kill "$pid"; wait "$pid" 2>/dev/null || true
