@@ -28,7 +28,7 @@ const MAP_HEADER: u64 = 16;
 /// remote are retried like transient errors).
 const VERIFY_ATTEMPTS: u32 = 3;
 
-#[derive(Default, Debug, serde::Serialize, Clone)]
+#[derive(Default, Debug, serde::Serialize, serde::Deserialize, Clone)]
 pub struct BlobStats {
     pub fetched_bytes: u64,
     pub fetches: u64,

@@ -102,7 +102,7 @@ struct DomainState {
     fingerprints: crate::fingerprint::DomainFingerprints,
 }
 
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct BlobStatus {
     pub name: String,
     pub refs: usize,
@@ -114,7 +114,7 @@ pub struct BlobStatus {
     pub stats: BlobStats,
 }
 
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct ImageStatus {
     pub fsid: String,
     pub bootstrap: PathBuf,
@@ -123,7 +123,7 @@ pub struct ImageStatus {
     pub blobs: Vec<String>,
 }
 
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct DomainStatus {
     /// `None` for a private volume.
     pub domain_id: Option<String>,

@@ -97,6 +97,23 @@ pub fn call(
     Ok(v)
 }
 
+/// `POST` a typed request, read the typed reply.
+pub fn post<Rep: serde::de::DeserializeOwned>(
+    socket: &Path,
+    path: &str,
+    req: &impl serde::Serialize,
+) -> Result<Rep> {
+    let body = serde_json::to_value(req).expect("requests serialize");
+    let v = call(socket, "POST", path, Some(&body))?;
+    serde_json::from_value(v).with_context(|| format!("the daemon's reply to {path}"))
+}
+
+/// `GET` a typed reply.
+pub fn get<Rep: serde::de::DeserializeOwned>(socket: &Path, path: &str) -> Result<Rep> {
+    let v = call(socket, "GET", path, None)?;
+    serde_json::from_value(v).with_context(|| format!("the daemon's reply to {path}"))
+}
+
 struct Chunked<R> {
     r: R,
     left: u64,

@@ -2,6 +2,12 @@
 //! Unix socket, mode 0600), Prometheus metrics, periodic GC. Restores the
 //! bindings of its last run at start, so cached blobs are reused.
 
+use crate::api::{
+    BindRequest, DoctorReply, ErrorReply, GcRequest, ImageReply, ImageRequest, MountReply,
+    MountRequest, PrefetchReply, PrefetchRequest, ReadRequest, UmountReply, UmountRequest,
+    UnbindReply,
+};
+use crate::mounts::{MountError, CACHEFILES_KEY};
 use anyhow::{Context, Result};
 use axum::body::Body;
 use axum::extract::{Query, State};
@@ -10,14 +16,11 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use shoal_core::domain::{BlobStatus, GcReport};
-use shoal_core::{BindSpec, CoreError, Registry, RegistryOptions};
+use shoal_core::{CoreError, Registry, RegistryOptions};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
-
-/// Where the pump keeps the bound `/dev/cachefiles` fd.
-const CACHEFILES_KEY: &str = "keep:/dev/cachefiles";
 
 pub const DEFAULT_SOCKET: &str = "/run/shoal/shoal.sock";
 pub const DEFAULT_WORK_DIR: &str = "/var/lib/shoal";
@@ -110,38 +113,11 @@ impl Config {
     }
 }
 
-/// What the control API handlers share: the registry, the fanotify
-/// frontend, the kernel's features and the daemon-hosted mounts.
+/// What the control API handlers share: the registry and the mount
+/// manager (which owns the frontends and the kernel's features).
 pub struct Daemon {
     pub(crate) reg: Arc<Registry>,
-    pub(crate) fan: Arc<shoal_fanotify::Frontend>,
-    pub(crate) features: crate::features::Features,
-    pub(crate) kernel_mounts: crate::mounts::KernelMountPolicy,
     mounts: crate::mounts::Mounts,
-    /// `/dev/cachefiles`, bound on the first fscache mount.
-    fscache: std::sync::Mutex<Option<Arc<shoal_fscache::Frontend>>>,
-}
-
-impl Daemon {
-    /// The cachefiles frontend, binding `/dev/cachefiles` on first use.
-    pub(crate) fn fscache(&self) -> Result<Arc<shoal_fscache::Frontend>, ApiError> {
-        let mut g = self.fscache.lock().unwrap();
-        if let Some(f) = g.as_ref() {
-            return Ok(f.clone());
-        }
-        let dir = shoal_fscache::cache_dir(&self.reg.work_dir);
-        let dev = shoal_fscache::open_device(&dir, "shoal")
-            .map_err(|e| ApiError(StatusCode::BAD_GATEWAY, e.to_string()))?;
-        // The pump keeps the bound device across daemon restarts: closing
-        // it would unbind the cache under live mounts.
-        if let Err(e) = self.fan.keep(CACHEFILES_KEY, rustix::fd::AsFd::as_fd(&dev)) {
-            tracing::warn!(error = %e, "cannot keep /dev/cachefiles across restarts");
-        }
-        let f = shoal_fscache::Frontend::start(dev, &self.reg, 8, false)
-            .map_err(|e| ApiError(StatusCode::BAD_GATEWAY, format!("cachefiles: {e}")))?;
-        *g = Some(f.clone());
-        Ok(f)
-    }
 }
 
 impl std::ops::Deref for Daemon {
@@ -174,61 +150,28 @@ impl From<CoreError> for ApiError {
     }
 }
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        (self.0, Json(serde_json::json!({ "error": self.1 }))).into_response()
+impl From<MountError> for ApiError {
+    fn from(e: MountError) -> Self {
+        let code = match &e {
+            MountError::Invalid(_) => StatusCode::BAD_REQUEST,
+            MountError::Conflict(_) => StatusCode::CONFLICT,
+            MountError::NotFound(_) => StatusCode::NOT_FOUND,
+            MountError::Frontend(_) => StatusCode::BAD_GATEWAY,
+            MountError::Core(_) => {
+                let MountError::Core(c) = e else {
+                    unreachable!()
+                };
+                return c.into();
+            }
+        };
+        ApiError(code, e.to_string())
     }
 }
 
-#[derive(serde::Deserialize, serde::Serialize, Debug, Clone)]
-pub struct BindRequest {
-    pub domain: Option<String>,
-    pub fsid: String,
-    /// A bootstrap path on the daemon's host, or absent with `reference`.
-    pub bootstrap: Option<PathBuf>,
-    pub remote: Option<String>,
-    /// `oci://host/repo:tag` as pushed by `shoal push`.
-    pub reference: Option<String>,
-}
-
-#[derive(serde::Deserialize, serde::Serialize, Debug, Clone)]
-pub struct MountRequest {
-    #[serde(flatten)]
-    pub bind: BindRequest,
-    pub mountpoint: PathBuf,
-    pub frontend: String,
-}
-
-#[derive(serde::Deserialize, serde::Serialize, Debug, Clone)]
-pub struct UmountRequest {
-    pub mountpoint: PathBuf,
-}
-
-#[derive(serde::Deserialize, serde::Serialize, Debug, Clone)]
-pub struct ImageRequest {
-    pub domain: Option<String>,
-    pub fsid: String,
-}
-
-#[derive(serde::Deserialize, serde::Serialize, Debug, Clone)]
-pub struct ReadRequest {
-    pub domain: Option<String>,
-    pub fsid: String,
-    pub path: String,
-}
-
-#[derive(serde::Deserialize, serde::Serialize, Debug, Clone)]
-pub struct PrefetchRequest {
-    pub domain: Option<String>,
-    pub fsid: String,
-    /// Use the access order recorded when this image was last unbound.
-    #[serde(default)]
-    pub recorded: bool,
-}
-
-#[derive(serde::Deserialize, serde::Serialize, Debug, Clone)]
-pub struct GcRequest {
-    pub max_bytes: u64,
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(ErrorReply { error: self.1 })).into_response()
+    }
 }
 
 async fn blocking<T: Send + 'static>(
@@ -246,57 +189,11 @@ fn access_file(reg: &Registry, domain: Option<&str>, fsid: &str) -> PathBuf {
         .join(format!("{fsid}.order"))
 }
 
-pub fn do_bind(reg: &Registry, req: BindRequest) -> Result<Arc<shoal_core::BoundImage>, ApiError> {
-    let (bootstrap, remote) = match (&req.bootstrap, &req.reference) {
-        (Some(b), _) => (
-            b.clone(),
-            req.remote.clone().ok_or_else(|| {
-                ApiError(StatusCode::BAD_REQUEST, "a bootstrap needs a remote".into())
-            })?,
-        ),
-        (None, Some(r)) => {
-            let (b, default_remote) =
-                shoal_core::publish::pull_bootstrap(r, &reg.work_dir, reg.http_options())?;
-            (b, req.remote.clone().unwrap_or(default_remote))
-        }
-        (None, None) => {
-            return Err(ApiError(
-                StatusCode::BAD_REQUEST,
-                "need a bootstrap or a reference".into(),
-            ))
-        }
-    };
-    // A remote URL that cannot work is the caller's mistake (400), not a
-    // failing remote (502).
-    shoal_core::remote::open(&remote, reg.http_options())
-        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("remote {remote}: {e}")))?;
-    Ok(reg.bind(BindSpec {
-        domain: req.domain,
-        fsid: req.fsid,
-        bootstrap,
-        remote,
-        reference: req.reference,
-    })?)
-}
-
-fn bound_json(img: &shoal_core::BoundImage) -> serde_json::Value {
-    serde_json::json!({
-        "fsid": img.spec.fsid,
-        "domain": img.key.domain_id(),
-        "bootstrap": img.spec.bootstrap,
-        "blobs": img.blobs.iter().map(|b| b.cache.data_path().to_path_buf()).collect::<Vec<_>>(),
-    })
-}
-
 async fn bind(
     State(d): State<Shared>,
     Json(req): Json<BindRequest>,
-) -> Result<impl IntoResponse, ApiError> {
-    blocking(move || {
-        let img = do_bind(&d.reg, req)?;
-        Ok(Json(bound_json(&img)))
-    })
-    .await
+) -> Result<Json<ImageReply>, ApiError> {
+    blocking(move || Ok(Json(ImageReply::from(&*d.mounts.bind(req)?)))).await
 }
 
 /// Bind and mount through a daemon-hosted frontend (fanotify or FUSE;
@@ -304,12 +201,13 @@ async fn bind(
 async fn mount(
     State(d): State<Shared>,
     Json(req): Json<MountRequest>,
-) -> Result<impl IntoResponse, ApiError> {
+) -> Result<Json<MountReply>, ApiError> {
     blocking(move || {
-        let (img, frontend) = d.mounts.mount(&d, req)?;
-        let mut v = bound_json(&img);
-        v["frontend"] = serde_json::json!(frontend);
-        Ok(Json(v))
+        let (img, frontend) = d.mounts.mount(req)?;
+        Ok(Json(MountReply {
+            image: ImageReply::from(&*img),
+            frontend,
+        }))
     })
     .await
 }
@@ -317,43 +215,34 @@ async fn mount(
 async fn umount(
     State(d): State<Shared>,
     Json(req): Json<UmountRequest>,
-) -> Result<impl IntoResponse, ApiError> {
+) -> Result<Json<UmountReply>, ApiError> {
     blocking(move || {
         let mp = std::fs::canonicalize(&req.mountpoint).unwrap_or(req.mountpoint.clone());
-        let fsid = d.mounts.umount(&d, &mp)?.ok_or_else(|| {
-            ApiError(
-                StatusCode::NOT_FOUND,
-                format!("{} is not a shoal mount", mp.display()),
-            )
+        let fsid = d.mounts.umount(&mp)?.ok_or_else(|| {
+            MountError::NotFound(format!("{} is not a shoal mount", mp.display()))
         })?;
-        Ok(Json(serde_json::json!({"unmounted": mp, "fsid": fsid})))
+        Ok(Json(UmountReply {
+            unmounted: mp,
+            fsid,
+        }))
     })
     .await
 }
 
 /// Kernel features, the frontend `auto` picks, and live mounts.
-async fn doctor(State(d): State<Shared>) -> impl IntoResponse {
-    Json(serde_json::json!({
-        "features": d.features,
-        "mounts": d.mounts.list(&d),
-        "fanotify": {
-            "pump_connected": d.fan.pump_connected(),
-            "marked": d.fan.marked(),
-        },
-        "fscache": d.fscache.lock().unwrap().as_ref().map(|f| serde_json::json!({
-            "opens": f.counters.opens.load(std::sync::atomic::Ordering::Relaxed),
-            "closes": f.counters.closes.load(std::sync::atomic::Ordering::Relaxed),
-            "reads": f.counters.reads.load(std::sync::atomic::Ordering::Relaxed),
-            "failed_reads": f.counters.failed_reads.load(std::sync::atomic::Ordering::Relaxed),
-            "objects": f.open_objects(),
-        })),
-    }))
+async fn doctor(State(d): State<Shared>) -> Json<DoctorReply> {
+    Json(DoctorReply {
+        features: d.mounts.features().clone(),
+        mounts: Some(d.mounts.list()),
+        fanotify: d.mounts.fanotify_status(),
+        fscache: d.mounts.fscache_status(),
+    })
 }
 
 async fn unbind(
     State(reg): State<Shared>,
     Json(req): Json<ImageRequest>,
-) -> Result<impl IntoResponse, ApiError> {
+) -> Result<Json<UnbindReply>, ApiError> {
     blocking(move || {
         // Keep this run's access order for a later recorded prefetch.
         if let Ok(img) = reg.get(req.domain.as_deref(), &req.fsid) {
@@ -378,7 +267,7 @@ async fn unbind(
             ));
         }
         reg.unbind(req.domain.as_deref(), &req.fsid)?;
-        Ok(Json(serde_json::json!({"unbound": req.fsid})))
+        Ok(Json(UnbindReply { unbound: req.fsid }))
     })
     .await
 }
@@ -397,7 +286,7 @@ async fn gc(
 async fn prefetch(
     State(reg): State<Shared>,
     Json(req): Json<PrefetchRequest>,
-) -> Result<impl IntoResponse, ApiError> {
+) -> Result<Json<PrefetchReply>, ApiError> {
     let img = reg.get(req.domain.as_deref(), &req.fsid)?;
     let order: Vec<(u16, u32)> = if req.recorded {
         let path = access_file(&reg, req.domain.as_deref(), &req.fsid);
@@ -423,9 +312,10 @@ async fn prefetch(
         Ok(bytes) => tracing::info!(fsid, bytes, "prefetch done"),
         Err(e) => tracing::warn!(fsid, error = %e, "prefetch stopped"),
     });
-    Ok(Json(
-        serde_json::json!({"prefetching": req.fsid, "recorded_chunks": recorded}),
-    ))
+    Ok(Json(PrefetchReply {
+        prefetching: req.fsid,
+        recorded_chunks: recorded,
+    }))
 }
 
 /// Stream a file of a bound image, read through the domain cache.
@@ -585,6 +475,8 @@ pub fn run(socket: &Path, work_dir: &Path, cfg: &Config) -> Result<()> {
     }
     opts.http = cfg.http_options()?;
     let features = crate::features::detect(work_dir);
+    let policy =
+        crate::mounts::KernelMountPolicy::new(&features, cfg.directio, cfg.page_cache_share);
     for f in &features.features {
         tracing::info!(feature = f.name, available = f.available, detail = %f.detail, "kernel feature");
     }
@@ -672,11 +564,7 @@ pub fn run(socket: &Path, work_dir: &Path, cfg: &Config) -> Result<()> {
     // client that can connect sees them.
     let daemon = Arc::new(Daemon {
         reg: reg.clone(),
-        mounts: crate::mounts::Mounts::load(work_dir, &reg, &fan),
-        fan,
-        kernel_mounts: crate::mounts::KernelMountPolicy::new(&features, cfg),
-        features,
-        fscache: std::sync::Mutex::new(fscache),
+        mounts: crate::mounts::Mounts::load(work_dir, &reg, &fan, features, policy, fscache),
     });
     rt.block_on(async move {
         let listener = tokio::net::UnixListener::bind(socket).with_context(|| format!("binding {}", socket.display()))?;

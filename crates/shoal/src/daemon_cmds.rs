@@ -1,8 +1,12 @@
 //! Client-side commands that talk to the daemon's control API.
 
-use crate::client::{call, request};
+use crate::api::{
+    BindRequest, DoctorReply, ErrorReply, Frontend, GcRequest, ImageReply, ImageRequest,
+    MountReply, MountRequest, PrefetchReply, PrefetchRequest, UmountRequest, UnbindReply,
+};
+use crate::client::{get, post, request};
 use anyhow::{bail, Context, Result};
-use serde_json::json;
+use shoal_core::domain::{DomainStatus, GcReport};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
@@ -23,13 +27,13 @@ pub fn default_fsid(bootstrap: &Path) -> Result<String> {
     Ok(stem)
 }
 
-/// The bind request body for a bootstrap path or an `oci://` reference.
-fn bind_body(
+/// The bind request for a bootstrap path or an `oci://` reference.
+fn bind_request(
     domain: Option<String>,
     fsid: Option<String>,
     image: &str,
     remote: Option<String>,
-) -> Result<serde_json::Value> {
+) -> Result<BindRequest> {
     Ok(if image.starts_with("oci://") {
         let fsid = fsid.unwrap_or_else(|| {
             image
@@ -40,7 +44,13 @@ fn bind_body(
                 .take(64)
                 .collect()
         });
-        json!({"domain": domain, "fsid": fsid, "reference": image, "remote": remote})
+        BindRequest {
+            domain,
+            fsid,
+            bootstrap: None,
+            remote,
+            reference: Some(image.to_string()),
+        }
     } else {
         let path = std::fs::canonicalize(image).with_context(|| format!("bootstrap {image}"))?;
         let fsid = match fsid {
@@ -50,7 +60,13 @@ fn bind_body(
         let Some(remote) = remote else {
             bail!("binding a bootstrap needs --remote URL (file://, http(s)://, oci://)");
         };
-        json!({"domain": domain, "fsid": fsid, "bootstrap": path, "remote": remote})
+        BindRequest {
+            domain,
+            fsid,
+            bootstrap: Some(path),
+            remote: Some(remote),
+            reference: None,
+        }
     })
 }
 
@@ -60,37 +76,38 @@ pub fn bind(
     fsid: Option<String>,
     image: &str,
     remote: Option<String>,
-) -> Result<serde_json::Value> {
-    call(
+) -> Result<ImageReply> {
+    post(
         socket,
-        "POST",
         "/v1/bind",
-        Some(&bind_body(domain, fsid, image, remote)?),
+        &bind_request(domain, fsid, image, remote)?,
     )
 }
 
 /// Bind and mount through the daemon with `frontend`.
 pub fn mount(
     socket: &Path,
-    frontend: &str,
+    frontend: Frontend,
     domain: Option<String>,
     fsid: Option<String>,
     image: &str,
     remote: Option<String>,
     mountpoint: &Path,
 ) -> Result<()> {
-    let mut body = bind_body(domain, fsid, image, remote)?;
     let mp = std::fs::canonicalize(mountpoint)
         .with_context(|| format!("mountpoint {}", mountpoint.display()))?;
-    body["mountpoint"] = json!(mp);
-    body["frontend"] = json!(frontend);
-    let v = call(socket, "POST", "/v1/mount", Some(&body))?;
+    let req = MountRequest {
+        bind: bind_request(domain, fsid, image, remote)?,
+        mountpoint: mp.clone(),
+        frontend,
+    };
+    let r: MountReply = post(socket, "/v1/mount", &req)?;
     println!(
         "mounted {},{} at {} ({})",
-        v["domain"].as_str().unwrap_or("-"),
-        v["fsid"].as_str().unwrap_or("?"),
+        r.image.domain.as_deref().unwrap_or("-"),
+        r.image.fsid,
         mp.display(),
-        v["frontend"].as_str().unwrap_or(frontend),
+        r.frontend,
     );
     Ok(())
 }
@@ -100,101 +117,96 @@ pub fn mount(
 pub fn doctor(socket: &Path, as_json: bool) -> Result<()> {
     let daemon = std::os::unix::net::UnixStream::connect(socket)
         .ok()
-        .and_then(|_| call(socket, "GET", "/v1/doctor", None).ok());
+        .and_then(|_| get::<DoctorReply>(socket, "/v1/doctor").ok());
     let v = match daemon {
         Some(v) => v,
         None => {
             let dir = std::env::temp_dir().join(format!("shoal-doctor-{}", std::process::id()));
-            let f = crate::features::detect(&dir);
+            let features = crate::features::detect(&dir);
             let _ = std::fs::remove_dir_all(&dir);
-            json!({ "features": f })
+            DoctorReply {
+                features,
+                mounts: None,
+                fanotify: Default::default(),
+                fscache: None,
+            }
         }
     };
     if as_json {
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
-    let f = &v["features"];
-    println!("kernel {}", f["kernel"].as_str().unwrap_or("?"));
-    for x in f["features"].as_array().into_iter().flatten() {
-        println!(
-            "  {:<26} {:<4} {}",
-            x["name"].as_str().unwrap_or("?"),
-            if x["available"].as_bool() == Some(true) {
-                "yes"
-            } else {
-                "no"
-            },
-            x["detail"].as_str().unwrap_or("")
-        );
+    let f = &v.features;
+    println!("kernel {}", f.kernel);
+    for x in &f.features {
+        let yes = if x.available { "yes" } else { "no" };
+        println!("  {:<26} {:<4} {}", x.name, yes, x.detail);
     }
-    println!("frontend auto: {}", f["auto"].as_str().unwrap_or("none"));
-    for r in f["reasons"].as_array().into_iter().flatten() {
-        println!("  {}", r.as_str().unwrap_or(""));
+    let auto = f.auto.map_or("none", |a| a.name());
+    println!("frontend auto: {auto}");
+    for r in &f.reasons {
+        println!("  {r}");
     }
-    if let Some(m) = v["mounts"].as_array() {
-        println!("daemon on {}: {} mount(s)", socket.display(), m.len());
-        for x in m {
-            println!(
-                "  {} {},{} ({}{}), page cache sharing {}",
-                x["mountpoint"].as_str().unwrap_or("?"),
-                x["domain"].as_str().unwrap_or("-"),
-                x["fsid"].as_str().unwrap_or("?"),
-                x["frontend"].as_str().unwrap_or("?"),
-                if x["directio"].as_bool() == Some(true) {
-                    ", directio"
-                } else {
-                    ""
-                },
-                x["page_cache_share"].as_str().unwrap_or("?")
-            );
-        }
-        let fan = &v["fanotify"];
-        println!(
-            "  fanotify pump: {}, {} blob(s) marked",
-            if fan["pump_connected"].as_bool() == Some(true) {
-                "connected"
-            } else {
-                "not running"
-            },
-            fan["marked"].as_array().map_or(0, |a| a.len())
-        );
-    } else {
+    let Some(mounts) = &v.mounts else {
         println!("no daemon on {}", socket.display());
+        return Ok(());
+    };
+    println!("daemon on {}: {} mount(s)", socket.display(), mounts.len());
+    for m in mounts {
+        println!(
+            "  {} {},{} ({}{}), page cache sharing {}",
+            m.mountpoint.display(),
+            m.domain.as_deref().unwrap_or("-"),
+            m.fsid,
+            m.frontend,
+            if m.directio { ", directio" } else { "" },
+            m.page_cache_share
+        );
     }
+    println!(
+        "  fanotify pump: {}, {} blob(s) marked",
+        if v.fanotify.pump_connected {
+            "connected"
+        } else {
+            "not running"
+        },
+        v.fanotify.marked.len()
+    );
     Ok(())
+}
+
+/// The error a reply carries, else its text.
+fn reply_error(r: &mut crate::client::Reply) -> Result<String> {
+    let mut t = String::new();
+    r.body.read_to_string(&mut t)?;
+    Ok(serde_json::from_str::<ErrorReply>(&t).map_or(t, |e| e.error))
 }
 
 /// Unmount through the daemon when it hosts the mount, else directly.
 pub fn umount(socket: &Path, mountpoint: &Path) -> Result<()> {
     let mp = std::fs::canonicalize(mountpoint).unwrap_or(mountpoint.to_path_buf());
     if std::os::unix::net::UnixStream::connect(socket).is_ok() {
-        let mut r = request(
-            socket,
-            "POST",
-            "/v1/umount",
-            Some(&json!({"mountpoint": mp})),
-        )?;
+        let body = serde_json::to_value(UmountRequest {
+            mountpoint: mp.clone(),
+        })?;
+        let mut r = request(socket, "POST", "/v1/umount", Some(&body))?;
         if r.status < 400 {
             return Ok(());
         }
-        let mut t = String::new();
-        r.body.read_to_string(&mut t)?;
+        // 404: not a daemon-hosted mount; unmount it here.
         if r.status != 404 {
-            let v: serde_json::Value = serde_json::from_str(&t).unwrap_or(json!({"error": t}));
-            bail!("{}", v["error"].as_str().unwrap_or("umount failed"));
+            bail!("{}", reply_error(&mut r)?);
         }
     }
     shoal_sys::umount(&mp).with_context(|| format!("unmounting {}", mp.display()))
 }
 
 pub fn unbind(socket: &Path, domain: Option<String>, fsid: &str) -> Result<()> {
-    call(
-        socket,
-        "POST",
-        "/v1/unbind",
-        Some(&json!({"domain": domain, "fsid": fsid})),
-    )?;
+    let req = ImageRequest {
+        domain,
+        fsid: fsid.to_string(),
+    };
+    let _: UnbindReply = post(socket, "/v1/unbind", &req)?;
     Ok(())
 }
 
@@ -203,80 +215,70 @@ fn mib(b: u64) -> String {
 }
 
 pub fn status(socket: &Path, as_json: bool) -> Result<()> {
-    let v = call(socket, "GET", "/v1/status", None)?;
+    let domains: Vec<DomainStatus> = get(socket, "/v1/status")?;
     if as_json {
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        println!("{}", serde_json::to_string_pretty(&domains)?);
         return Ok(());
     }
-    let domains = v.as_array().cloned().unwrap_or_default();
     if domains.is_empty() {
         println!("no images bound");
     }
     for d in &domains {
-        let did = d["domain_id"].as_str().unwrap_or("-");
-        let blobs = d["blobs"].as_array().cloned().unwrap_or_default();
-        for i in d["images"].as_array().into_iter().flatten() {
-            let names: Vec<&str> = i["blobs"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|b| b.as_str())
-                .collect();
-            let (mut size, mut cached) = (0, 0);
-            for b in blobs
-                .iter()
-                .filter(|b| names.contains(&b["name"].as_str().unwrap_or("")))
-            {
-                size += b["size"].as_u64().unwrap_or(0);
-                cached += b["cached_bytes"].as_u64().unwrap_or(0);
-            }
-            println!(
-                "{did},{}  blobs={} cached={}/{} remote={}",
-                i["fsid"].as_str().unwrap_or("?"),
-                names.len(),
-                mib(cached),
-                mib(size),
-                i["remote"].as_str().unwrap_or("?")
-            );
-        }
-        for b in &blobs {
-            let s = &b["stats"];
-            println!(
-                "  blob {} refs={} cached={}/{} fetched={} hits={} misses={} failures={} inflight={}",
-                &b["name"].as_str().unwrap_or("?")[..16.min(b["name"].as_str().unwrap_or("").len())],
-                b["refs"],
-                mib(b["cached_bytes"].as_u64().unwrap_or(0)),
-                mib(b["size"].as_u64().unwrap_or(0)),
-                mib(s["fetched_bytes"].as_u64().unwrap_or(0)),
-                s["hits"],
-                s["misses"],
-                s["failures"],
-                s["inflight"]
-            );
-        }
+        print_domain(d);
     }
     // Which frontend `auto` uses here, and why (details: `shoal doctor`).
-    if let Ok(v) = call(socket, "GET", "/v1/doctor", None) {
-        let f = &v["features"];
-        let found: Vec<&str> = f["features"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter(|x| x["available"] == true)
-            .filter_map(|x| x["name"].as_str())
+    if let Ok(v) = get::<DoctorReply>(socket, "/v1/doctor") {
+        let f = &v.features;
+        let found: Vec<&str> = f
+            .features
+            .iter()
+            .filter(|x| x.available)
+            .map(|x| x.name.as_str())
             .collect();
         println!(
             "frontend auto: {} (kernel {}: {}); mounts: {}",
-            f["auto"].as_str().unwrap_or("none"),
-            f["kernel"].as_str().unwrap_or("?"),
+            f.auto.map_or("none", |a| a.name()),
+            f.kernel,
             found.join(", "),
-            v["mounts"].as_array().map_or(0, |m| m.len())
+            v.mounts.map_or(0, |m| m.len())
         );
-        for r in f["reasons"].as_array().into_iter().flatten() {
-            println!("  {}", r.as_str().unwrap_or(""));
+        for r in &f.reasons {
+            println!("  {r}");
         }
     }
     Ok(())
+}
+
+/// One line per image, then one per blob with its refcount and counters.
+fn print_domain(d: &DomainStatus) {
+    let did = d.domain_id.as_deref().unwrap_or("-");
+    for i in &d.images {
+        let mine = d.blobs.iter().filter(|b| i.blobs.contains(&b.name));
+        let (size, cached) = mine.fold((0, 0), |(s, c), b| (s + b.size, c + b.cached_bytes));
+        println!(
+            "{did},{}  blobs={} cached={}/{} remote={}",
+            i.fsid,
+            i.blobs.len(),
+            mib(cached),
+            mib(size),
+            i.remote
+        );
+    }
+    for b in &d.blobs {
+        let s = &b.stats;
+        println!(
+            "  blob {} refs={} cached={}/{} fetched={} hits={} misses={} failures={} inflight={}",
+            &b.name[..16.min(b.name.len())],
+            b.refs,
+            mib(b.cached_bytes),
+            mib(b.size),
+            mib(s.fetched_bytes),
+            s.hits,
+            s.misses,
+            s.failures,
+            s.inflight
+        );
+    }
 }
 
 pub fn read(socket: &Path, domain: Option<String>, fsid: &str, path: &str) -> Result<()> {
@@ -288,10 +290,7 @@ pub fn read(socket: &Path, domain: Option<String>, fsid: &str, path: &str) -> Re
     let q = format!("/v1/read?{}", query.finish());
     let mut reply = request(socket, "GET", &q, None)?;
     if reply.status >= 400 {
-        let mut t = String::new();
-        reply.body.read_to_string(&mut t)?;
-        let v: serde_json::Value = serde_json::from_str(&t).unwrap_or(json!({"error": t}));
-        bail!("{}", v["error"].as_str().unwrap_or("read failed"));
+        bail!("{}", reply_error(&mut reply)?);
     }
     let mut out = std::io::stdout().lock();
     std::io::copy(&mut reply.body, &mut out).context("reading through the daemon (EIO)")?;
@@ -300,31 +299,26 @@ pub fn read(socket: &Path, domain: Option<String>, fsid: &str, path: &str) -> Re
 }
 
 pub fn gc(socket: &Path, max_bytes: u64) -> Result<()> {
-    let v = call(
-        socket,
-        "POST",
-        "/v1/gc",
-        Some(&json!({"max_bytes": max_bytes})),
-    )?;
+    let r: GcReport = post(socket, "/v1/gc", &GcRequest { max_bytes })?;
     println!(
         "evicted {} blobs, freed {} bytes, {} bytes remain",
-        v["evicted"].as_array().map_or(0, |a| a.len()),
-        v["freed_bytes"],
-        v["remaining_bytes"]
+        r.evicted.len(),
+        r.freed_bytes,
+        r.remaining_bytes
     );
     Ok(())
 }
 
 pub fn prefetch(socket: &Path, domain: Option<String>, fsid: &str, recorded: bool) -> Result<()> {
-    let v = call(
-        socket,
-        "POST",
-        "/v1/prefetch",
-        Some(&json!({"domain": domain, "fsid": fsid, "recorded": recorded})),
-    )?;
+    let req = PrefetchRequest {
+        domain,
+        fsid: fsid.to_string(),
+        recorded,
+    };
+    let r: PrefetchReply = post(socket, "/v1/prefetch", &req)?;
     println!(
         "prefetching {fsid} ({} chunks in recorded order first)",
-        v["recorded_chunks"]
+        r.recorded_chunks
     );
     Ok(())
 }

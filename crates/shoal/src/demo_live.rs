@@ -77,7 +77,7 @@ pub fn domain(work: &Path, images: [(&str, &Path); 2], blobs: &Path) -> Result<(
         let img_s = img.display().to_string();
         let m = daemon_cmds::mount(
             &sock,
-            "auto",
+            crate::api::Frontend::Auto,
             Some("demo".into()),
             Some(fsid.into()),
             &img_s,

@@ -5,34 +5,74 @@
 use std::io::Read;
 use std::path::Path;
 
-#[derive(Debug, Clone, serde::Serialize)]
+use crate::api::Frontend;
+
+/// The kernel features shoal looks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kernel {
+    Erofs,
+    FileBacked,
+    Fanotify,
+    Cachefiles,
+    Fuse,
+    Directio,
+    InodeShare,
+}
+
+impl Kernel {
+    /// What `shoal doctor` calls it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kernel::Erofs => "erofs",
+            Kernel::FileBacked => "erofs file-backed mounts",
+            Kernel::Fanotify => "fanotify pre-content",
+            Kernel::Cachefiles => "cachefiles on-demand",
+            Kernel::Fuse => "fuse",
+            Kernel::Directio => "erofs directio",
+            Kernel::InodeShare => "erofs inode_share",
+        }
+    }
+}
+
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Feature {
-    pub name: &'static str,
+    pub kind: Kernel,
+    pub name: String,
     pub available: bool,
     pub detail: String,
 }
 
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Features {
     pub kernel: String,
     pub features: Vec<Feature>,
     /// The frontend `auto` resolves to, and why.
-    pub auto: Option<&'static str>,
+    pub auto: Option<Frontend>,
     pub reasons: Vec<String>,
 }
 
-fn feature(name: &'static str, r: Result<String, String>) -> Feature {
-    match r {
-        Ok(detail) => Feature {
-            name,
-            available: true,
-            detail,
-        },
-        Err(detail) => Feature {
-            name,
-            available: false,
-            detail,
-        },
+impl Features {
+    /// `Ok` if this kernel has `kind`, else why not.
+    pub fn has(&self, kind: Kernel) -> Result<(), String> {
+        match self.features.iter().find(|f| f.kind == kind) {
+            Some(f) if f.available => Ok(()),
+            Some(f) => Err(f.detail.clone()),
+            None => Err(format!("{}: not probed", kind.name())),
+        }
+    }
+}
+
+fn feature(kind: Kernel, r: Result<String, String>) -> Feature {
+    let (available, detail) = match r {
+        Ok(d) => (true, d),
+        Err(d) => (false, d),
+    };
+    Feature {
+        kind,
+        name: kind.name().to_string(),
+        available,
+        detail,
     }
 }
 
@@ -74,7 +114,7 @@ pub fn detect(work_dir: &Path) -> Features {
     let (major, minor) = version(&kernel);
     let filesystems = std::fs::read_to_string("/proc/filesystems").unwrap_or_default();
     let erofs = feature(
-        "erofs",
+        Kernel::Erofs,
         if filesystems.lines().any(|l| l.trim_end().ends_with("erofs")) {
             Ok("in /proc/filesystems".into())
         } else if config_has(&config, "CONFIG_EROFS_FS") == Some(true) {
@@ -84,7 +124,7 @@ pub fn detect(work_dir: &Path) -> Features {
         },
     );
     let file_backed = feature(
-        "erofs file-backed mounts",
+        Kernel::FileBacked,
         match config_has(&config, "CONFIG_EROFS_FS_BACKED_BY_FILE") {
             Some(true) => Ok("CONFIG_EROFS_FS_BACKED_BY_FILE".into()),
             Some(false) => Err("kernel built without CONFIG_EROFS_FS_BACKED_BY_FILE".into()),
@@ -93,12 +133,12 @@ pub fn detect(work_dir: &Path) -> Features {
         },
     );
     let fanotify = feature(
-        "fanotify pre-content",
+        Kernel::Fanotify,
         shoal_fanotify::probe(&work_dir.join("probe"))
             .map(|()| "FAN_CLASS_PRE_CONTENT group and FAN_PRE_ACCESS mark work".to_string()),
     );
     let cachefiles = feature(
-        "cachefiles on-demand",
+        Kernel::Cachefiles,
         match (
             Path::new("/dev/cachefiles").exists(),
             config_has(&config, "CONFIG_CACHEFILES_ONDEMAND"),
@@ -112,7 +152,7 @@ pub fn detect(work_dir: &Path) -> Features {
         },
     );
     let fuse = feature(
-        "fuse",
+        Kernel::Fuse,
         if Path::new("/dev/fuse").exists() {
             Ok("/dev/fuse".into())
         } else {
@@ -122,7 +162,7 @@ pub fn detect(work_dir: &Path) -> Features {
     // erofs refuses a parameter it does not know at fsconfig time, so
     // setting it on a throw-away context tells what this kernel has.
     let directio = feature(
-        "erofs directio",
+        Kernel::Directio,
         if shoal_sys::erofs_knows_flag("directio") {
             Ok("backing files read with direct I/O: each page cached once".into())
         } else {
@@ -132,7 +172,7 @@ pub fn detect(work_dir: &Path) -> Features {
         },
     );
     let ishare = feature(
-        "erofs inode_share",
+        Kernel::InodeShare,
         match (
             shoal_sys::erofs_knows_flag("inode_share"),
             config_has(&config, "CONFIG_EROFS_FS_PAGE_CACHE_SHARE"),
@@ -164,7 +204,7 @@ pub fn detect(work_dir: &Path) -> Features {
     if fanotify_ok {
         reasons
             .push("fanotify: chosen (erofs file-backed mounts and pre-content events work)".into());
-        auto = Some("fanotify");
+        auto = Some(Frontend::Fanotify);
     } else {
         reasons.push(format!(
             "fanotify: unavailable ({})",
@@ -176,7 +216,7 @@ pub fn detect(work_dir: &Path) -> Features {
         (true, None) => {
             reasons
                 .push("fscache: chosen (cachefiles on-demand; erofs fsid/domain_id mounts)".into());
-            auto = Some("fscache");
+            auto = Some(Frontend::Fscache);
         }
         (true, Some(_)) => {
             reasons.push("fscache: available, used only when asked for (--frontend fscache)".into())
@@ -185,7 +225,7 @@ pub fn detect(work_dir: &Path) -> Features {
     match (auto, fuse.available) {
         (None, true) => {
             reasons.push("fuse: chosen (/dev/fuse is present)".into());
-            auto = Some("fuse");
+            auto = Some(Frontend::Fuse);
         }
         (Some(_), true) => {
             reasons.push("fuse: available, used only when asked for (--frontend fuse)".into())

@@ -2,6 +2,7 @@
 //! and frontends) into a CLI.
 #![forbid(unsafe_code)]
 
+mod api;
 mod bench;
 mod client;
 mod daemon;
@@ -30,6 +31,34 @@ use std::path::PathBuf;
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
+}
+
+/// How `shoal mount` mounts: a daemon frontend, or `local` (the kernel
+/// mounts the bootstrap with local blobs, no daemon).
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum MountWith {
+    /// The first frontend this kernel supports (see `shoal doctor`).
+    Auto,
+    /// File-backed erofs, filled on fanotify pre-content events (6.14+).
+    Fanotify,
+    /// erofs over cachefiles on-demand (Linux 6.1–7.1).
+    Fscache,
+    /// Served by the daemon over FUSE.
+    Fuse,
+    /// The kernel mounts the bootstrap with local blobs.
+    Local,
+}
+
+impl MountWith {
+    fn daemon_frontend(self) -> Option<api::Frontend> {
+        match self {
+            MountWith::Auto => Some(api::Frontend::Auto),
+            MountWith::Fanotify => Some(api::Frontend::Fanotify),
+            MountWith::Fscache => Some(api::Frontend::Fscache),
+            MountWith::Fuse => Some(api::Frontend::Fuse),
+            MountWith::Local => None,
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -114,16 +143,16 @@ enum Cmd {
     /// local blobs (`--blob-dir`/`--device`). Otherwise the daemon binds the
     /// image into its domain, blobs fetched on demand from `--remote`, and
     /// mounts it with `fanotify` (file-backed erofs over the domain's cache
-    /// files, filled on first access; Linux 6.14+) or `fuse`; `auto` (the
-    /// default) picks what the kernel supports (see `shoal doctor`).
+    /// files, filled on first access; Linux 6.14+), `fscache` (cachefiles
+    /// on-demand; Linux 6.1–7.1) or `fuse`; `auto` (the default) picks what
+    /// the kernel supports (see `shoal doctor`).
     Mount {
         /// A bootstrap path, or oci://host/repo:tag.
         image: String,
         mountpoint: PathBuf,
-        /// auto, fanotify, fuse or local (default: local with
-        /// --blob-dir/--device, else auto).
-        #[arg(long)]
-        frontend: Option<String>,
+        /// Default: local with --blob-dir/--device, else auto.
+        #[arg(long, value_enum)]
+        frontend: Option<MountWith>,
         #[arg(long)]
         domain: Option<String>,
         #[arg(long)]
@@ -354,12 +383,14 @@ fn main() -> Result<()> {
             blobs,
         } => {
             let local = !blobs.devices.is_empty() || blobs.blob_dir.is_some();
-            match frontend
-                .as_deref()
-                .unwrap_or(if local { "local" } else { "auto" })
-            {
-                "local" => image_cmds::mount(std::path::Path::new(&image), &mountpoint, &blobs),
-                f @ ("auto" | "fanotify" | "fuse" | "fscache") => daemon_cmds::mount(
+            let with = frontend.unwrap_or(if local {
+                MountWith::Local
+            } else {
+                MountWith::Auto
+            });
+            match with.daemon_frontend() {
+                None => image_cmds::mount(std::path::Path::new(&image), &mountpoint, &blobs),
+                Some(f) => daemon_cmds::mount(
                     &daemon_cmds::socket_arg(socket),
                     f,
                     domain,
@@ -368,9 +399,6 @@ fn main() -> Result<()> {
                     remote,
                     &mountpoint,
                 ),
-                other => {
-                    anyhow::bail!("unknown frontend {other:?} (auto, fanotify, fuse, local)")
-                }
             }
         }
         Cmd::Umount { mountpoint, socket } => {
@@ -420,11 +448,7 @@ fn main() -> Result<()> {
                 &image,
                 remote,
             )?;
-            println!(
-                "bound {},{}",
-                v["domain"].as_str().unwrap_or("-"),
-                v["fsid"].as_str().unwrap_or("?")
-            );
+            println!("bound {},{}", v.domain.as_deref().unwrap_or("-"), v.fsid);
             Ok(())
         }
         Cmd::Unbind {

@@ -3,13 +3,54 @@
 //! recorded in `mounts.json`: a restarted daemon adopts the kernel mounts
 //! and re-establishes FUSE mounts that died with its predecessor.
 
-use crate::daemon::{do_bind, ApiError, Daemon, MountRequest};
-use axum::http::StatusCode;
-use shoal_core::{BoundImage, Registry};
-use shoal_fanotify::Frontend;
+use crate::api::{
+    BindRequest, FanotifyStatus, Frontend, FscacheStatus, ImageReply, MountRequest, MountStatus,
+};
+use crate::features::{Features, Kernel};
+use shoal_core::{BindSpec, BoundImage, CoreError, Registry};
+use shoal_fanotify::frontend::Frontend as FanotifyFrontend;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+
+/// What a mount, umount or bind can fail with; the daemon maps each kind
+/// to its HTTP status.
+#[derive(Debug, thiserror::Error)]
+pub enum MountError {
+    /// The request cannot work as asked (bad mountpoint, unknown remote
+    /// scheme, a frontend this kernel lacks).
+    #[error("{0}")]
+    Invalid(String),
+    /// Busy or already there: files open on the mount, fsid mounted.
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    NotFound(String),
+    /// The frontend or the kernel refused the mount.
+    #[error("{0}")]
+    Frontend(String),
+    #[error(transparent)]
+    Core(#[from] CoreError),
+}
+
+/// The pump keeps the bound `/dev/cachefiles` under this key across
+/// daemon restarts.
+pub const CACHEFILES_KEY: &str = "keep:/dev/cachefiles";
+
+impl From<&BoundImage> for ImageReply {
+    fn from(img: &BoundImage) -> Self {
+        ImageReply {
+            fsid: img.spec.fsid.clone(),
+            domain: img.key.domain_id().map(str::to_string),
+            bootstrap: img.spec.bootstrap.clone(),
+            blobs: img
+                .blobs
+                .iter()
+                .map(|b| b.cache.data_path().to_path_buf())
+                .collect(),
+        }
+    }
+}
 
 pub enum Kind {
     /// Dropping the session unmounts it.
@@ -32,7 +73,7 @@ struct Record {
     mountpoint: PathBuf,
     domain: Option<String>,
     fsid: String,
-    frontend: String,
+    frontend: Frontend,
     /// The binding the mount made, so a restart can restore it from the
     /// mount alone (should bindings.json have missed it).
     #[serde(default)]
@@ -47,25 +88,19 @@ pub struct KernelMountPolicy {
 }
 
 impl KernelMountPolicy {
-    pub fn new(features: &crate::features::Features, cfg: &crate::daemon::Config) -> Self {
-        let have = |name: &str| {
-            features.features.iter().find(|f| f.name == name).map_or(
-                Err(format!("{name}: not detected")),
-                |f| {
-                    if f.available {
-                        Ok(())
-                    } else {
-                        Err(f.detail.clone())
-                    }
-                },
-            )
-        };
+    /// From the kernel's features and the settings `directio` (default
+    /// off) and `page_cache_share` (default on).
+    pub fn new(
+        features: &Features,
+        directio: Option<bool>,
+        page_cache_share: Option<bool>,
+    ) -> Self {
         KernelMountPolicy {
-            directio: cfg.directio == Some(true) && have("erofs directio").is_ok(),
-            page_cache_share: if cfg.page_cache_share == Some(false) {
+            directio: directio == Some(true) && features.has(Kernel::Directio).is_ok(),
+            page_cache_share: if page_cache_share == Some(false) {
                 Err("page_cache_share = false in the settings".into())
             } else {
-                have("erofs inode_share")
+                features.has(Kernel::InodeShare)
             },
         }
     }
@@ -93,9 +128,17 @@ fn kernel_domain_id(domain: &str) -> String {
     format!("shoal.{domain}")
 }
 
+/// The mount manager: the daemon-hosted mounts and the frontends that
+/// serve them.
 pub struct Mounts {
     path: PathBuf,
     map: Mutex<BTreeMap<PathBuf, Entry>>,
+    reg: Arc<Registry>,
+    fan: Arc<FanotifyFrontend>,
+    features: Features,
+    policy: KernelMountPolicy,
+    /// `/dev/cachefiles`, bound on the first fscache mount.
+    fscache: Mutex<Option<Arc<shoal_fscache::Frontend>>>,
 }
 
 /// Mount points in this namespace (`/proc/self/mountinfo`, field 5, with
@@ -112,18 +155,27 @@ pub fn mounted(mp: &Path) -> bool {
     })
 }
 
-fn kind_name(k: &Kind) -> &'static str {
-    match k {
-        Kind::Fuse { .. } => "fuse",
-        Kind::Fanotify => "fanotify",
-        Kind::Fscache => "fscache",
+impl Kind {
+    fn frontend(&self) -> Frontend {
+        match self {
+            Kind::Fuse { .. } => Frontend::Fuse,
+            Kind::Fanotify => Frontend::Fanotify,
+            Kind::Fscache => Frontend::Fscache,
+        }
     }
 }
 
 impl Mounts {
     /// Load the records of an earlier run and adopt the fanotify mounts that
     /// are still mounted and whose binding was restored.
-    pub fn load(work_dir: &Path, reg: &Registry, fan: &Arc<Frontend>) -> Mounts {
+    pub fn load(
+        work_dir: &Path,
+        reg: &Arc<Registry>,
+        fan: &Arc<FanotifyFrontend>,
+        features: Features,
+        policy: KernelMountPolicy,
+        fscache: Option<Arc<shoal_fscache::Frontend>>,
+    ) -> Mounts {
         let path = work_dir.join("mounts.json");
         let records: Vec<Record> = std::fs::read(&path)
             .ok()
@@ -131,7 +183,7 @@ impl Mounts {
             .unwrap_or_default();
         let mut map = BTreeMap::new();
         for r in records {
-            if r.frontend == "fuse" {
+            if r.frontend == Frontend::Fuse {
                 // A FUSE mount dies with its daemon: detach the dead one and
                 // serve the same image at the same place again.
                 let _ = shoal_sys::umount_lazy(&r.mountpoint);
@@ -159,7 +211,7 @@ impl Mounts {
                 }
                 continue;
             }
-            if !matches!(r.frontend.as_str(), "fanotify" | "fscache") {
+            if !matches!(r.frontend, Frontend::Fanotify | Frontend::Fscache) {
                 continue;
             }
             if !mounted(&r.mountpoint) {
@@ -181,7 +233,7 @@ impl Mounts {
                 });
             match bound {
                 Ok(img) => {
-                    let kind = if r.frontend == "fanotify" {
+                    let kind = if r.frontend == Frontend::Fanotify {
                         fan.adopt(&img);
                         Kind::Fanotify
                     } else {
@@ -206,6 +258,11 @@ impl Mounts {
         let m = Mounts {
             path,
             map: Mutex::new(map),
+            reg: reg.clone(),
+            fan: fan.clone(),
+            features,
+            policy,
+            fscache: Mutex::new(fscache),
         };
         m.save(&m.map.lock().unwrap());
         m
@@ -218,7 +275,7 @@ impl Mounts {
                 mountpoint: mp.clone(),
                 domain: e.domain.clone(),
                 fsid: e.fsid.clone(),
-                frontend: kind_name(&e.kind).into(),
+                frontend: e.kind.frontend(),
                 bind: e.bind.clone(),
             })
             .collect();
@@ -233,35 +290,69 @@ impl Mounts {
         }
     }
 
-    /// Bind and mount through `frontend` (`auto` resolved from `features`).
-    pub fn mount(
-        &self,
-        d: &Daemon,
-        req: MountRequest,
-    ) -> Result<(Arc<BoundImage>, &'static str), ApiError> {
-        let (reg, fan, features) = (&*d.reg, &d.fan, &d.features);
-        let bad = |m: String| ApiError(StatusCode::BAD_REQUEST, m);
-        let feature = |name: &str| features.features.iter().find(|f| f.name == name);
-        let frontend: &'static str = match req.frontend.as_str() {
-            "auto" => features.auto.ok_or_else(|| {
-                bad(format!(
-                    "no frontend works on this kernel: {}",
-                    features.reasons.join("; ")
-                ))
-            })?,
-            "fanotify" => {
-                let f = feature("fanotify pre-content").unwrap();
-                if !f.available {
-                    return Err(bad(format!("fanotify frontend unavailable: {}", f.detail)));
-                }
-                "fanotify"
+    /// Bind an image (a bootstrap path with a remote, or an `oci://`
+    /// reference whose bootstrap is pulled).
+    pub fn bind(&self, req: BindRequest) -> Result<Arc<BoundImage>, MountError> {
+        let reg = &self.reg;
+        let (bootstrap, remote) = match (&req.bootstrap, &req.reference) {
+            (Some(b), _) => (
+                b.clone(),
+                req.remote
+                    .clone()
+                    .ok_or_else(|| MountError::Invalid("a bootstrap needs a remote".into()))?,
+            ),
+            (None, Some(r)) => {
+                let (b, default_remote) =
+                    shoal_core::publish::pull_bootstrap(r, &reg.work_dir, reg.http_options())?;
+                (b, req.remote.clone().unwrap_or(default_remote))
             }
-            "fuse" => "fuse",
-            "fscache" => "fscache",
-            other => return Err(bad(format!("unknown frontend {other:?}"))),
+            (None, None) => {
+                return Err(MountError::Invalid(
+                    "need a bootstrap or a reference".into(),
+                ))
+            }
         };
-        let mp = std::fs::canonicalize(&req.mountpoint)
-            .map_err(|e| bad(format!("mountpoint {}: {e}", req.mountpoint.display())))?;
+        // A remote URL that cannot work is the caller's mistake, not a
+        // failing remote.
+        shoal_core::remote::open(&remote, reg.http_options())
+            .map_err(|e| MountError::Invalid(format!("remote {remote}: {e}")))?;
+        Ok(reg.bind(BindSpec {
+            domain: req.domain,
+            fsid: req.fsid,
+            bootstrap,
+            remote,
+            reference: req.reference,
+        })?)
+    }
+
+    /// `frontend` as this kernel can serve it (`auto` resolved).
+    fn resolve(&self, frontend: Frontend) -> Result<Frontend, MountError> {
+        let f = &self.features;
+        match frontend {
+            Frontend::Auto => f.auto.ok_or_else(|| {
+                MountError::Invalid(format!(
+                    "no frontend works on this kernel: {}",
+                    f.reasons.join("; ")
+                ))
+            }),
+            Frontend::Fanotify => f
+                .has(Kernel::Fanotify)
+                .map(|()| Frontend::Fanotify)
+                .map_err(|why| {
+                    MountError::Invalid(format!("fanotify frontend unavailable: {why}"))
+                }),
+            other => Ok(other),
+        }
+    }
+
+    /// Bind and mount through `req.frontend` (`auto` resolved from the
+    /// kernel's features).
+    pub fn mount(&self, req: MountRequest) -> Result<(Arc<BoundImage>, Frontend), MountError> {
+        let reg = &*self.reg;
+        let frontend = self.resolve(req.frontend)?;
+        let mp = std::fs::canonicalize(&req.mountpoint).map_err(|e| {
+            MountError::Invalid(format!("mountpoint {}: {e}", req.mountpoint.display()))
+        })?;
         // A mount unmounted behind our back (`fusermount3 -u`, `umount`)
         // leaves a stale record: forget it and its binding.
         let stale = {
@@ -278,47 +369,29 @@ impl Mounts {
             let _ = reg.unbind(e.domain.as_deref(), &e.fsid);
         }
         if self.map.lock().unwrap().contains_key(&mp) {
-            return Err(ApiError(
-                StatusCode::CONFLICT,
-                format!("{} is already a shoal mount", mp.display()),
-            ));
+            return Err(MountError::Conflict(format!(
+                "{} is already a shoal mount",
+                mp.display()
+            )));
         }
         let (domain, fsid) = (req.bind.domain.clone(), req.bind.fsid.clone());
-        let img = do_bind(reg, req.bind).map_err(|e| {
-            if e.0 == StatusCode::CONFLICT {
+        let img = self.bind(req.bind).map_err(|e| match e {
+            MountError::Core(CoreError::Exists { .. }) => {
                 let d = domain
                     .as_deref()
                     .map_or("its private volume".to_string(), |d| format!("domain {d}"));
-                ApiError(e.0, format!("fsid {fsid} is already mounted in {d}"))
-            } else {
-                e
+                MountError::Conflict(format!("fsid {fsid} is already mounted in {d}"))
             }
+            e => e,
         })?;
-        let kind = match frontend {
-            "fuse" => shoal_fuse::mount(img.clone(), &mp)
-                .map(|s| Kind::Fuse { _session: s })
-                .map_err(|e| format!("fuse mount at {}: {e}", mp.display())),
-            "fscache" => d.fscache().map_err(|e| e.1).and_then(|_| {
-                shoal_sys::mount_erofs_fscache(&fsid, domain.as_deref(), &mp)
-                    .map(|()| Kind::Fscache)
-                    .map_err(|e| format!("fscache mount at {}: {e}", mp.display()))
-            }),
-            _ => {
-                let domain_id = domain.as_deref().map(kernel_domain_id);
-                let opts = d.kernel_mounts.options(&img, domain_id.as_deref());
-                fan.mount(&img, &mp, &opts)
-            }
-            .map(|()| Kind::Fanotify)
-            .map_err(|e| e.to_string()),
-        };
-        let kind = match kind {
+        let kind = match self.mount_with(frontend, &img, &mp) {
             Ok(k) => k,
             Err(e) => {
                 let _ = reg.unbind(domain.as_deref(), &fsid);
-                return Err(ApiError(StatusCode::BAD_GATEWAY, e));
+                return Err(MountError::Frontend(e));
             }
         };
-        tracing::info!(mountpoint = %mp.display(), fsid = %fsid, frontend, "mounted");
+        tracing::info!(mountpoint = %mp.display(), fsid = %fsid, %frontend, "mounted");
         let mut map = self.map.lock().unwrap();
         let bind = Some(img.spec.clone());
         map.insert(
@@ -334,9 +407,82 @@ impl Mounts {
         Ok((img, frontend))
     }
 
+    /// Mount a bound image with a resolved frontend.
+    fn mount_with(
+        &self,
+        frontend: Frontend,
+        img: &Arc<BoundImage>,
+        mp: &Path,
+    ) -> Result<Kind, String> {
+        let domain = img.key.domain_id();
+        match frontend {
+            Frontend::Fuse => shoal_fuse::mount(img.clone(), mp)
+                .map(|s| Kind::Fuse { _session: s })
+                .map_err(|e| format!("fuse mount at {}: {e}", mp.display())),
+            Frontend::Fscache => self.fscache().and_then(|_| {
+                shoal_sys::mount_erofs_fscache(&img.spec.fsid, domain, mp)
+                    .map(|()| Kind::Fscache)
+                    .map_err(|e| format!("fscache mount at {}: {e}", mp.display()))
+            }),
+            Frontend::Fanotify | Frontend::Auto => {
+                let domain_id = domain.map(kernel_domain_id);
+                let opts = self.policy.options(img, domain_id.as_deref());
+                self.fan
+                    .mount(img, mp, &opts)
+                    .map(|()| Kind::Fanotify)
+                    .map_err(|e| e.to_string())
+            }
+        }
+    }
+
+    /// The cachefiles frontend, binding `/dev/cachefiles` on first use.
+    fn fscache(&self) -> Result<Arc<shoal_fscache::Frontend>, String> {
+        let mut g = self.fscache.lock().unwrap();
+        if let Some(f) = g.as_ref() {
+            return Ok(f.clone());
+        }
+        let dir = shoal_fscache::cache_dir(&self.reg.work_dir);
+        let dev = shoal_fscache::open_device(&dir, "shoal").map_err(|e| e.to_string())?;
+        // The pump keeps the bound device across daemon restarts: closing
+        // it would unbind the cache under live mounts.
+        if let Err(e) = self.fan.keep(CACHEFILES_KEY, rustix::fd::AsFd::as_fd(&dev)) {
+            tracing::warn!(error = %e, "cannot keep /dev/cachefiles across restarts");
+        }
+        let f = shoal_fscache::Frontend::start(dev, &self.reg, 8, false)
+            .map_err(|e| format!("cachefiles: {e}"))?;
+        *g = Some(f.clone());
+        Ok(f)
+    }
+
+    pub fn fscache_status(&self) -> Option<FscacheStatus> {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.fscache
+            .lock()
+            .unwrap()
+            .as_ref()
+            .map(|f| FscacheStatus {
+                opens: f.counters.opens.load(Relaxed),
+                closes: f.counters.closes.load(Relaxed),
+                reads: f.counters.reads.load(Relaxed),
+                failed_reads: f.counters.failed_reads.load(Relaxed),
+                objects: f.open_objects(),
+            })
+    }
+
+    pub fn fanotify_status(&self) -> FanotifyStatus {
+        FanotifyStatus {
+            pump_connected: self.fan.pump_connected(),
+            marked: self.fan.marked(),
+        }
+    }
+
+    pub fn features(&self) -> &Features {
+        &self.features
+    }
+
     /// Unmount and unbind. `Ok(None)`: not a daemon-hosted mount.
-    pub fn umount(&self, d: &Daemon, mp: &Path) -> Result<Option<String>, ApiError> {
-        let (reg, fan) = (&*d.reg, &d.fan);
+    pub fn umount(&self, mp: &Path) -> Result<Option<String>, MountError> {
+        let (reg, fan) = (&*self.reg, &self.fan);
         let mut map = self.map.lock().unwrap();
         let Some(e) = map.remove(mp) else {
             return Ok(None);
@@ -350,16 +496,16 @@ impl Mounts {
             };
             if let Err(err) = r {
                 map.insert(mp.to_path_buf(), e);
-                return Err(ApiError(StatusCode::CONFLICT, err));
+                return Err(MountError::Conflict(err));
             }
         }
         if let Kind::Fscache = e.kind {
             if let Err(err) = shoal_sys::umount(mp) {
                 map.insert(mp.to_path_buf(), e);
-                return Err(ApiError(
-                    StatusCode::CONFLICT,
-                    format!("unmounting {}: {err}", mp.display()),
-                ));
+                return Err(MountError::Conflict(format!(
+                    "unmounting {}: {err}",
+                    mp.display()
+                )));
             }
         }
         if let Kind::Fuse { .. } = e.kind {
@@ -376,7 +522,7 @@ impl Mounts {
                 } else {
                     format!("unmounting {}: {err}", mp.display())
                 };
-                return Err(ApiError(StatusCode::CONFLICT, why));
+                return Err(MountError::Conflict(why));
             }
         }
         // Dropping a FUSE session ends it (the mount is gone already).
@@ -397,21 +543,58 @@ impl Mounts {
             .map(|(mp, _)| mp.clone())
     }
 
-    pub fn list(&self, d: &Daemon) -> Vec<serde_json::Value> {
+    pub fn list(&self) -> Vec<MountStatus> {
         self.map
             .lock()
             .unwrap()
             .iter()
             .map(|(mp, e)| {
-                let (directio, share) = page_cache(d, mp, e);
-                serde_json::json!({
-                    "mountpoint": mp, "domain": e.domain, "fsid": e.fsid,
-                    "frontend": kind_name(&e.kind),
-                    "directio": directio,
-                    "page_cache_share": share,
-                })
+                let (directio, page_cache_share) = self.page_cache(mp, e);
+                MountStatus {
+                    mountpoint: mp.clone(),
+                    domain: e.domain.clone(),
+                    fsid: e.fsid.clone(),
+                    frontend: e.kind.frontend(),
+                    directio,
+                    page_cache_share,
+                }
             })
             .collect()
+    }
+
+    /// Whether a mount reads its backing files with direct I/O, and whether
+    /// it shares page cache with its domain ("active", or "off: why"), from
+    /// the options the kernel really applied to it.
+    fn page_cache(&self, mp: &Path, e: &Entry) -> (bool, String) {
+        let off = |why: &str| format!("off: {why}");
+        if !matches!(e.kind, Kind::Fanotify) {
+            return (
+                false,
+                off(&format!(
+                    "the {} frontend does not use it",
+                    e.kind.frontend()
+                )),
+            );
+        }
+        let opts = shoal_sys::mount_super_options(mp).unwrap_or_default();
+        let has = |o: &str| opts.iter().any(|x| x == o);
+        let share = if has("inode_share") {
+            "active".to_string()
+        } else if e.domain.is_none() {
+            off("no domain (mounts without one never share)")
+        } else if let Err(why) = &self.policy.page_cache_share {
+            off(why)
+        } else if let Some(Err(why)) = self
+            .reg
+            .get(e.domain.as_deref(), &e.fsid)
+            .ok()
+            .map(|img| img.page_cache_share.clone())
+        {
+            off(&why)
+        } else {
+            off("the image has no inode fingerprints (rebuild it with shoal build or convert)")
+        };
+        (has("directio"), share)
     }
 
     /// On a clean stop: FUSE mounts end with the daemon (and are not
@@ -422,41 +605,6 @@ impl Mounts {
         map.retain(|_, e| !matches!(e.kind, Kind::Fuse { .. }));
         self.save(&map);
     }
-}
-
-/// Whether a mount reads its backing files with direct I/O, and whether
-/// it shares page cache with its domain ("active", or "off: why"), from
-/// the options the kernel really applied to it.
-fn page_cache(d: &Daemon, mp: &Path, e: &Entry) -> (bool, String) {
-    let off = |why: &str| format!("off: {why}");
-    if !matches!(e.kind, Kind::Fanotify) {
-        return (
-            false,
-            off(&format!(
-                "the {} frontend does not use it",
-                kind_name(&e.kind)
-            )),
-        );
-    }
-    let opts = shoal_sys::mount_super_options(mp).unwrap_or_default();
-    let has = |o: &str| opts.iter().any(|x| x == o);
-    let share = if has("inode_share") {
-        "active".to_string()
-    } else if e.domain.is_none() {
-        off("no domain (mounts without one never share)")
-    } else if let Err(why) = &d.kernel_mounts.page_cache_share {
-        off(why)
-    } else if let Some(Err(why)) = d
-        .reg
-        .get(e.domain.as_deref(), &e.fsid)
-        .ok()
-        .map(|img| img.page_cache_share.clone())
-    {
-        off(&why)
-    } else {
-        off("the image has no inode fingerprints (rebuild it with shoal build or convert)")
-    };
-    (has("directio"), share)
 }
 
 /// EBUSY, as `std::io::Error::raw_os_error` reports it.

@@ -2,7 +2,7 @@
 //! images through the shoal daemon (`SHOAL_SOCKET` or `--daemon-socket`),
 //! so one daemon serves containers and `shoal mount` alike.
 
-use crate::daemon::{BindRequest, MountRequest, UmountRequest};
+use crate::api::{BindRequest, Frontend, MountRequest, UmountRequest};
 use anyhow::{Context, Result};
 use shoal_snapshotter::{DomainPolicy, MountSpec, Mounter, Snapshotter, SnapshotterOptions};
 use std::path::{Path, PathBuf};
@@ -61,7 +61,7 @@ impl Mounter for DaemonMounter {
                 reference: None,
             },
             mountpoint: spec.mountpoint.clone(),
-            frontend: "auto".into(),
+            frontend: Frontend::Auto,
         };
         self.post("/v1/mount", &req)
     }
