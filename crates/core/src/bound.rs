@@ -104,9 +104,7 @@ impl BoundImage {
                         let entries = blob.ensure_range_ahead(physical, n as u64)?;
                         self.record(device_id, &entries);
                     } else {
-                        let first = physical / BLOCK;
-                        let last = (physical + n as u64).div_ceil(BLOCK);
-                        if !blob.cache.is_ready(first as u32, (last - first) as u32) {
+                        if !blob.cache.is_range_ready(physical, n as u64) {
                             return Ok(None);
                         }
                         blob.cache.count_hit();

@@ -123,6 +123,22 @@ impl DataFiles for PlainFiles {
     }
 }
 
+/// The blocks `(first, count)` that bytes `[offset, offset + len)` touch:
+/// the one conversion from a byte range (a kernel read, a file extent) to
+/// the readiness map's unit.
+pub fn block_span(offset: u64, len: u64) -> (u32, u32) {
+    let first = offset / BLOCK;
+    let last = offset.saturating_add(len).div_ceil(BLOCK);
+    let clamp = |x: u64| x.min(u64::from(u32::MAX)) as u32;
+    (clamp(first), clamp(last - first))
+}
+
+/// [`durably_ready`] for bytes `[offset, offset + len)` of the cache file.
+pub fn durably_range_ready(map: &File, offset: u64, len: u64) -> bool {
+    let (first, n) = block_span(offset, len);
+    durably_ready(map, first, n)
+}
+
 /// Whether blocks `[first, first + n)` are marked ready in the readiness map
 /// *on disk* (`map`: a `.ready` file). A bit on disk means durable, verified
 /// bytes, so a process without the [`BlobCache`] (the fanotify pump) can
@@ -262,6 +278,12 @@ impl BlobCache {
             bits.get(b as usize / 8)
                 .is_some_and(|&x| x & (1 << (b % 8)) != 0)
         })
+    }
+
+    /// Whether every block under bytes `[offset, offset + len)` is ready.
+    pub fn is_range_ready(&self, offset: u64, len: u64) -> bool {
+        let (first, n) = block_span(offset, len);
+        self.is_ready(first, n)
     }
 
     pub fn ready_blocks(&self) -> u64 {

@@ -209,3 +209,70 @@ mod tests {
         assert!(decode(vec![entry(0, 0)], 10).is_err());
     }
 }
+
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Per device its entries, and per device its size in blocks.
+    type Devices = (Vec<(u16, Vec<ChunkEntry>)>, Vec<(u16, u32)>);
+
+    /// Sorted, disjoint entries within `blocks`, from gaps and lengths.
+    fn table() -> impl Strategy<Value = Devices> {
+        proptest::collection::vec(
+            proptest::collection::vec((0u32..64, 1u32..300, any::<[u8; 32]>()), 0..40),
+            0..4,
+        )
+        .prop_map(|devs| {
+            let mut blobs = Vec::new();
+            let mut sizes = Vec::new();
+            for (i, runs) in devs.into_iter().enumerate() {
+                let dev = i as u16 + 1;
+                let mut at = 0u32;
+                let entries: Vec<ChunkEntry> = runs
+                    .into_iter()
+                    .map(|(gap, n, digest)| {
+                        let e = ChunkEntry {
+                            blkaddr: (at + gap).into(),
+                            nblocks: n.into(),
+                            digest,
+                        };
+                        at += gap + n;
+                        e
+                    })
+                    .collect();
+                blobs.push((dev, entries));
+                sizes.push((dev, at));
+            }
+            (blobs, sizes)
+        })
+    }
+
+    proptest! {
+        /// What the builder encodes, the reader decodes unchanged, and
+        /// `find` locates every entry by its block address.
+        #[test]
+        fn encode_decode_round_trip((blobs, sizes) in table(), offset in 0u64..1 << 40) {
+            let t = ChunkTable { blobs };
+            let bytes = t.encode(offset);
+            let (table, trailer) = bytes.split_at(bytes.len() - TRAILER_SIZE as usize);
+            let tr = Trailer::read_from_bytes(trailer).unwrap();
+            prop_assert_eq!(tr.table_offset.get(), offset);
+            prop_assert_eq!(tr.table_len.get(), table.len() as u64);
+            let back = ChunkTable::decode(table, &sizes).unwrap();
+            prop_assert_eq!(&back, &t);
+            for (dev, entries) in &t.blobs {
+                for e in entries {
+                    prop_assert_eq!(back.find(*dev, e.blkaddr.get()), Some(e));
+                }
+            }
+        }
+
+        /// Any byte string decodes to a table or an error, never a panic.
+        #[test]
+        fn decode_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..400)) {
+            let _ = ChunkTable::decode(&bytes, &[(1, 1000), (2, 5)]);
+        }
+    }
+}

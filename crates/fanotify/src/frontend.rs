@@ -253,8 +253,7 @@ impl Frontend {
             return FAN_ALLOW;
         }
         let len = len.min(size - off);
-        let (first, last) = (off / BLOCK, (off + len).div_ceil(BLOCK));
-        if blob.cache.is_ready(first as u32, (last - first) as u32) {
+        if blob.cache.is_range_ready(off, len) {
             return FAN_ALLOW;
         }
         match blob.ensure_range_ahead(off, len) {

@@ -17,7 +17,7 @@ use crate::proto::{self, FromPump, ToPump, MAX_MSG};
 use rustix::event::{poll, PollFd, PollFlags, Timespec};
 use rustix::fd::{AsFd, AsRawFd, OwnedFd};
 use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
-use shoal_core::cache::{durably_ready, BLOCK};
+use shoal_core::cache::durably_range_ready;
 use shoal_sys::fanotify::{fan_deny_errno, Group, FAN_ALLOW, FAN_PRE_ACCESS};
 use std::collections::BTreeMap;
 use std::io;
@@ -226,8 +226,7 @@ impl Pump {
         if off >= end {
             return false;
         }
-        let (first, last) = (off / BLOCK, end.div_ceil(BLOCK));
-        durably_ready(map, first as u32, (last - first) as u32)
+        durably_range_ready(map, off, end - off)
     }
 
     fn forward(&mut self, id: u64, p: &Pending) {

@@ -5,6 +5,38 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
+use zerocopy::native_endian::{U32, U64};
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
+
+/// `struct cachefiles_msg`: the header of every message.
+#[derive(Clone, Copy, Debug, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+pub struct CachefilesMsg {
+    pub msg_id: U32,
+    pub opcode: U32,
+    /// The whole message's length, header included.
+    pub len: U32,
+    pub object_id: U32,
+}
+
+/// `struct cachefiles_open`, after the header; followed by the volume key
+/// and the cookie key.
+#[derive(Clone, Copy, Debug, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+pub struct CachefilesOpen {
+    pub volume_key_size: U32,
+    pub cookie_key_size: U32,
+    pub fd: U32,
+    pub flags: U32,
+}
+
+/// `struct cachefiles_read`, after the header.
+#[derive(Clone, Copy, Debug, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+pub struct CachefilesRead {
+    pub off: U64,
+    pub len: U64,
+}
 
 pub const CACHEFILES_MSG_MAX_SIZE: usize = 1024;
 pub const CACHEFILES_OP_OPEN: u32 = 0;
@@ -56,13 +88,6 @@ pub enum Msg {
     },
 }
 
-fn u32_at(b: &[u8], at: usize) -> Option<u32> {
-    Some(u32::from_ne_bytes(b.get(at..at + 4)?.try_into().ok()?))
-}
-fn u64_at(b: &[u8], at: usize) -> Option<u64> {
-    Some(u64::from_ne_bytes(b.get(at..at + 8)?.try_into().ok()?))
-}
-
 /// Parse one message as read from the device. For OPEN the kernel has
 /// installed the anon fd in our table: it is owned before anything else
 /// is checked, so a malformed message cannot leak it.
@@ -73,25 +98,24 @@ pub fn parse_msg(b: &[u8]) -> io::Result<Msg> {
             format!("cachefiles message: {why}"),
         )
     };
-    let (msg_id, opcode, len, object_id) =
-        match (u32_at(b, 0), u32_at(b, 4), u32_at(b, 8), u32_at(b, 12)) {
-            (Some(a), Some(o), Some(l), Some(i)) => (a, o, l as usize, i),
-            _ => return Err(bad("short header")),
-        };
-    match opcode {
+    let (h, body) = CachefilesMsg::read_from_prefix(b).map_err(|_| bad("short header"))?;
+    let (msg_id, object_id) = (h.msg_id.get(), h.object_id.get());
+    match h.opcode.get() {
         CACHEFILES_OP_OPEN => {
-            let raw_fd = u32_at(b, 24).ok_or_else(|| bad("short OPEN"))? as i32;
+            let (o, keys) =
+                CachefilesOpen::read_from_prefix(body).map_err(|_| bad("short OPEN"))?;
             // SAFETY: the kernel installed this fd for us with this message.
-            let fd =
-                unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw_fd) };
+            let fd = unsafe {
+                <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(o.fd.get() as i32)
+            };
             let (vks, cks) = (
-                u32_at(b, 16).unwrap() as usize,
-                u32_at(b, 20).ok_or_else(|| bad("short OPEN"))? as usize,
+                o.volume_key_size.get() as usize,
+                o.cookie_key_size.get() as usize,
             );
-            let data = b
-                .get(32..len.min(b.len()))
-                .ok_or_else(|| bad("OPEN payload"))?;
-            if vks + cks > data.len() {
+            // The keys end where the message does (`len` counts the header).
+            let payload = (h.len.get() as usize).saturating_sub(32).min(keys.len());
+            let data = &keys[..payload];
+            if vks.checked_add(cks).is_none_or(|n| n > data.len()) {
                 return Err(bad("OPEN key sizes"));
             }
             let mut volume_key = data[..vks].to_vec();
@@ -107,12 +131,60 @@ pub fn parse_msg(b: &[u8]) -> io::Result<Msg> {
             })
         }
         CACHEFILES_OP_CLOSE => Ok(Msg::Close { msg_id, object_id }),
-        CACHEFILES_OP_READ => Ok(Msg::Read {
-            msg_id,
-            object_id,
-            off: u64_at(b, 16).ok_or_else(|| bad("short READ"))?,
-            len: u64_at(b, 24).ok_or_else(|| bad("short READ"))?,
-        }),
+        CACHEFILES_OP_READ => {
+            let (r, _) = CachefilesRead::read_from_prefix(body).map_err(|_| bad("short READ"))?;
+            Ok(Msg::Read {
+                msg_id,
+                object_id,
+                off: r.off.get(),
+                len: r.len.get(),
+            })
+        }
         op => Err(bad(&format!("opcode {op}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(opcode: u32, body: &[u8]) -> Vec<u8> {
+        let mut b = CachefilesMsg {
+            msg_id: 7.into(),
+            opcode: opcode.into(),
+            len: ((16 + body.len()) as u32).into(),
+            object_id: 3.into(),
+        }
+        .as_bytes()
+        .to_vec();
+        b.extend_from_slice(body);
+        b
+    }
+
+    #[test]
+    fn parses_read_and_close_and_refuses_short_ones() {
+        let read = CachefilesRead {
+            off: 4096.into(),
+            len: 8192.into(),
+        };
+        match parse_msg(&msg(CACHEFILES_OP_READ, read.as_bytes())).unwrap() {
+            Msg::Read {
+                msg_id,
+                object_id,
+                off,
+                len,
+            } => assert_eq!((msg_id, object_id, off, len), (7, 3, 4096, 8192)),
+            m => panic!("{m:?}"),
+        }
+        assert!(matches!(
+            parse_msg(&msg(CACHEFILES_OP_CLOSE, &[])).unwrap(),
+            Msg::Close {
+                msg_id: 7,
+                object_id: 3
+            }
+        ));
+        assert!(parse_msg(&msg(CACHEFILES_OP_READ, &[0; 8])).is_err());
+        assert!(parse_msg(&[0; 10]).is_err());
+        assert!(parse_msg(&msg(9, &[])).is_err());
     }
 }

@@ -6,6 +6,8 @@
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use zerocopy::native_endian::{I32, U16, U32, U64};
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 pub const FAN_CLOEXEC: u32 = 0x0000_0001;
 pub const FAN_NONBLOCK: u32 = 0x0000_0002;
@@ -20,6 +22,49 @@ pub const FAN_EVENT_INFO_TYPE_RANGE: u8 = 6;
 pub const FANOTIFY_METADATA_VERSION: u8 = 3;
 /// `struct fanotify_event_metadata`.
 pub const METADATA_LEN: usize = 24;
+
+/// `struct fanotify_event_metadata` (uapi `linux/fanotify.h`), native
+/// endian, read unaligned from the event buffer.
+#[derive(Clone, Copy, Debug, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+pub struct FanotifyEventMetadata {
+    pub event_len: U32,
+    pub vers: u8,
+    pub reserved: u8,
+    pub metadata_len: U16,
+    pub mask: U64,
+    pub fd: I32,
+    pub pid: I32,
+}
+const _: () = assert!(core::mem::size_of::<FanotifyEventMetadata>() == METADATA_LEN);
+
+/// `struct fanotify_event_info_header`.
+#[derive(Clone, Copy, Debug, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+pub struct FanotifyEventInfoHeader {
+    pub info_type: u8,
+    pub pad: u8,
+    pub len: U16,
+}
+
+/// `struct fanotify_event_info_range` (6.14+): the bytes about to be read.
+#[derive(Clone, Copy, Debug, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+pub struct FanotifyEventInfoRange {
+    pub hdr: FanotifyEventInfoHeader,
+    pub pad: U32,
+    pub offset: U64,
+    pub count: U64,
+}
+const _: () = assert!(core::mem::size_of::<FanotifyEventInfoRange>() == 24);
+
+/// `struct fanotify_response`.
+#[derive(Clone, Copy, Debug, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+pub struct FanotifyResponse {
+    pub fd: I32,
+    pub response: U32,
+}
 
 /// `FAN_DENY_ERRNO(e)`: deny and make the reader's syscall fail with `e`
 /// (6.14+, pre-content events only); older kernels give EPERM instead.
@@ -95,22 +140,16 @@ impl Group {
 
     /// Answer the event whose fd number is `fd`.
     pub fn respond(&self, fd: RawFd, response: u32) -> io::Result<()> {
-        let mut b = [0u8; 8];
-        b[..4].copy_from_slice(&fd.to_ne_bytes());
-        b[4..].copy_from_slice(&response.to_ne_bytes());
-        let n = rustix::io::write(&self.0, &b)?;
-        if n != b.len() {
+        let r = FanotifyResponse {
+            fd: fd.into(),
+            response: response.into(),
+        };
+        let n = rustix::io::write(&self.0, r.as_bytes())?;
+        if n != r.as_bytes().len() {
             return Err(io::Error::other("short fanotify response write"));
         }
         Ok(())
     }
-}
-
-fn ne_u32(b: &[u8]) -> u32 {
-    u32::from_ne_bytes(b[..4].try_into().unwrap())
-}
-fn ne_u64(b: &[u8]) -> u64 {
-    u64::from_ne_bytes(b[..8].try_into().unwrap())
 }
 
 /// Split a read buffer into events. Every fd found is taken into an
@@ -119,43 +158,38 @@ fn parse_events(mut b: &[u8]) -> io::Result<Vec<Event>> {
     let bad = |why: &str| io::Error::new(io::ErrorKind::InvalidData, format!("fanotify: {why}"));
     let mut out = Vec::new();
     while !b.is_empty() {
-        if b.len() < METADATA_LEN {
-            return Err(bad("short event"));
-        }
-        let event_len = ne_u32(b) as usize;
-        let vers = b[4];
-        let metadata_len = u16::from_ne_bytes([b[6], b[7]]) as usize;
-        let mask = ne_u64(&b[8..]);
-        let fd = i32::from_ne_bytes(b[16..20].try_into().unwrap());
-        let pid = i32::from_ne_bytes(b[20..24].try_into().unwrap());
+        let (m, _) = FanotifyEventMetadata::read_from_prefix(b).map_err(|_| bad("short event"))?;
+        let fd = m.fd.get();
         let owned = (fd >= 0).then(|| {
             // SAFETY: the kernel installed this fd in our table for this
             // event; nothing else refers to it.
             unsafe { OwnedFd::from_raw_fd(fd) }
         });
-        if vers != FANOTIFY_METADATA_VERSION {
-            return Err(bad(&format!("metadata version {vers}")));
+        if m.vers != FANOTIFY_METADATA_VERSION {
+            return Err(bad(&format!("metadata version {}", m.vers)));
         }
+        let (event_len, metadata_len) = (m.event_len.get() as usize, m.metadata_len.get() as usize);
         if event_len < METADATA_LEN || event_len > b.len() || metadata_len < METADATA_LEN {
             return Err(bad("event length"));
         }
         let mut range = None;
         let mut info = &b[metadata_len.min(event_len)..event_len];
-        while info.len() >= 4 {
-            let (kind, len) = (info[0], u16::from_ne_bytes([info[2], info[3]]) as usize);
+        while let Ok((h, _)) = FanotifyEventInfoHeader::read_from_prefix(info) {
+            let len = h.len.get() as usize;
             if len < 4 || len > info.len() {
                 break;
             }
-            // struct fanotify_event_info_range: header, u32 pad, u64 offset, u64 count.
-            if kind == FAN_EVENT_INFO_TYPE_RANGE && len >= 24 {
-                range = Some((ne_u64(&info[8..]), ne_u64(&info[16..])));
+            if h.info_type == FAN_EVENT_INFO_TYPE_RANGE {
+                if let Ok((r, _)) = FanotifyEventInfoRange::read_from_prefix(&info[..len]) {
+                    range = Some((r.offset.get(), r.count.get()));
+                }
             }
             info = &info[len..];
         }
         out.push(Event {
-            mask,
+            mask: m.mask.get(),
             fd: owned,
-            pid,
+            pid: m.pid.get(),
             range,
         });
         b = &b[event_len..];
@@ -169,17 +203,30 @@ mod tests {
 
     #[test]
     fn parses_metadata_and_range() {
-        let mut b = vec![0u8; 48];
-        b[..4].copy_from_slice(&48u32.to_ne_bytes());
-        b[4] = FANOTIFY_METADATA_VERSION;
-        b[6..8].copy_from_slice(&24u16.to_ne_bytes());
-        b[8..16].copy_from_slice(&FAN_PRE_ACCESS.to_ne_bytes());
-        b[16..20].copy_from_slice(&(-1i32).to_ne_bytes());
-        b[20..24].copy_from_slice(&42i32.to_ne_bytes());
-        b[24] = FAN_EVENT_INFO_TYPE_RANGE;
-        b[26..28].copy_from_slice(&24u16.to_ne_bytes());
-        b[32..40].copy_from_slice(&65536u64.to_ne_bytes());
-        b[40..48].copy_from_slice(&131072u64.to_ne_bytes());
+        let mut b = FanotifyEventMetadata {
+            event_len: 48.into(),
+            vers: FANOTIFY_METADATA_VERSION,
+            reserved: 0,
+            metadata_len: 24.into(),
+            mask: FAN_PRE_ACCESS.into(),
+            fd: (-1).into(),
+            pid: 42.into(),
+        }
+        .as_bytes()
+        .to_vec();
+        b.extend_from_slice(
+            FanotifyEventInfoRange {
+                hdr: FanotifyEventInfoHeader {
+                    info_type: FAN_EVENT_INFO_TYPE_RANGE,
+                    pad: 0,
+                    len: 24.into(),
+                },
+                pad: 0.into(),
+                offset: 65536.into(),
+                count: 131072.into(),
+            }
+            .as_bytes(),
+        );
         let ev = parse_events(&b).unwrap();
         assert_eq!(ev.len(), 1);
         assert_eq!(ev[0].pid, 42);
