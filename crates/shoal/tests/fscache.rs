@@ -10,26 +10,14 @@ mod common;
 use common::servers::*;
 use common::*;
 use std::path::{Path, PathBuf};
-use std::process::Command;
-
-fn vm_script() -> PathBuf {
-    corpus_dir().join("../vm/run-in-vm.sh")
-}
 
 #[test]
 fn fscache_frontend_in_vm() {
     if std::env::var_os("IN_TEST_VM").is_some() {
         return; // inside the VM only the suite itself runs
     }
-    if !rustix::process::geteuid().is_root() {
-        return skip("not root");
-    }
-    let vm = vm_script();
-    if !vm.exists() {
-        return skip("no ../shared/vm/run-in-vm.sh");
-    }
-    if !Path::new("/usr/bin/qemu-system-x86_64").exists() {
-        return skip("qemu-system-x86 not installed");
+    if let Some(why) = vm_unavailable(None) {
+        return skip(&why);
     }
     let c = corpus_dir();
     if !c.join("base.tar.gz").exists() {
@@ -54,8 +42,11 @@ fn fscache_frontend_in_vm() {
     let ex = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/demo");
     build_layer_blobs(tmp.path(), "demo", &[ex.join("base")], &blobs);
     extract(&py, &blobs, &tmp.path().join("py-tree"));
-    let out = Command::new(&vm)
-        .args([
+    run_vm_suite(
+        None,
+        "fscache_suite_in_vm",
+        tmp.path(),
+        &[
             "--timeout",
             "1200",
             "--mem",
@@ -64,36 +55,7 @@ fn fscache_frontend_in_vm() {
             "2",
             "--disk",
             "4G",
-            "--",
-        ])
-        .arg(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "fscache_suite_in_vm",
-            "--include-ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env("SHOAL_VM_INPUT", tmp.path())
-        .env_remove("RUST_BACKTRACE")
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "the VM suite failed:\n{text}");
-    assert!(
-        text.contains("test result: ok. 1 passed"),
-        "the VM suite did not run:\n{text}"
-    );
-    println!(
-        "{}",
-        text.lines()
-            .filter(|l| l.starts_with("vm: "))
-            .collect::<Vec<_>>()
-            .join("\n")
+        ],
     );
 }
 

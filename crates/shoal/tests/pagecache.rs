@@ -246,25 +246,13 @@ fn walk_files(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
-fn vm_script() -> PathBuf {
-    corpus_dir().join("../vm/run-in-vm.sh")
-}
-
 #[test]
 fn page_cache_sharing_in_vm_7_2() {
     if std::env::var_os("IN_TEST_VM").is_some() {
         return;
     }
-    if !rustix::process::geteuid().is_root() {
-        return skip("not root");
-    }
-    let vm = vm_script();
-    let kernel = corpus_dir().join("../vm/bzImage-7.2");
-    if !vm.exists() || !kernel.exists() {
-        return skip("no ../shared/vm/run-in-vm.sh with bzImage-7.2");
-    }
-    if !Path::new("/usr/bin/qemu-system-x86_64").exists() {
-        return skip("qemu-system-x86 not installed");
+    if let Some(why) = vm_unavailable(Some("bzImage-7.2")) {
+        return skip(&why);
     }
     // Inputs are built here and read by the VM (the host's root, read-only).
     let tmp = tempfile::tempdir_in("/var/tmp").unwrap();
@@ -276,10 +264,11 @@ fn page_cache_sharing_in_vm_7_2() {
     let liar = image(tmp.path(), "liar", &other, 4);
     lie_about_fingerprint(&liar, &other, &shared);
     image_with(tmp.path(), "old", &shared, 5, &["--no-fingerprints"]);
-    let out = Command::new(&vm)
-        .args(["--kernel"])
-        .arg(&kernel)
-        .args([
+    run_vm_suite(
+        Some("bzImage-7.2"),
+        "pagecache_suite_in_vm",
+        tmp.path(),
+        &[
             "--timeout",
             "900",
             "--mem",
@@ -288,36 +277,7 @@ fn page_cache_sharing_in_vm_7_2() {
             "2",
             "--disk",
             "2G",
-            "--",
-        ])
-        .arg(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "pagecache_suite_in_vm",
-            "--include-ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env("SHOAL_VM_INPUT", tmp.path())
-        .env_remove("RUST_BACKTRACE")
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "the VM suite failed:\n{text}");
-    assert!(
-        text.contains("test result: ok. 1 passed"),
-        "the VM suite did not run:\n{text}"
-    );
-    println!(
-        "{}",
-        text.lines()
-            .filter(|l| l.starts_with("vm: "))
-            .collect::<Vec<_>>()
-            .join("\n")
+        ],
     );
 }
 

@@ -434,3 +434,62 @@ pub fn compare_contents(a: &Path, b: &Path) -> Vec<String> {
     }
     bad
 }
+
+/// Why the VM tests cannot run here (`kernel`: a bzImage in ../shared/vm,
+/// None for its default 6.12), if they cannot.
+pub fn vm_unavailable(kernel: Option<&str>) -> Option<String> {
+    if !rustix::process::geteuid().is_root() {
+        return Some("not root".into());
+    }
+    let vm = corpus_dir().join("../vm/run-in-vm.sh");
+    if !vm.exists() {
+        return Some("no ../shared/vm/run-in-vm.sh".into());
+    }
+    if let Some(k) = kernel {
+        if !corpus_dir().join("../vm").join(k).exists() {
+            return Some(format!("no ../shared/vm/{k}"));
+        }
+    }
+    if !Path::new("/usr/bin/qemu-system-x86_64").exists() {
+        return Some("qemu-system-x86 not installed".into());
+    }
+    None
+}
+
+/// Run this test binary's ignored `suite` inside ../shared/vm (with
+/// `kernel`, else the default 6.12) on `input` (read-only in the guest, as
+/// `SHOAL_VM_INPUT`), assert it passed, and print its `vm: ` lines.
+pub fn run_vm_suite(kernel: Option<&str>, suite: &str, input: &Path, vm_args: &[&str]) {
+    let vm_dir = corpus_dir().join("../vm");
+    let mut cmd = Command::new(vm_dir.join("run-in-vm.sh"));
+    if let Some(k) = kernel {
+        cmd.arg("--kernel").arg(vm_dir.join(k));
+    }
+    let out = cmd
+        .args(vm_args)
+        .arg("--")
+        .arg(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            suite,
+            "--include-ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("SHOAL_VM_INPUT", input)
+        .env_remove("RUST_BACKTRACE")
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "the VM suite failed:\n{text}");
+    assert!(
+        text.contains("test result: ok. 1 passed"),
+        "the VM suite did not run:\n{text}"
+    );
+    let lines: Vec<&str> = text.lines().filter(|l| l.starts_with("vm: ")).collect();
+    println!("{}", lines.join("\n"));
+}
