@@ -31,6 +31,7 @@ fuzz_target!(|data: &[u8]| {
             chunk_size: 4096,
             build_time: None,
             volume_name: Vec::new(),
+            fingerprints: true,
         };
         let bytes = write_image(&tree, &blobs, &placement, &opts).expect("an accepted tree writes");
         let img = Image::open(bytes).expect("a written image opens");
