@@ -164,10 +164,10 @@ pub fn detect(work_dir: &Path) -> Features {
     let directio = feature(
         Kernel::Directio,
         if shoal_sys::erofs_knows_flag("directio") {
-            Ok("backing files read with direct I/O: each page cached once".into())
+            Ok("erofs can read backing files with direct I/O (used with `directio = true`)".into())
         } else {
             Err(format!(
-                "kernel {kernel} has no erofs directio (Linux 6.13+): pages cached twice"
+                "kernel {kernel} has no erofs directio (Linux 6.13+)"
             ))
         },
     );
