@@ -566,42 +566,26 @@ impl BlobCache {
                 .map(|&(lo, hi)| (lo, bits[lo..hi].to_vec()))
                 .collect()
         };
-        for (lo, bytes) in &snapshot {
+        for (lo, bytes) in snapshot {
             self.map_file
-                .write_all_at(bytes, MAP_HEADER + *lo as u64)
+                .write_all_at(&bytes, MAP_HEADER + lo as u64)
                 .map_err(io(&self.map_path, "writing readiness map"))?;
         }
         self.map_file
             .sync_data()
-            .map_err(io(&self.map_path, "syncing readiness map"))?;
-        self.drop_pages(&ranges);
-        Ok(())
+            .map_err(io(&self.map_path, "syncing readiness map"))
     }
 
     /// Drop the cache file's clean pages, whatever put them there: the
     /// daemon's fills, or the kernel's buffered reads of the file under an
-    /// erofs mount without `directio` (erofs keeps its own copy of what
-    /// it read, so these are the second copy). Dirty pages stay.
+    /// erofs mount without `directio`. The cache file is a store, not a page
+    /// cache: what a mount reads is cached where it is read (erofs's pages,
+    /// FUSE's pages), so these are a second copy. Dirty pages stay; the
+    /// daemon calls this every second, after readiness flushes.
     pub fn trim_pages(&self) {
         use rustix::fs::{fadvise, Advice};
         if let Err(e) = fadvise(&self.data, 0, None, Advice::DontNeed) {
             tracing::debug!(blob = %self.name, error = %e, "dropping cache file pages");
-        }
-    }
-
-    /// Drop the now clean pages of what was filled. The cache file is a
-    /// store, not a page cache: what the kernel reads is cached where it is
-    /// read (erofs's own pages with `directio`, FUSE's pages, cachefiles
-    /// reads with direct I/O), and keeping the written pages as well would
-    /// hold every fetched byte in memory twice.
-    fn drop_pages(&self, bitmap_ranges: &[(usize, usize)]) {
-        use rustix::fs::{fadvise, Advice};
-        for &(lo, hi) in bitmap_ranges {
-            let offset = lo as u64 * 8 * BLOCK;
-            let len = std::num::NonZeroU64::new((hi - lo) as u64 * 8 * BLOCK);
-            if let Err(e) = fadvise(&self.data, offset, len, Advice::DontNeed) {
-                tracing::debug!(blob = %self.name, error = %e, "dropping written pages");
-            }
         }
     }
 

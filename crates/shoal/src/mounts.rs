@@ -144,15 +144,7 @@ pub struct Mounts {
 /// Mount points in this namespace (`/proc/self/mountinfo`, field 5, with
 /// its octal escapes undone).
 pub fn mounted(mp: &Path) -> bool {
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return false;
-    };
-    let want = mp.as_os_str().as_encoded_bytes();
-    info.lines().any(|l| {
-        l.split(' ')
-            .nth(4)
-            .is_some_and(|f| shoal_sys::mount::unescape(f) == want)
-    })
+    shoal_sys::mount_super_options(mp).is_some()
 }
 
 impl Kind {
