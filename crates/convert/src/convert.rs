@@ -29,6 +29,8 @@ pub struct ConvertOptions {
     pub max_size: Option<u64>,
     /// Write inode fingerprints (page-cache sharing on Linux 7.0+).
     pub fingerprints: bool,
+    /// How the blobs are stored in the registry.
+    pub compress: erofs::Compression,
     pub progress: bool,
 }
 
@@ -43,6 +45,8 @@ pub struct ConvertReport {
     pub source_bytes: u64,
     pub blobs: usize,
     pub blob_bytes: u64,
+    /// What the blobs take in the registry (compressed objects or blobs).
+    pub remote_bytes: u64,
     pub bootstrap_bytes: u64,
     pub chunks: u64,
     pub chunks_reused: u64,
@@ -221,28 +225,35 @@ fn blob_origins(
     }
     let mut out = Vec::new();
     for b in &report.blobs {
-        let digest = Digest::from_hex(&b.tag).map_err(|why| ConvertError::Source {
-            reference: b.tag.clone(),
+        // A compressed blob travels as its object (named by its own digest).
+        let object = report.objects.iter().find(|o| o.tag == b.tag);
+        let (name, size, written) = match object {
+            Some(o) => (&o.object, o.object_bytes, o.written),
+            None => (&b.tag, b.bytes, b.written),
+        };
+        let digest = Digest::from_hex(name).map_err(|why| ConvertError::Source {
+            reference: name.clone(),
             why,
         })?;
-        let origin = if b.written {
-            BlobOrigin::Local(blob_dir.join(&b.tag))
+        let origin = if written {
+            BlobOrigin::Local(blob_dir.join(name))
         } else {
             let d = homes[&b.tag];
             match (
                 &d.repo,
-                d.dirs.iter().map(|p| p.join(&b.tag)).find(|p| p.exists()),
+                d.dirs.iter().map(|p| p.join(name)).find(|p| p.exists()),
             ) {
                 (Some(repo), _) => BlobOrigin::Registry(repo.clone()),
                 (None, Some(p)) => BlobOrigin::Local(p),
                 // Not local: the destination must have it (checked at push).
-                (None, None) => BlobOrigin::Local(d.dirs[0].join(&b.tag)),
+                (None, None) => BlobOrigin::Local(d.dirs[0].join(name)),
             }
         };
         out.push(PushBlob {
             digest,
-            size: b.bytes,
+            size,
             origin,
+            compressed_blob: object.map(|_| b.tag.clone()),
         });
     }
     Ok(out)
@@ -300,12 +311,15 @@ pub fn convert(
             .and_then(|s| s.parse().ok()),
         max_size: opts.max_size,
         fingerprints: opts.fingerprints,
+        compress: opts.compress,
+        ..BuildOptions::default()
     };
     let current = Current::default();
     let sources = layer_sources(&img, &progress, &current);
     let built = erofs::build_sources(sources, &blob_dir, &bootstrap, &bopts)
         .map_err(|e| blame_corruption(&current, e))?;
     let blobs = blob_origins(&built, &blob_dir, &dicts)?;
+    let remote_bytes: u64 = blobs.iter().map(|b| b.size).sum();
     let mount_from: Vec<String> = dicts
         .iter()
         .filter_map(|d| d.repo.as_ref())
@@ -329,6 +343,7 @@ pub fn convert(
         source_bytes: img.layers().iter().map(|l| l.size).sum(),
         blobs: built.blobs.len(),
         blob_bytes: built.blobs.iter().map(|b| b.bytes).sum(),
+        remote_bytes,
         bootstrap_bytes: built.bootstrap_bytes,
         chunks: built.stats.chunks,
         chunks_reused: built.stats.chunks_reused,

@@ -22,6 +22,9 @@ pub struct PushBlob {
     pub digest: Digest,
     pub size: u64,
     pub origin: BlobOrigin,
+    /// For a blob's compressed object (the frame table in the bootstrap
+    /// says how it is read): the blob's tag, for the layer's annotation.
+    pub compressed_blob: Option<String>,
 }
 
 pub struct PushRequest {
@@ -55,8 +58,15 @@ impl PushRequest {
             let tag = img
                 .device_tag(dev)
                 .ok_or_else(|| unusable(format!("device {dev} has no tag")))?;
-            let digest = Digest::from_hex(&tag).map_err(unusable)?;
-            let path = blob_dir.join(&tag);
+            // A compressed blob travels as its object; the raw blob stays local.
+            let object = img
+                .chunk_table
+                .as_ref()
+                .and_then(|t| t.frames(dev))
+                .map(|f| f.object_name());
+            let name = object.clone().unwrap_or_else(|| tag.clone());
+            let digest = Digest::from_hex(&name).map_err(unusable)?;
+            let path = blob_dir.join(&name);
             let size = std::fs::metadata(&path)
                 .map_err(ConvertError::io("reading blob", &path))?
                 .len();
@@ -64,6 +74,7 @@ impl PushRequest {
                 digest,
                 size,
                 origin: BlobOrigin::Local(path),
+                compressed_blob: object.map(|_| tag),
             });
         }
         let name = img.sb.volume_name;
@@ -189,7 +200,13 @@ pub fn push_image(
     for b in &req.blobs {
         let u = upload_one(dst, b, &req.mount_from, progress)?;
         report.count(u, b.size);
-        layers.push(shoal::blob_layer(b.digest.clone(), b.size));
+        let mut layer = shoal::blob_layer(b.digest.clone(), b.size);
+        if let Some(tag) = &b.compressed_blob {
+            layer
+                .annotations
+                .insert(shoal::COMPRESSED_BLOB_ANNOTATION.into(), tag.clone());
+        }
+        layers.push(layer);
     }
     let boot_bytes =
         std::fs::read(&req.bootstrap).map_err(ConvertError::io("reading", &req.bootstrap))?;
@@ -197,6 +214,7 @@ pub fn push_image(
         digest: Digest::of(&boot_bytes),
         size: boot_bytes.len() as u64,
         origin: BlobOrigin::Local(req.bootstrap.clone()),
+        compressed_blob: None,
     };
     report.count(
         upload_one(dst, &boot, &req.mount_from, progress)?,

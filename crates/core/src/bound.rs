@@ -185,8 +185,7 @@ impl BoundImage {
                         break;
                     }
                     let b = self.blob(*dev).expect("device of a queued chunk");
-                    let remotes = b.remotes.read().unwrap().clone();
-                    if let Err(e) = b.cache.ensure_batch(run, &remotes, PREFETCH_RUN) {
+                    if let Err(e) = b.cache.ensure_batch(run, &b.sources(), PREFETCH_RUN) {
                         first_err.lock().unwrap().get_or_insert(e);
                     }
                 });

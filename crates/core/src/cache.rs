@@ -10,9 +10,8 @@
 //! and new bits, each of which is still true.
 
 use crate::error::CoreError;
-use crate::remote::Remote;
+use crate::fetch::{self, Source};
 use erofs::chunktable::ChunkEntry;
-use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
@@ -308,44 +307,16 @@ impl BlobCache {
     }
 
     /// Make the chunk `entry` ready: on a miss fetch it (once, however many
-    /// callers ask concurrently), verify, write, sync, mark. Returns whether
-    /// this call waited for or did a fetch.
-    pub fn ensure(
-        &self,
-        entry: &ChunkEntry,
-        remotes: &[Arc<dyn Remote>],
-    ) -> Result<bool, CoreError> {
-        let (start, n) = (entry.blkaddr.get(), entry.nblocks.get());
-        if self.is_ready(start, n) {
+    /// callers ask concurrently), verify, write, mark. Returns whether this
+    /// call waited for or did a fetch.
+    pub fn ensure(&self, entry: &ChunkEntry, sources: &[Source]) -> Result<bool, CoreError> {
+        if self.is_ready(entry.blkaddr.get(), entry.nblocks.get()) {
             self.counters.hits.fetch_add(1, Ordering::Relaxed);
             return Ok(false);
         }
-        self.counters.misses.fetch_add(1, Ordering::Relaxed);
-        let (flight, leader) = {
-            let mut map = self.inflight.lock().unwrap();
-            match map.get(&start) {
-                Some(f) => (f.clone(), false),
-                None => {
-                    let f = Arc::new(Flight::default());
-                    map.insert(start, f.clone());
-                    (f, true)
-                }
-            }
-        };
-        if !leader {
-            return match flight.wait(self.flight_wait()) {
-                Ok(()) => Ok(true),
-                Err(why) => Err(CoreError::Fetch {
-                    blob: self.name.clone(),
-                    offset: u64::from(start) * BLOCK,
-                    len: u64::from(n) * BLOCK,
-                    why,
-                }),
-            };
-        }
-        let result = self.fetch_verify_store(entry, remotes);
-        self.land(start, &flight, &result);
-        result.map(|_| true)
+        let len = u64::from(entry.nblocks.get()) * BLOCK;
+        self.ensure_batch(std::slice::from_ref(entry), sources, len)?;
+        Ok(true)
     }
 
     /// End the flight for the chunk at `start`: count a failure, retire
@@ -359,13 +330,23 @@ impl BlobCache {
         flight.cv.notify_all();
     }
 
-    /// Make many chunks ready, fetching each run of adjacent missing chunks
-    /// (up to `max_run` bytes) with one ranged request and verifying every
-    /// chunk on its own. Chunks another caller is fetching are waited for.
+    fn fetch_error(&self, e: &ChunkEntry, why: String) -> CoreError {
+        CoreError::Fetch {
+            blob: self.name.clone(),
+            offset: u64::from(e.blkaddr.get()) * BLOCK,
+            len: u64::from(e.nblocks.get()) * BLOCK,
+            why,
+        }
+    }
+
+    /// Make many chunks ready (sorted by block), fetching each run of
+    /// adjacent missing chunks (or of the frames holding them) with one
+    /// ranged request of up to `max_run` bytes and verifying every chunk on
+    /// its own. Chunks another caller is fetching are waited for.
     pub fn ensure_batch(
         &self,
         entries: &[ChunkEntry],
-        remotes: &[Arc<dyn Remote>],
+        sources: &[Source],
         max_run: u64,
     ) -> Result<(), CoreError> {
         let mut led: Vec<(ChunkEntry, Arc<Flight>)> = Vec::new();
@@ -388,83 +369,76 @@ impl BlobCache {
                 }
             }
         }
+        let want: Vec<ChunkEntry> = led.iter().map(|(e, _)| *e).collect();
+        let results = self.fill(&want, sources, max_run);
         let mut first_err = None;
-        let mut i = 0;
-        while i < led.len() {
-            // A run of adjacent chunks, fetched with one request.
-            let start = led[i].0.blkaddr.get();
-            let mut end = start + led[i].0.nblocks.get();
-            let mut j = i + 1;
-            while j < led.len()
-                && led[j].0.blkaddr.get() == end
-                && u64::from(end + led[j].0.nblocks.get() - start) * BLOCK <= max_run
-            {
-                end += led[j].0.nblocks.get();
-                j += 1;
-            }
-            let (offset, len) = (u64::from(start) * BLOCK, u64::from(end - start) * BLOCK);
-            // A run the remotes could not serve fails as a whole: retrying
-            // it chunk by chunk would multiply a dead remote's deadline by
-            // the run's length. Only wrong bytes are retried per chunk.
-            let run = if j - i > 1 {
-                let mut last = String::from("no remote");
-                let got = remotes
-                    .iter()
-                    .find_map(|r| match r.fetch(&self.name, offset, len) {
-                        Ok(b) => Some(b),
-                        Err(e) => {
-                            last = e.to_string();
-                            None
-                        }
-                    });
-                match got {
-                    Some(b) => Some(Ok(b)),
-                    None => {
-                        tracing::warn!(blob = %self.name, offset, len, cause = %last, "fetch failed");
-                        Some(Err(last))
-                    }
-                }
-            } else {
-                None
+        for ((e, flight), why) in led.iter().zip(results) {
+            let result = match why {
+                None => Ok(()),
+                Some(why) => Err(self.fetch_error(e, why)),
             };
-            for (e, flight) in &led[i..j] {
-                let result = match &run {
-                    Some(Err(why)) => Err(CoreError::Fetch {
-                        blob: self.name.clone(),
-                        offset: u64::from(e.blkaddr.get()) * BLOCK,
-                        len: u64::from(e.nblocks.get()) * BLOCK,
-                        why: why.clone(),
-                    }),
-                    Some(Ok(bytes)) => {
-                        let at = ((e.blkaddr.get() - start) as u64 * BLOCK) as usize;
-                        let slice = &bytes[at..at + e.nblocks.get() as usize * BLOCK as usize];
-                        if Sha256::digest(slice).as_slice() == e.digest {
-                            self.store(e, slice)
-                        } else {
-                            // Wrong bytes in the run: this chunk alone, with retries.
-                            self.fetch_verify_store(e, remotes)
-                        }
-                    }
-                    None => self.fetch_verify_store(e, remotes),
-                };
-                self.land(e.blkaddr.get(), flight, &result);
-                if let Err(err) = result {
-                    first_err.get_or_insert(err);
-                }
+            self.land(e.blkaddr.get(), flight, &result);
+            if let Err(err) = result {
+                first_err.get_or_insert(err);
             }
-            i = j;
         }
         for (e, f) in waits {
             if let Err(why) = f.wait(self.flight_wait()) {
-                first_err.get_or_insert(CoreError::Fetch {
-                    blob: self.name.clone(),
-                    offset: u64::from(e.blkaddr.get()) * BLOCK,
-                    len: u64::from(e.nblocks.get()) * BLOCK,
-                    why,
-                });
+                first_err.get_or_insert(self.fetch_error(&e, why));
             }
         }
         first_err.map_or(Ok(()), Err)
+    }
+
+    /// Fetch, verify and store `want` from the first source that delivers
+    /// each chunk. Wrong bytes are asked for again, up to
+    /// [`VERIFY_ATTEMPTS`] rounds over the sources; a failing remote is not
+    /// (remotes retry transient errors themselves, see `Retrying`), so a
+    /// read fails within one fetch budget per source. Returns per chunk
+    /// `None` (ready) or why not.
+    fn fill(&self, want: &[ChunkEntry], sources: &[Source], max_run: u64) -> Vec<Option<String>> {
+        let mut why: Vec<Option<String>> = want
+            .iter()
+            .map(|e| {
+                let end = u64::from(e.blkaddr.get()) + u64::from(e.nblocks.get());
+                Some(if end > u64::from(self.blocks) {
+                    format!("chunk beyond the blob's {} blocks", self.blocks)
+                } else {
+                    String::from("no remote")
+                })
+            })
+            .collect();
+        let fetchable: Vec<usize> = (0..want.len())
+            .filter(|&k| why[k].as_deref() == Some("no remote"))
+            .collect();
+        let mut pending = fetchable;
+        for _attempt in 1..=VERIFY_ATTEMPTS {
+            let mut wrong = false;
+            for src in sources {
+                if pending.is_empty() {
+                    break;
+                }
+                let sub: Vec<ChunkEntry> = pending.iter().map(|&k| want[k]).collect();
+                let misses =
+                    fetch::fetch_from(src, &self.name, &sub, max_run, &mut |e, b| self.store(e, b));
+                let mut missed = vec![false; sub.len()];
+                for (i, m) in misses {
+                    missed[i] = true;
+                    wrong |= m.wrong_bytes;
+                    why[pending[i]] = Some(m.why);
+                }
+                for (i, &k) in pending.iter().enumerate() {
+                    if !missed[i] {
+                        why[k] = None;
+                    }
+                }
+                pending.retain(|&k| why[k].is_some());
+            }
+            if !wrong || pending.is_empty() {
+                break;
+            }
+        }
+        why
     }
 
     /// Write verified bytes of a chunk and mark them ready.
@@ -478,59 +452,6 @@ impl BlobCache {
             .fetched_bytes
             .fetch_add(bytes.len() as u64, Ordering::Relaxed);
         self.counters.fetches.fetch_add(1, Ordering::Relaxed);
-        Ok(())
-    }
-
-    fn fetch_verify_store(
-        &self,
-        entry: &ChunkEntry,
-        remotes: &[Arc<dyn Remote>],
-    ) -> Result<(), CoreError> {
-        let (start, n) = (entry.blkaddr.get(), entry.nblocks.get());
-        let (offset, len) = (u64::from(start) * BLOCK, u64::from(n) * BLOCK);
-        let fail = |why: String| CoreError::Fetch {
-            blob: self.name.clone(),
-            offset,
-            len,
-            why,
-        };
-        if u64::from(start) + u64::from(n) > u64::from(self.blocks) {
-            return Err(fail(format!(
-                "chunk beyond the blob's {} blocks",
-                self.blocks
-            )));
-        }
-        let mut last = String::from("no remote");
-        let mut bytes = None;
-        // Remotes already retry transient errors (see `Retrying`); here a
-        // fetch is repeated only when the bytes arrived but were wrong.
-        'outer: for attempt in 1..=VERIFY_ATTEMPTS {
-            let mut mismatch = false;
-            for remote in remotes {
-                match remote.fetch(&self.name, offset, len) {
-                    Ok(b) if Sha256::digest(&b).as_slice() == entry.digest => {
-                        bytes = Some(b);
-                        break 'outer;
-                    }
-                    Ok(_) => {
-                        mismatch = true;
-                        last =
-                            format!("{}: sha256 mismatch (attempt {attempt})", remote.describe());
-                        tracing::warn!(blob = %self.name, offset, len, cause = %last, "fetched bytes fail verification");
-                    }
-                    Err(e) => {
-                        last = e.to_string();
-                        tracing::warn!(blob = %self.name, offset, len, cause = %last, "fetch failed");
-                    }
-                }
-            }
-            if !mismatch {
-                break;
-            }
-        }
-        let bytes = bytes.ok_or_else(|| fail(last))?;
-        self.store(entry, &bytes)?;
-        tracing::debug!(blob = %self.name, offset, len, "chunk fetched and verified");
         Ok(())
     }
 

@@ -6,6 +6,7 @@
 
 use crate::cache::{BlobCache, BlobStats, DataFiles, PlainFiles, BLOCK};
 use crate::error::CoreError;
+use crate::fetch::Source;
 use crate::names::{check_blob, check_id};
 use crate::remote::{self, HttpOptions, Remote, Retrying};
 use erofs::Image;
@@ -239,10 +240,17 @@ impl Registry {
                 why: format!("device {dev} has no tag"),
             })?;
             check_blob(&name)?;
+            // A blob the image stores compressed is fetched as its object
+            // (which is all the remote may hold); others by their tag.
+            let source = Source {
+                remote: remote.clone(),
+                frames: table.frames(dev).cloned().map(Arc::new),
+            };
             wanted.push((
                 name,
                 slot.blocks.get(),
                 table.entries(dev).unwrap_or(&[]).to_vec(),
+                source,
             ));
         }
         let domain = {
@@ -266,7 +274,7 @@ impl Registry {
             });
         }
         // Check every blob before changing anything.
-        for (name, blocks, entries) in &wanted {
+        for (name, blocks, entries, _) in &wanted {
             if let Some(b) = st.blobs.get(name) {
                 if b.cache.blocks != *blocks {
                     return Err(CoreError::Unusable {
@@ -293,7 +301,7 @@ impl Registry {
         }
         // Open every new cache first, so a failure leaves the domain as it was.
         let mut opened: HashMap<String, Arc<SharedBlob>> = HashMap::new();
-        for (name, blocks, _) in &wanted {
+        for (name, blocks, _, _) in &wanted {
             if !st.blobs.contains_key(name) && !opened.contains_key(name) {
                 let cache = BlobCache::open_with(
                     &domain.dir.join("blobs"),
@@ -309,16 +317,17 @@ impl Registry {
                     Arc::new(SharedBlob {
                         cache,
                         chunks: RwLock::new(BTreeMap::new()),
-                        remotes: RwLock::new(Vec::new()),
+                        sources: RwLock::new(Vec::new()),
                         refs: Mutex::new(0),
                         last_fill_end: Default::default(),
+                        window: Default::default(),
                     }),
                 );
             }
         }
         st.blobs.extend(opened);
         let mut blobs = Vec::new();
-        for (name, _, entries) in wanted {
+        for (name, _, entries, source) in wanted {
             let blob = st.blobs[&name].clone();
             {
                 let mut chunks = blob.chunks.write().unwrap();
@@ -326,12 +335,7 @@ impl Registry {
                     chunks.insert(e.blkaddr.get(), e);
                 }
             }
-            {
-                let mut r = blob.remotes.write().unwrap();
-                if !r.iter().any(|x| x.describe() == remote.describe()) {
-                    r.push(remote.clone());
-                }
-            }
+            blob.add_source(source);
             *blob.refs.lock().unwrap() += 1;
             blobs.push(blob);
         }

@@ -7,6 +7,7 @@ mod bound;
 pub mod cache;
 pub mod domain;
 pub mod error;
+pub mod fetch;
 pub mod fingerprint;
 pub mod names;
 pub mod publish;

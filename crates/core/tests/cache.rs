@@ -3,6 +3,7 @@
 
 use erofs::chunktable::ChunkEntry;
 use shoal_core::cache::BlobCache;
+use shoal_core::fetch::Source;
 use shoal_core::remote::{FileRemote, Remote, RemoteError};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -76,7 +77,7 @@ fn concurrent_readers_of_a_missing_chunk_fetch_it_once() {
     let (blobs, name, blocks, entries) = fixture(tmp.path());
     let cache = BlobCache::open(&tmp.path().join("cache"), &name, blocks).unwrap();
     let r = remote(&blobs, false);
-    let remotes: Vec<Arc<dyn Remote>> = vec![r.clone()];
+    let remotes: Vec<Source> = vec![Source::raw(r.clone())];
     std::thread::scope(|s| {
         for _ in 0..16 {
             s.spawn(|| cache.ensure(&entries[0], &remotes).unwrap());
@@ -98,7 +99,7 @@ fn wrong_bytes_are_never_written_or_marked() {
     let dir = tmp.path().join("cache");
     let cache = BlobCache::open(&dir, &name, blocks).unwrap();
     let r = remote(&blobs, true);
-    let remotes: Vec<Arc<dyn Remote>> = vec![r.clone()];
+    let remotes: Vec<Source> = vec![Source::raw(r.clone())];
     let err = cache.ensure(&entries[1], &remotes).unwrap_err().to_string();
     assert!(
         err.contains(&name) && err.contains("sha256 mismatch"),
@@ -123,7 +124,7 @@ fn readiness_survives_reopen_only_once_flushed() {
     let tmp = tempfile::tempdir().unwrap();
     let (blobs, name, blocks, entries) = fixture(tmp.path());
     let dir = tmp.path().join("cache");
-    let remotes: Vec<Arc<dyn Remote>> = vec![remote(&blobs, false)];
+    let remotes: Vec<Source> = vec![Source::raw(remote(&blobs, false))];
     {
         let cache = BlobCache::open(&dir, &name, blocks).unwrap();
         cache.ensure(&entries[0], &remotes).unwrap();
@@ -148,7 +149,7 @@ fn batches_fetch_adjacent_chunks_with_one_request_and_verify_each() {
     let dir = tmp.path().join("cache");
     let cache = BlobCache::open(&dir, &name, blocks).unwrap();
     let r = remote(&blobs, false);
-    let remotes: Vec<Arc<dyn Remote>> = vec![r.clone()];
+    let remotes: Vec<Source> = vec![Source::raw(r.clone())];
     cache.ensure_batch(&entries, &remotes, 8 << 20).unwrap();
     assert_eq!(
         r.fetches.load(Ordering::SeqCst),
@@ -165,7 +166,7 @@ fn batches_fetch_adjacent_chunks_with_one_request_and_verify_each() {
     // first is refused (its own re-fetches are wrong too), the rest are kept.
     let other = tempfile::tempdir().unwrap();
     let cache = BlobCache::open(other.path(), &name, blocks).unwrap();
-    let bad: Vec<Arc<dyn Remote>> = vec![remote(&blobs, true)];
+    let bad: Vec<Source> = vec![Source::raw(remote(&blobs, true))];
     assert!(cache.ensure_batch(&entries, &bad, 8 << 20).is_err());
     let first = &entries[0];
     assert!(!cache.is_ready(first.blkaddr.get(), first.nblocks.get()));

@@ -1,11 +1,14 @@
 //! `build`: sources → tree + blobs → bootstrap, written atomically.
 
 use crate::blob::{ChunkStore, FinalBlob, StoreStats};
+use crate::compress::{compress_image, known_frames, Compression, ObjectReport};
 use crate::error::BuildError;
+use crate::frames::BlobFrames;
 use crate::ingest::{apply_dir, apply_tar, apply_tar_stream};
 use crate::reader::Image;
 use crate::tree::Tree;
 use crate::writer::{write_image, WriteOptions};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 #[derive(Clone, Debug)]
@@ -24,6 +27,12 @@ pub struct BuildOptions {
     pub max_size: Option<u64>,
     /// Write inode content fingerprints for page-cache sharing.
     pub fingerprints: bool,
+    /// How blobs are stored on remotes: with zstd, each blob also gets a
+    /// compressed object in the blob directory and the bootstrap a frame
+    /// table (see [`crate::compress`]).
+    pub compress: Compression,
+    /// Threads compressing frames.
+    pub threads: usize,
 }
 
 impl Default for BuildOptions {
@@ -36,6 +45,8 @@ impl Default for BuildOptions {
             source_date_epoch: None,
             max_size: None,
             fingerprints: true,
+            compress: Compression::None,
+            threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
         }
     }
 }
@@ -45,6 +56,8 @@ pub struct BuildReport {
     pub bootstrap_bytes: u64,
     pub inodes: u64,
     pub blobs: Vec<BlobReport>,
+    /// The blobs' compressed objects (empty without compression).
+    pub objects: Vec<ObjectReport>,
     pub stats: StoreStats,
 }
 
@@ -56,7 +69,13 @@ pub struct BlobReport {
     pub written: bool,
 }
 
-fn load_reuse(store: &mut ChunkStore, path: &Path) -> Result<(), BuildError> {
+/// Load the chunks (and compressed objects, into `known`) of the blobs of
+/// the image(s) at `path`.
+fn load_reuse(
+    store: &mut ChunkStore,
+    known: &mut HashMap<String, BlobFrames>,
+    path: &Path,
+) -> Result<(), BuildError> {
     let reuse_err = |source| BuildError::Reuse {
         path: path.into(),
         source,
@@ -77,6 +96,7 @@ fn load_reuse(store: &mut ChunkStore, path: &Path) -> Result<(), BuildError> {
                         let blocks = img.devices[usize::from(*dev) - 1].blocks.get();
                         store.add_dictionary(&tag, blocks, entries);
                     }
+                    known.extend(known_frames(&img, t));
                     Ok(())
                 }
                 None if must => Err(reuse_err(crate::Error::ChunkTable(
@@ -140,8 +160,9 @@ pub fn build_sources(
     }
     let mut store = ChunkStore::new(blob_dir, opts.chunk_size)?;
     store.set_max_bytes(opts.max_size);
+    let mut known = HashMap::new();
     for r in &opts.reuse {
-        load_reuse(&mut store, r)?;
+        load_reuse(&mut store, &mut known, r)?;
     }
     let mut tree = Tree::new();
     for src in sources {
@@ -158,12 +179,17 @@ pub fn build_sources(
         volume_name: opts.fsid.clone().unwrap_or_default().into_bytes(),
         fingerprints: opts.fingerprints,
     };
-    let img = write_image(&tree, &blobs, &placement, &wopts)?;
+    let mut img = write_image(&tree, &blobs, &placement, &wopts)?;
+    let mut objects = Vec::new();
+    if let Compression::Zstd { level } = opts.compress {
+        (img, objects) = compress_image(&img, blob_dir, &known, level, opts.threads)?;
+    }
     write_atomic(output, &img)?;
     Ok(BuildReport {
         bootstrap_bytes: img.len() as u64,
         inodes: tree.reachable().len() as u64,
         blobs: blobs.iter().map(blob_report).collect(),
+        objects,
         stats,
     })
 }

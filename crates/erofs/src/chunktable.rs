@@ -8,6 +8,7 @@
 //! the file; the bootstrap's own digest pins it.
 
 use crate::error::{Error, Result};
+use crate::frames::{self, BlobFrames, FRAMES_MAGIC};
 use zerocopy::little_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
@@ -64,6 +65,8 @@ pub const MAX_CHUNK_BLOCKS: u64 = (1 << 30) / 4096;
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ChunkTable {
     pub blobs: Vec<(u16, Vec<ChunkEntry>)>,
+    /// How blobs are stored compressed on remotes (empty: uncompressed).
+    pub frames: Vec<BlobFrames>,
 }
 
 impl ChunkTable {
@@ -80,6 +83,11 @@ impl ChunkTable {
         let i = e.partition_point(|c| c.blkaddr.get() <= blkaddr);
         let c = e.get(i.checked_sub(1)?)?;
         (u64::from(blkaddr) < u64::from(c.blkaddr.get()) + u64::from(c.nblocks.get())).then_some(c)
+    }
+
+    /// The frames of `device_id`'s blob, if it is stored compressed.
+    pub fn frames(&self, device_id: u16) -> Option<&BlobFrames> {
+        self.frames.iter().find(|f| f.device_id == device_id)
     }
 
     pub fn total_entries(&self) -> usize {
@@ -109,6 +117,11 @@ impl ChunkTable {
                 .as_bytes(),
             );
             out.extend_from_slice(entries.as_bytes());
+        }
+        // Only compressed images carry the section: others stay byte for
+        // byte what earlier builds wrote.
+        if !self.frames.is_empty() {
+            frames::encode(&mut out, &self.frames);
         }
         let trailer = Trailer {
             magic: TRAILER_MAGIC,
@@ -171,10 +184,14 @@ impl ChunkTable {
             }
             blobs.push((dev, entries));
         }
-        if !rest.is_empty() {
+        let frames = if rest.starts_with(&FRAMES_MAGIC) {
+            frames::decode(rest, blob_blocks, &blobs)?
+        } else if !rest.is_empty() {
             return Err(bad(format!("{} trailing bytes", rest.len())));
-        }
-        Ok(ChunkTable { blobs })
+        } else {
+            Vec::new()
+        };
+        Ok(ChunkTable { blobs, frames })
     }
 }
 
@@ -195,6 +212,7 @@ mod tests {
         let decode = |entries: Vec<ChunkEntry>, blocks: u32| {
             let t = ChunkTable {
                 blobs: vec![(1, entries)],
+                frames: vec![],
             };
             let bytes = t.encode(0);
             ChunkTable::decode(&bytes[..bytes.len() - 64], &[(1, blocks)])
@@ -254,7 +272,7 @@ mod proptests {
         /// `find` locates every entry by its block address.
         #[test]
         fn encode_decode_round_trip((blobs, sizes) in table(), offset in 0u64..1 << 40) {
-            let t = ChunkTable { blobs };
+            let t = ChunkTable { blobs, frames: vec![] };
             let bytes = t.encode(offset);
             let (table, trailer) = bytes.split_at(bytes.len() - TRAILER_SIZE as usize);
             let tr = Trailer::read_from_bytes(trailer).unwrap();

@@ -6,7 +6,9 @@
 pub mod blob;
 pub mod build;
 pub mod chunktable;
+pub mod compress;
 pub mod error;
+pub mod frames;
 pub mod ingest;
 pub mod ondisk;
 pub mod reader;
@@ -15,5 +17,6 @@ pub mod tree;
 pub mod writer;
 
 pub use build::{build, build_sources, BuildOptions, BuildReport, Source};
+pub use compress::Compression;
 pub use error::{BuildError, Error, Result};
 pub use reader::{BlobFiles, BlobSource, DirEntry, Extent, Image, Inode, NoBlobs, ReadAt};

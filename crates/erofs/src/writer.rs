@@ -576,6 +576,7 @@ pub fn write_image(
             .enumerate()
             .map(|(k, b)| ((k + 1) as u16, b.entries.clone()))
             .collect(),
+        frames: Vec::new(),
     };
     let offset = img.len() as u64;
     img.extend_from_slice(&table.encode(offset));

@@ -89,5 +89,39 @@ fn golden_bootstrap_and_blob() {
     assert_eq!(blob_tags, vec![GOLDEN_BLOB], "the blob's bytes changed");
 }
 
+/// The same layer with zstd frames: the blob is unchanged, the object and
+/// the bootstrap (with its frame table) are pinned too, so that a zstd
+/// upgrade that changes its output is noticed (it would republish every
+/// object) rather than found in a registry.
+#[test]
+fn golden_compressed_object() {
+    let tmp = tempfile::tempdir().unwrap();
+    let layer = tmp.path().join("layer.tar");
+    golden_layer(&layer);
+    let (out, blobs) = (tmp.path().join("golden.boot"), tmp.path().join("blobs"));
+    let opts = BuildOptions {
+        chunk_size: 1 << 20,
+        fsid: Some("golden".into()),
+        source_date_epoch: Some(1_700_000_000),
+        compress: erofs::Compression::ZSTD,
+        threads: 3,
+        ..Default::default()
+    };
+    let report = erofs::build(&[layer], &blobs, &out, &opts).unwrap();
+    assert_eq!(report.blobs[0].tag, GOLDEN_BLOB);
+    let objects: Vec<&str> = report.objects.iter().map(|o| o.object.as_str()).collect();
+    println!("bootstrap {} objects {objects:?}", sha(&out));
+    assert_eq!(objects, vec![GOLDEN_OBJECT], "the object's bytes changed");
+    assert_eq!(sha(&blobs.join(GOLDEN_OBJECT)), GOLDEN_OBJECT);
+    assert_eq!(
+        sha(&out),
+        GOLDEN_ZSTD_BOOTSTRAP,
+        "the bootstrap's bytes changed"
+    );
+}
+
+const GOLDEN_OBJECT: &str = "39b662c13be1ebac46f52a1085679b013c223852d1410c3ff61ac24ed5dea3c4";
+const GOLDEN_ZSTD_BOOTSTRAP: &str =
+    "917e24736c57e72660fc5c1ca2649786bf1a070de2458efeb51f35d78d4c9635";
 const GOLDEN_BOOTSTRAP: &str = "c1f0ad12d5f48eb615ad7177317c96d9077877cfadf314c42b5759653b797f98";
 const GOLDEN_BLOB: &str = "cdf2f8b44ce301ecea7262f4e86859bdfd866a0254432054dbbd597f9a471595";

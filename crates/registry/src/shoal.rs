@@ -18,6 +18,10 @@ pub const BOOTSTRAP_MEDIA_TYPE: &str = "application/vnd.oci.image.layer.shoal.bo
 pub const LAYER_ANNOTATION: &str = "containerd.io/snapshot/shoal.layer";
 /// Bootstrap annotation: the image's fsid, if it was built with one.
 pub const FSID_ANNOTATION: &str = "containerd.io/snapshot/shoal.fsid";
+/// Blob layer annotation of a compressed object: the tag (sha256 of the
+/// uncompressed blob) it decompresses to. Informative: the bootstrap's
+/// frame table is what readers trust.
+pub const COMPRESSED_BLOB_ANNOTATION: &str = "dev.shoal.blob.uncompressed";
 /// Manifest annotation naming the format version.
 pub const FORMAT_ANNOTATION: &str = "dev.shoal.image.format";
 pub const FORMAT_VERSION: &str = "1";

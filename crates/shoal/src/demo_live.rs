@@ -180,6 +180,7 @@ fn convert_base(dir: &Path, corpus: &Path, host: &str) -> Result<String> {
         output: None,
         max_size: None,
         fingerprints: true,
+        compress: erofs::Compression::ZSTD,
         progress: false,
     };
     let src = shoal_convert::SourceRef::parse(&format!("oci-layout:{}:base", layout.display()))?;

@@ -85,6 +85,17 @@ pub fn print_build_report(output: &Path, r: &BuildReport, json: bool) -> Result<
             if b.written { "written" } else { "reused" }
         );
     }
+    for o in &r.objects {
+        println!(
+            "  object {} {:>12} bytes {:>7} frames ({:.2} of blob {}) {}",
+            o.object,
+            o.object_bytes,
+            o.frames,
+            o.object_bytes as f64 / o.raw_bytes.max(1) as f64,
+            &o.tag[..12],
+            if o.written { "written" } else { "reused" }
+        );
+    }
     println!(
         "  file data {} bytes in {} chunks: {} holes, {} deduplicated, {} reused, {} bytes written",
         s.bytes_in, s.chunks, s.holes, s.chunks_deduped, s.chunks_reused, s.bytes_written

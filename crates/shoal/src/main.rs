@@ -94,6 +94,12 @@ enum Cmd {
         /// mounts of one domain share page cache on Linux 7.0+.
         #[arg(long)]
         no_fingerprints: bool,
+        /// Also store each blob compressed for remotes: `zstd[:LEVEL]` writes
+        /// an object of independent frames beside each blob (named by its
+        /// own sha256) and the frame table into the bootstrap; `none` (the
+        /// default) writes only the blobs. `shoal push` compresses too.
+        #[arg(long, default_value = "none", value_parser = registry_cmds::parse_compression)]
+        compress: erofs::Compression,
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
@@ -343,6 +349,7 @@ fn main() -> Result<()> {
             reuse_blobs,
             max_size,
             no_fingerprints,
+            compress,
             json,
             sources,
         } => {
@@ -358,6 +365,8 @@ fn main() -> Result<()> {
                 source_date_epoch: sde,
                 max_size: (max_size > 0).then_some(max_size),
                 fingerprints: !no_fingerprints,
+                compress,
+                ..erofs::BuildOptions::default()
             };
             let report = erofs::build(&sources, &blob_dir, &output, &opts)
                 .with_context(|| format!("building {}", output.display()))?;

@@ -74,11 +74,19 @@ pub struct ConvertArgs {
     /// mounts of one domain share page cache on Linux 7.0+.
     #[arg(long)]
     no_fingerprints: bool,
+    /// How blobs are stored in the registry: `zstd[:LEVEL]` (independent
+    /// frames a lazy reader fetches and verifies by range) or `none`.
+    #[arg(long, default_value = "zstd", value_parser = parse_compression)]
+    compress: erofs::Compression,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
     #[command(flatten)]
     net: NetArgs,
+}
+
+pub fn parse_compression(s: &str) -> Result<erofs::Compression, String> {
+    s.parse()
 }
 
 fn mb(n: u64) -> String {
@@ -106,6 +114,7 @@ pub fn convert(a: ConvertArgs) -> Result<()> {
         output: a.output.clone(),
         max_size: (a.max_size > 0).then_some(a.max_size),
         fingerprints: !a.no_fingerprints,
+        compress: a.compress,
         progress: !a.json,
     };
     let r = shoal_convert::convert(&client, &src, &dst, &opts)
@@ -117,11 +126,12 @@ pub fn convert(a: ConvertArgs) -> Result<()> {
     println!("converted {} ({})", r.source, r.source_manifest);
     println!("       to {} ({})", r.reference, r.manifest_digest);
     println!(
-        "  {} layers, {} → {} blobs, {}; bootstrap {}",
+        "  {} layers, {} → {} blobs, {} ({} in the registry); bootstrap {}",
         r.layers,
         mb(r.source_bytes),
         r.blobs,
         mb(r.blob_bytes),
+        mb(r.remote_bytes),
         mb(r.bootstrap_bytes)
     );
     println!(
@@ -150,6 +160,13 @@ pub struct PushArgs {
     /// for this machine's platform.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
+    /// How blobs are stored in the registry. An image built without a
+    /// frame table is compressed on the way (objects written to the blob
+    /// directory); the bootstrap pushed then carries the table, so its
+    /// digest differs from the local file's. `none` pushes raw blobs of an
+    /// uncompressed image; a compressed image is pushed as built.
+    #[arg(long, default_value = "zstd", value_parser = parse_compression)]
+    compress: erofs::Compression,
     #[arg(long)]
     json: bool,
     #[command(flatten)]
@@ -168,7 +185,13 @@ pub fn push(a: PushArgs) -> Result<()> {
         }
         None => ImageConfig::minimal(&Platform::host(), Vec::new()),
     };
-    let req = PushRequest::for_image(&a.image, &a.blob_dir, config)?;
+    // The compressed bootstrap lives in a temporary file for the push.
+    let mut _compressed = None;
+    let image = match compressed_bootstrap(&a.image, &a.blob_dir, a.compress)? {
+        Some(tmp) => _compressed.insert(tmp).path().to_path_buf(),
+        None => a.image.clone(),
+    };
+    let req = PushRequest::for_image(&image, &a.blob_dir, config)?;
     let r = shoal_convert::push_image(&client.repository(&dst), req, &Progress::new(!a.json))
         .with_context(|| format!("pushing {} to {}", a.image.display(), a.reference))?;
     if a.json {
@@ -180,4 +203,36 @@ pub fn push(a: PushArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// With zstd and an image without a frame table: the image with one, its
+/// blobs' objects written to `blob_dir`.
+fn compressed_bootstrap(
+    image: &std::path::Path,
+    blob_dir: &std::path::Path,
+    compress: erofs::Compression,
+) -> Result<Option<tempfile::NamedTempFile>> {
+    let erofs::Compression::Zstd { level } = compress else {
+        return Ok(None);
+    };
+    let bytes = std::fs::read(image).with_context(|| format!("reading {}", image.display()))?;
+    let img = erofs::Image::open(bytes.as_slice())
+        .with_context(|| format!("reading {}", image.display()))?;
+    if img
+        .chunk_table
+        .as_ref()
+        .is_some_and(|t| !t.frames.is_empty())
+    {
+        return Ok(None);
+    }
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let (out, objects) =
+        erofs::compress::compress_image(&bytes, blob_dir, &Default::default(), level, threads)
+            .with_context(|| format!("compressing the blobs of {}", image.display()))?;
+    if objects.is_empty() {
+        return Ok(None);
+    }
+    let mut tmp = tempfile::NamedTempFile::new().context("creating a temporary bootstrap")?;
+    std::io::Write::write_all(&mut tmp, &out).context("writing a temporary bootstrap")?;
+    Ok(Some(tmp))
 }
