@@ -29,7 +29,14 @@ const VERIFY_ATTEMPTS: u32 = 3;
 
 #[derive(Default, Debug, serde::Serialize, serde::Deserialize, Clone)]
 pub struct BlobStats {
+    /// Verified bytes stored (decompressed).
     pub fetched_bytes: u64,
+    /// Ranged requests made to remotes.
+    #[serde(default)]
+    pub requests: u64,
+    /// Bytes received from remotes (compressed, when the source is).
+    #[serde(default)]
+    pub wire_bytes: u64,
     pub fetches: u64,
     pub hits: u64,
     pub misses: u64,
@@ -40,6 +47,8 @@ pub struct BlobStats {
 #[derive(Default)]
 struct Counters {
     fetched_bytes: AtomicU64,
+    requests: AtomicU64,
+    wire_bytes: AtomicU64,
     fetches: AtomicU64,
     hits: AtomicU64,
     misses: AtomicU64,
@@ -298,6 +307,8 @@ impl BlobCache {
         let c = &self.counters;
         BlobStats {
             fetched_bytes: c.fetched_bytes.load(Ordering::Relaxed),
+            requests: c.requests.load(Ordering::Relaxed),
+            wire_bytes: c.wire_bytes.load(Ordering::Relaxed),
             fetches: c.fetches.load(Ordering::Relaxed),
             hits: c.hits.load(Ordering::Relaxed),
             misses: c.misses.load(Ordering::Relaxed),
@@ -419,8 +430,18 @@ impl BlobCache {
                     break;
                 }
                 let sub: Vec<ChunkEntry> = pending.iter().map(|&k| want[k]).collect();
-                let misses =
-                    fetch::fetch_from(src, &self.name, &sub, max_run, &mut |e, b| self.store(e, b));
+                let mut wire = fetch::Wire::default();
+                let misses = fetch::fetch_from(
+                    src,
+                    &self.name,
+                    &sub,
+                    max_run,
+                    &mut |e, b| self.store(e, b),
+                    &mut wire,
+                );
+                let c = &self.counters;
+                c.requests.fetch_add(wire.requests, Ordering::Relaxed);
+                c.wire_bytes.fetch_add(wire.bytes, Ordering::Relaxed);
                 let mut missed = vec![false; sub.len()];
                 for (i, m) in misses {
                     missed[i] = true;

@@ -57,6 +57,30 @@ pub(crate) struct Miss {
     pub wrong_bytes: bool,
 }
 
+/// What crossing the network cost: ranged requests made, bytes received.
+#[derive(Default)]
+pub(crate) struct Wire {
+    pub requests: u64,
+    pub bytes: u64,
+}
+
+impl Wire {
+    fn fetch(
+        &mut self,
+        remote: &dyn Remote,
+        name: &str,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<u8>, crate::remote::RemoteError> {
+        self.requests += 1;
+        let r = remote.fetch(name, offset, len);
+        if let Ok(b) = &r {
+            self.bytes += b.len() as u64;
+        }
+        r
+    }
+}
+
 /// Where verified bytes of a chunk go.
 pub(crate) type Store<'a> = dyn FnMut(&ChunkEntry, &[u8]) -> Result<(), CoreError> + 'a;
 
@@ -70,10 +94,11 @@ pub(crate) fn fetch_from(
     want: &[ChunkEntry],
     max_run: u64,
     store: &mut Store<'_>,
+    wire: &mut Wire,
 ) -> Vec<(usize, Miss)> {
     match &src.frames {
-        None => fetch_raw(&*src.remote, name, want, max_run, store),
-        Some(f) => fetch_frames(&*src.remote, name, f, want, max_run, store),
+        None => fetch_raw(&*src.remote, name, want, max_run, store, wire),
+        Some(f) => fetch_frames(&*src.remote, name, f, want, max_run, store, wire),
     }
 }
 
@@ -97,6 +122,7 @@ fn fetch_raw(
     want: &[ChunkEntry],
     max_run: u64,
     store: &mut Store<'_>,
+    wire: &mut Wire,
 ) -> Vec<(usize, Miss)> {
     let mut misses = Vec::new();
     let mut i = 0;
@@ -112,7 +138,7 @@ fn fetch_raw(
             j += 1;
         }
         let (offset, len) = (u64::from(start) * BLOCK, u64::from(end - start) * BLOCK);
-        match remote.fetch(name, offset, len) {
+        match wire.fetch(remote, name, offset, len) {
             Err(e) => {
                 let why = e.to_string();
                 tracing::warn!(blob = name, offset, len, cause = %why, "fetch failed");
@@ -210,6 +236,7 @@ fn fetch_frames(
     want: &[ChunkEntry],
     max_run: u64,
     store: &mut Store<'_>,
+    wire: &mut Wire,
 ) -> Vec<(usize, Miss)> {
     let object = f.object_name();
     let mut misses = Vec::new();
@@ -217,7 +244,7 @@ fn fetch_frames(
         let first = &f.frames[run[0].0];
         let last = &f.frames[run[run.len() - 1].0];
         let (lo, hi) = (first.coffset.get(), last.coffset_end());
-        let bytes = match remote.fetch(&object, lo, hi - lo) {
+        let bytes = match wire.fetch(remote, &object, lo, hi - lo) {
             Ok(b) => b,
             Err(e) => {
                 let why = e.to_string();

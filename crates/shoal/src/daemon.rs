@@ -377,6 +377,18 @@ const BLOB_METRICS: &[BlobMetric] = &[
         |b| b.stats.fetched_bytes,
     ),
     (
+        "shoal_blob_requests_total",
+        "Ranged requests made to remotes (round trips).",
+        "counter",
+        |b| b.stats.requests,
+    ),
+    (
+        "shoal_blob_wire_bytes_total",
+        "Bytes received from remotes (compressed, when the remote stores the blob so).",
+        "counter",
+        |b| b.stats.wire_bytes,
+    ),
+    (
         "shoal_blob_fetches_total",
         "Chunks fetched.",
         "counter",

@@ -267,12 +267,14 @@ fn print_domain(d: &DomainStatus) {
     for b in &d.blobs {
         let s = &b.stats;
         println!(
-            "  blob {} refs={} cached={}/{} fetched={} hits={} misses={} failures={} inflight={}",
+            "  blob {} refs={} cached={}/{} fetched={} wire={} requests={} hits={} misses={} failures={} inflight={}",
             &b.name[..16.min(b.name.len())],
             b.refs,
             mib(b.cached_bytes),
             mib(b.size),
             mib(s.fetched_bytes),
+            mib(s.wire_bytes),
+            s.requests,
             s.hits,
             s.misses,
             s.failures,

@@ -185,8 +185,18 @@ pub fn inspect(path: &Path, as_json: bool) -> Result<()> {
                 .as_ref()
                 .and_then(|t| t.entries(i as u16 + 1))
                 .map_or(0, |e| e.len());
+            // How the blob is stored on remotes, if compressed.
+            let remote = img
+                .chunk_table
+                .as_ref()
+                .and_then(|t| t.frames(i as u16 + 1))
+                .map(|f| {
+                    json!({"compression": "zstd", "object": f.object_name(),
+                                "object_bytes": f.object_size, "frames": f.frames.len()})
+                });
             json!({"device_id": i + 1, "tag": tag, "blocks": d.blocks.get(),
-                   "bytes": u64::from(d.blocks.get()) * img.block_size(), "chunk_digests": entries})
+                   "bytes": u64::from(d.blocks.get()) * img.block_size(), "chunk_digests": entries,
+                   "remote_object": remote})
         })
         .collect();
     let dedup = if stored_bytes > 0 {
@@ -266,6 +276,14 @@ pub fn inspect(path: &Path, as_json: bool) -> Result<()> {
             d["bytes"],
             d["chunk_digests"]
         );
+        if let Some(o) = d["remote_object"].as_object() {
+            println!(
+                "  remote:     zstd object {} {} bytes in {} frames",
+                o["object"].as_str().unwrap_or_default(),
+                o["object_bytes"],
+                o["frames"]
+            );
+        }
     }
     println!(
         "file data:    {logical} bytes in blobs, {stored_bytes} unique, dedup ratio {:.3}",

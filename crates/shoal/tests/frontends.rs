@@ -95,15 +95,26 @@ fn read_all(dir: &Path) {
 
 #[test]
 fn fuse_mounts_equal_the_layers_and_share_a_domain() {
-    mounts_equal_the_layers_and_share_a_domain("fuse");
+    mounts_equal_the_layers_and_share_a_domain("fuse", "none");
 }
 
 #[test]
 fn fanotify_mounts_equal_the_layers_and_share_a_domain() {
-    mounts_equal_the_layers_and_share_a_domain("fanotify");
+    mounts_equal_the_layers_and_share_a_domain("fanotify", "none");
 }
 
-fn mounts_equal_the_layers_and_share_a_domain(frontend: &str) {
+/// The same from remotes that store the blobs as zstd objects.
+#[test]
+fn fuse_mounts_from_compressed_remotes_equal_the_layers() {
+    mounts_equal_the_layers_and_share_a_domain("fuse", "zstd");
+}
+
+#[test]
+fn fanotify_mounts_from_compressed_remotes_equal_the_layers() {
+    mounts_equal_the_layers_and_share_a_domain("fanotify", "zstd");
+}
+
+fn mounts_equal_the_layers_and_share_a_domain(frontend: &str, compress: &str) {
     if let Some(why) = unavailable(frontend) {
         return skip(&why);
     }
@@ -113,8 +124,8 @@ fn mounts_equal_the_layers_and_share_a_domain(frontend: &str) {
     let web_layers = layers(&["base.tar.gz", "web-layer.tar.zst"]).unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let blobs = tmp.path().join("blobs");
-    let py = build_layer_blobs(tmp.path(), "py", &py_layers, &blobs);
-    let web = build_layer_blobs(tmp.path(), "web", &web_layers, &blobs);
+    let py = build_layer_blobs_with(tmp.path(), "py", &py_layers, &blobs, compress);
+    let web = build_layer_blobs_with(tmp.path(), "web", &web_layers, &blobs, compress);
     let Some(nginx) = Nginx::start(&blobs, tmp.path()) else {
         return skip("nginx not installed");
     };
@@ -136,15 +147,17 @@ fn mounts_equal_the_layers_and_share_a_domain(frontend: &str) {
         "{frontend} view differs from the layers:\n{}",
         diffs.join("\n")
     );
-    let v: serde_json::Value = serde_json::from_str(&run_shoal(&[
-        "inspect".as_ref(),
-        py.as_os_str(),
-        "--json".as_ref(),
-    ]))
-    .unwrap();
-    let base_blob = v["devices"][0]["tag"].as_str().unwrap().to_string();
+    // What the remote serves the base as: the blob, or its zstd object.
+    let base_blob = base_remote_name(&py);
     let after_first = nginx.bytes_for(&base_blob);
     assert!(after_first > 0);
+    if compress != "none" {
+        let v: serde_json::Value =
+            serde_json::from_str(&run_shoal(os!["inspect", py.as_os_str(), "--json"])).unwrap();
+        let tag = v["devices"][0]["tag"].as_str().unwrap();
+        assert_ne!(tag, base_blob);
+        assert_eq!(nginx.bytes_for(tag), 0, "the raw blob is never fetched");
+    }
     // The second image of the domain reads the shared base from the cache.
     let m2 = mount(
         &d,

@@ -48,8 +48,20 @@ macro_rules! os {
 /// `shoal build --layer-blobs -o DIR/NAME.img --blob-dir BLOBS LAYERS...`:
 /// one blob per layer, so images sharing a base share its blob.
 pub fn build_layer_blobs(dir: &Path, name: &str, layers: &[PathBuf], blobs: &Path) -> PathBuf {
+    build_layer_blobs_with(dir, name, layers, blobs, "none")
+}
+
+/// [`build_layer_blobs`] with `--compress COMPRESS`.
+pub fn build_layer_blobs_with(
+    dir: &Path,
+    name: &str,
+    layers: &[PathBuf],
+    blobs: &Path,
+    compress: &str,
+) -> PathBuf {
     let img = dir.join(format!("{name}.img"));
-    let mut args: Vec<&std::ffi::OsStr> = os!["build", "--layer-blobs", "-o"].to_vec();
+    let mut args: Vec<&std::ffi::OsStr> =
+        os!["build", "--layer-blobs", "--compress", compress, "-o"].to_vec();
     args.push(img.as_os_str());
     args.extend(os!["--blob-dir"]);
     args.push(blobs.as_os_str());
@@ -61,6 +73,19 @@ pub fn build_layer_blobs(dir: &Path, name: &str, layers: &[PathBuf], blobs: &Pat
 pub fn corpus_dir() -> PathBuf {
     let here = Path::new(env!("CARGO_MANIFEST_DIR"));
     here.join("../../../shared/corpus")
+}
+
+/// The name a remote serves device 1 of `img` by: its compressed object
+/// if it has one, else the blob's tag.
+pub fn base_remote_name(img: &Path) -> String {
+    let v: serde_json::Value =
+        serde_json::from_str(&run_shoal(os!["inspect", img.as_os_str(), "--json"])).unwrap();
+    let d = &v["devices"][0];
+    d["remote_object"]["object"]
+        .as_str()
+        .or(d["tag"].as_str())
+        .unwrap()
+        .to_string()
 }
 
 /// Why kernel-mount tests cannot run here, if they cannot.
