@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Fuzz the EROFS image reader and the tar layer reader.
+# Fuzz the EROFS image reader, the tar layer reader and the frame table
+# (compressed remote objects).
 #
 #   scripts/fuzz.sh [SECONDS]     (default 30 s per target)
 #
@@ -23,7 +24,7 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
 fi
 
 corpus=$root/fuzz/corpus
-mkdir -p "$corpus/image_reader" "$corpus/tar_layer"
+mkdir -p "$corpus/image_reader" "$corpus/tar_layer" "$corpus/frame_table"
 
 echo "== seeds"
 SHOAL_FUZZ_CORPUS=$corpus cargo test -q -p shoal-erofs --test hostile -- \
@@ -69,7 +70,7 @@ if command -v mkfs.erofs >/dev/null 2>&1; then
 fi
 
 status=0
-for target in image_reader tar_layer; do
+for target in image_reader tar_layer frame_table; do
     echo "== fuzz $target for ${secs}s"
     if ! (cd fuzz && cargo fuzz run --debug-assertions --sanitizer address "$target" -- \
         -max_total_time="$secs" -timeout=10 -rss_limit_mb=2048 -malloc_limit_mb=512 \

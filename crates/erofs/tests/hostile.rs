@@ -1508,6 +1508,7 @@ fn write_fuzz_seeds() {
     let (images, tars) = (root.join("image_reader"), root.join("tar_layer"));
     std::fs::create_dir_all(&images).unwrap();
     std::fs::create_dir_all(&tars).unwrap();
+    write_frame_table_seed(&root.join("frame_table"));
     // image_reader input: u32 LE image length, the image, then the bytes
     // every device reads from.
     for (name, f) in [("one-blob", fixture()), ("two-blobs", two_blob_fixture())] {
@@ -1559,4 +1560,36 @@ fn write_fuzz_seeds() {
         zstd::encode_all(&plain[..], 1).unwrap(),
     )
     .unwrap();
+}
+
+/// frame_table input: u32 LE blob blocks, u16 LE section length, a real
+/// frame section, then the object's first frame.
+fn write_frame_table_seed(dir: &Path) {
+    use erofs::chunktable::Trailer;
+    std::fs::create_dir_all(dir).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    for i in 0..40u32 {
+        std::fs::write(src.join(format!("f{i}")), format!("{i}\n").repeat(900)).unwrap();
+    }
+    let (blobs, out) = (tmp.path().join("blobs"), tmp.path().join("img"));
+    let opts = BuildOptions {
+        compress: erofs::Compression::ZSTD,
+        ..Default::default()
+    };
+    erofs::build(&[src], &blobs, &out, &opts).unwrap();
+    let boot = std::fs::read(&out).unwrap();
+    let img = Image::open(boot.as_slice()).unwrap();
+    let t = Trailer::read_from_bytes(&boot[boot.len() - 64..]).unwrap();
+    let table = &boot[t.table_offset.get() as usize..][..t.table_len.get() as usize];
+    let at = table.windows(8).position(|w| w == b"SHOALFT1").unwrap();
+    let section = &table[at..];
+    let f = img.chunk_table.as_ref().unwrap().frames(1).unwrap();
+    let object = std::fs::read(blobs.join(f.object_name())).unwrap();
+    let mut seed = img.devices[0].blocks.get().to_le_bytes().to_vec();
+    seed.extend_from_slice(&(section.len() as u16).to_le_bytes());
+    seed.extend_from_slice(section);
+    seed.extend_from_slice(&object[..f.frames[0].clen.get() as usize]);
+    std::fs::write(dir.join("built"), seed).unwrap();
 }

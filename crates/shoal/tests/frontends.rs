@@ -315,6 +315,17 @@ fn fanotify_read_fails_with_eio_then_recovers() {
 /// no zeros), because the pump holds the events for the next daemon.
 #[test]
 fn fanotify_survives_daemon_kill9_during_cold_reads() {
+    fanotify_kill9_during_cold_reads("none");
+}
+
+/// kill -9 while zstd frames are fetched, decompressed and verified:
+/// nothing unverified is ever marked ready.
+#[test]
+fn fanotify_survives_daemon_kill9_during_compressed_reads() {
+    fanotify_kill9_during_cold_reads("zstd");
+}
+
+fn fanotify_kill9_during_cold_reads(compress: &str) {
     if let Some(why) = unavailable("fanotify") {
         return skip(&why);
     }
@@ -323,7 +334,7 @@ fn fanotify_survives_daemon_kill9_during_cold_reads() {
     };
     let tmp = tempfile::tempdir().unwrap();
     let blobs = tmp.path().join("blobs");
-    let img = build_layer_blobs(tmp.path(), "base", &base, &blobs);
+    let img = build_layer_blobs_with(tmp.path(), "base", &base, &blobs, compress);
     let tree = tmp.path().join("tree");
     extract(&img, &blobs, &tree);
     let srv = Faulty::start(&blobs, tmp.path());

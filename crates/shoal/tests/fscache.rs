@@ -39,6 +39,14 @@ fn fscache_frontend_in_vm() {
         &[c.join("base.tar.gz"), c.join("web-layer.tar.zst")],
         &blobs,
     );
+    // The same image with its blobs stored as zstd objects on the remote.
+    build_layer_blobs_with(
+        tmp.path(),
+        "pyz",
+        &[c.join("base.tar.gz"), c.join("py-layer.tar.gz")],
+        &blobs,
+        "zstd",
+    );
     let ex = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/demo");
     build_layer_blobs(tmp.path(), "demo", &[ex.join("base")], &blobs);
     extract(&py, &blobs, &tmp.path().join("py-tree"));
@@ -218,10 +226,27 @@ fn fscache_suite_in_vm() {
     d.ok(&["umount", m("demo").to_str().unwrap()]);
     println!("vm: failing remote -> EIO, then recovery");
 
-    // kill -9 during cold reads: the pump keeps /dev/cachefiles, the new
-    // daemon writes `restore`, and every read completes with right bytes.
+    // From zstd objects: the same tree; the domain's cache file of the
+    // base is the one the uncompressed image of the same blob uses.
+    let pyz = input.join("pyz.img");
+    mount(&d, "z", "pyz", &pyz, &srv.url(), &m("pyz"));
+    let diffs = compare_trees(&input.join("py-tree"), &m("pyz"));
+    assert!(diffs.is_empty(), "{}", diffs.join("\n"));
+    let object = base_remote_name(&pyz);
+    assert_ne!(object, base);
+    let before = srv.bytes_for(&base);
+    mount(&d, "z", "py", &py, &srv.url(), &m("pyz-plain"));
+    assert!(compare_contents(&input.join("py-tree"), &m("pyz-plain")).is_empty());
+    assert_eq!(srv.bytes_for(&base), before, "cached once for both encodings");
+    d.ok(&["umount", m("pyz-plain").to_str().unwrap()]);
+    d.ok(&["umount", m("pyz").to_str().unwrap()]);
+    println!("vm: zstd objects through fscache: tree equal, one cache for both encodings");
+
+    // kill -9 during cold reads (of zstd frames): the pump keeps
+    // /dev/cachefiles, the new daemon writes `restore`, and every read
+    // completes with right bytes (nothing unverified was marked ready).
     srv.set_mode("delay2");
-    mount(&d, "k", "py", &py, &srv.url(), &m("k"));
+    mount(&d, "k", "pyz", &pyz, &srv.url(), &m("k"));
     // The first kill comes before the reader starts: its first reads wait
     // in the kept device with no daemon at all. Later kills land mid-read.
     d.kill9();
