@@ -32,6 +32,22 @@ struct Draft {
     tag: Option<String>,
     blocks: u32,
     entries: Vec<ChunkEntry>,
+    /// For new blobs, where each entry came from (parallel to `entries`).
+    origins: Vec<Origin>,
+}
+
+/// The file (of the layer that introduced it) a chunk was first stored
+/// for: blobs are laid out by it, in the order a reader is likely to ask
+/// for them.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct Origin {
+    /// Position in the `--order` file, `u32::MAX` for files it does not list.
+    rank: u32,
+    /// Path components: sorting them sorts files as a depth-first walk of
+    /// directories listed in the kernel's order (bytewise) meets them.
+    path: std::sync::Arc<[Vec<u8>]>,
+    /// Chunk index within the file.
+    index: u32,
 }
 
 /// A blob as the finished image references it.
@@ -64,6 +80,10 @@ pub struct ChunkStore {
     dict: HashMap<[u8; 32], (u32, u32)>,
     scratch: Vec<u8>,
     max_bytes: Option<u64>,
+    /// The file whose chunks arrive now, and how many it has had.
+    file: Origin,
+    /// Read order given for the layer being applied: path → rank.
+    order: Option<HashMap<Vec<u8>, u32>>,
     pub stats: StoreStats,
 }
 
@@ -101,6 +121,12 @@ impl ChunkStore {
             dict: HashMap::new(),
             scratch: Vec::new(),
             max_bytes: None,
+            file: Origin {
+                rank: u32::MAX,
+                path: Vec::new().into(),
+                index: 0,
+            },
+            order: None,
             stats: StoreStats::default(),
         })
     }
@@ -126,8 +152,36 @@ impl ChunkStore {
         self.chunk_size
     }
 
+    /// Lay out the chunks of the layers that follow with the files `order`
+    /// lists (paths like `/usr/bin/python3`, ranked by position) first;
+    /// `None`: directory order only. A blob's layout is then a function of
+    /// its layer's own content and of the order given for it, so a shared
+    /// base layer stays the same blob in every image built on it.
+    pub fn set_order(&mut self, order: Option<HashMap<Vec<u8>, u32>>) {
+        self.order = order;
+    }
+
+    /// The chunks that follow belong to the file at `comps` (of the layer
+    /// being applied).
+    pub fn begin_file(&mut self, comps: &[&[u8]]) {
+        let rank = self.order.as_ref().map_or(u32::MAX, |o| {
+            let mut p = Vec::new();
+            for c in comps {
+                p.push(b'/');
+                p.extend_from_slice(c);
+            }
+            o.get(&p).copied().unwrap_or(u32::MAX)
+        });
+        self.file = Origin {
+            rank,
+            path: comps.iter().map(|c| c.to_vec()).collect(),
+            index: 0,
+        };
+    }
+
     /// Count a chunk the source already knows is a hole (sparse files).
     pub fn note_hole(&mut self, len: u64) -> Result<(), BuildError> {
+        self.file.index += 1;
         self.count_in(len)?;
         self.stats.chunks += 1;
         self.stats.holes += 1;
@@ -148,6 +202,7 @@ impl ChunkStore {
             tag: Some(tag.to_string()),
             blocks,
             entries: entries.to_vec(),
+            origins: Vec::new(),
         });
     }
 
@@ -160,6 +215,8 @@ impl ChunkStore {
     /// may be shorter). Returns `None` for an all-zero chunk: a hole.
     pub fn add_chunk(&mut self, data: &[u8]) -> Result<Option<ChunkRef>, BuildError> {
         debug_assert!(data.len() as u64 <= self.chunk_size && !data.is_empty());
+        let origin = self.file.clone();
+        self.file.index += 1;
         self.count_in(data.len() as u64)?;
         self.stats.chunks += 1;
         if data.iter().all(|&b| b == 0) {
@@ -192,6 +249,7 @@ impl ChunkStore {
                     tag: None,
                     blocks: 0,
                     entries: Vec::new(),
+                    origins: Vec::new(),
                 });
                 let b = self.blobs.len() as u32 - 1;
                 self.current = Some(b);
@@ -224,6 +282,7 @@ impl ChunkStore {
             nblocks: nblocks.into(),
             digest,
         });
+        draft.origins.push(origin);
         self.dict.insert(digest, (blob, blkaddr));
         Ok(Some(ChunkRef { blob, blkaddr }))
     }
@@ -284,21 +343,34 @@ impl ChunkStore {
                     }
                 }
                 Body::New { file } => {
+                    let draft_len = draft.entries.len();
+                    let first_blocks: Vec<u32> =
+                        draft.entries.iter().map(|e| e.blkaddr.get()).collect();
                     let (tmp, w) = file.expect("new blobs with chunks have a file");
                     let f = w.into_inner().map_err(|e| BuildError::Io {
                         path: tmp.path().to_path_buf(),
                         source: e.into_error(),
                     })?;
-                    let keep_all = keep_dead
-                        || draft
-                            .entries
+                    // The chunks to keep, in read order.
+                    let mut keep: Vec<(Origin, ChunkEntry)> = draft
+                        .origins
+                        .into_iter()
+                        .zip(draft.entries)
+                        .filter(|(_, e)| keep_dead || used.contains(&e.blkaddr.get()))
+                        .collect();
+                    let n = keep.len();
+                    keep.sort_by(|a, b| a.0.cmp(&b.0));
+                    let keep: Vec<ChunkEntry> = keep.into_iter().map(|(_, e)| e).collect();
+                    let in_place = n == draft_len
+                        && keep
                             .iter()
-                            .all(|e| used.contains(&e.blkaddr.get()));
-                    let (tmp, entries, blocks) = if keep_all {
-                        let pairs = draft.entries.into_iter().map(|e| (e.blkaddr.get(), e));
+                            .enumerate()
+                            .all(|(i, e)| e.blkaddr.get() == first_blocks[i]);
+                    let (tmp, entries, blocks) = if in_place {
+                        let pairs = keep.into_iter().map(|e| (e.blkaddr.get(), e));
                         (tmp, pairs.collect(), draft.blocks)
                     } else {
-                        self.compact(f, tmp, draft.entries, used)?
+                        self.rewrite(f, tmp, keep)?
                     };
                     for (old, e) in &entries {
                         map.insert((idx as u32, *old), (device_id, e.blkaddr.get()));
@@ -329,15 +401,14 @@ impl ChunkStore {
         Ok((out, Placement { map }))
     }
 
-    /// Copy only the chunks in `used` to a new blob file, keeping their order.
+    /// Copy the chunks `keep` to a new blob file, in that order.
     /// Returns (old blkaddr, new entry) pairs.
     #[allow(clippy::type_complexity)]
-    fn compact(
+    fn rewrite(
         &self,
         mut f: File,
         old: tempfile::NamedTempFile,
-        entries: Vec<ChunkEntry>,
-        used: &HashSet<u32>,
+        keep: Vec<ChunkEntry>,
     ) -> Result<(tempfile::NamedTempFile, Vec<(u32, ChunkEntry)>, u32), BuildError> {
         let tmp = tempfile::Builder::new()
             .prefix(".blob-")
@@ -347,11 +418,8 @@ impl ChunkStore {
         let mut out = Vec::new();
         let mut next = 0u32;
         let mut buf = Vec::new();
-        for e in entries {
+        for e in keep {
             let b = e.blkaddr.get();
-            if !used.contains(&b) {
-                continue;
-            }
             buf.resize(e.nblocks.get() as usize * BLOCK_SIZE as usize, 0);
             f.seek(SeekFrom::Start(u64::from(b) * BLOCK_SIZE))
                 .and_then(|_| f.read_exact(&mut buf))
@@ -367,6 +435,8 @@ impl ChunkStore {
             next += e.nblocks.get();
         }
         w.flush().map_err(io_err(tmp.path()))?;
+        // Entries stay sorted by block address, as the chunk table requires.
+        out.sort_by_key(|(_, e)| e.blkaddr.get());
         Ok((tmp, out, next))
     }
 }

@@ -33,6 +33,9 @@ pub struct BuildOptions {
     pub compress: Compression,
     /// Threads compressing frames.
     pub threads: usize,
+    /// A read order for the top layer's blob: a file of absolute paths,
+    /// one per line, most wanted first (see [`read_order`]).
+    pub order: Option<PathBuf>,
 }
 
 impl Default for BuildOptions {
@@ -47,6 +50,7 @@ impl Default for BuildOptions {
             fingerprints: true,
             compress: Compression::None,
             threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            order: None,
         }
     }
 }
@@ -164,10 +168,16 @@ pub fn build_sources(
     for r in &opts.reuse {
         load_reuse(&mut store, &mut known, r)?;
     }
+    let order = opts.order.as_deref().map(read_order).transpose()?;
     let mut tree = Tree::new();
-    for src in sources {
+    let last = sources.len() - 1;
+    for (i, src) in sources.into_iter().enumerate() {
         if opts.layer_blobs {
             store.next_blob();
+        }
+        // Only the top layer is ordered: lower layers are the shared ones.
+        if i == last {
+            store.set_order(order.clone());
         }
         apply_source(&mut tree, &mut store, src)?;
     }
@@ -192,6 +202,34 @@ pub fn build_sources(
         objects,
         stats,
     })
+}
+
+/// Read an order file: absolute paths, one per line (a recorded access
+/// order, see `shoal order`); blank lines and `#` comments are skipped.
+/// Returns path → rank (first mention wins).
+pub fn read_order(path: &Path) -> Result<HashMap<Vec<u8>, u32>, BuildError> {
+    use std::os::unix::ffi::OsStrExt;
+    let bytes = std::fs::read(path).map_err(|source| BuildError::Io {
+        path: path.into(),
+        source,
+    })?;
+    let mut out = HashMap::new();
+    for (n, line) in bytes.split(|&b| b == b'\n').enumerate() {
+        if line.is_empty() || line.starts_with(b"#") {
+            continue;
+        }
+        if !line.starts_with(b"/") {
+            return Err(BuildError::Invalid(format!(
+                "{} line {}: {:?} is not an absolute path",
+                path.display(),
+                n + 1,
+                std::ffi::OsStr::from_bytes(line)
+            )));
+        }
+        let rank = out.len() as u32;
+        out.entry(line.to_vec()).or_insert(rank);
+    }
+    Ok(out)
 }
 
 fn apply_source(tree: &mut Tree, store: &mut ChunkStore, src: Source) -> Result<(), BuildError> {

@@ -340,6 +340,7 @@ fn apply_entry<R: Read>(
         Kind::Regular => {
             meta.mode |= S_IFREG;
             let size = e.size;
+            store.begin_file(&comps);
             store_data(store, &mut ar.file(e), size, buf).map_err(|err| err.at(bad))?
         }
         Kind::Directory => {
@@ -505,6 +506,7 @@ pub fn apply_dir(tree: &mut Tree, store: &mut ChunkStore, root: &Path) -> Result
                     pos: 0,
                     sparse: md.blocks() * 512 < size,
                 };
+                store.begin_file(&comps);
                 store_data(store, &mut src, size, &mut buf).map_err(|e| {
                     e.at(|why| BuildError::Io {
                         path: path.clone(),

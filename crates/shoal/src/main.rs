@@ -13,7 +13,9 @@ mod extract;
 mod features;
 mod image_cmds;
 mod mounts;
+mod netem;
 mod oci_layout;
+mod order_cmd;
 mod registry_cmds;
 mod snapshotter_cmd;
 mod walk;
@@ -100,6 +102,13 @@ enum Cmd {
         /// default) writes only the blobs. `shoal push` compresses too.
         #[arg(long, default_value = "none", value_parser = registry_cmds::parse_compression)]
         compress: erofs::Compression,
+        /// Lay the top layer's blob out with these files first (absolute
+        /// paths, one per line, most wanted first; `shoal order` writes one
+        /// from a run's recorded accesses), so a lazy start's reads are
+        /// neighbours and arrive in few requests. Other files follow in
+        /// directory order; lower layers are never reordered.
+        #[arg(long, value_name = "FILE")]
+        order: Option<PathBuf>,
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
@@ -112,6 +121,15 @@ enum Cmd {
         image: PathBuf,
         #[arg(long)]
         json: bool,
+    },
+    /// Write the files an image's recorded access order touched (the
+    /// daemon keeps it at WORK/access/DOMAIN/FSID.order when the image is
+    /// unbound), first touch first: the list `shoal build --order` takes.
+    Order {
+        image: PathBuf,
+        recording: PathBuf,
+        #[arg(short = 'o', long)]
+        output: Option<PathBuf>,
     },
     /// List a directory (or the whole tree with -R).
     Ls {
@@ -193,6 +211,10 @@ enum Cmd {
         #[arg(long, default_value_t = 60)]
         orphan_timeout: u64,
     },
+    /// A TCP proxy that adds round-trip delay and a shared bandwidth cap,
+    /// for benchmarks on kernels without netem (not for production use).
+    #[command(hide = true)]
+    NetProxy(netem::NetProxyArgs),
     /// Run the daemon: domains, blob caches and the control API.
     Daemon {
         /// Control socket (default /run/shoal/shoal.sock, or $SHOAL_SOCKET).
@@ -335,7 +357,7 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     if !matches!(
         cli.cmd,
-        Cmd::Daemon { .. } | Cmd::Snapshotter(_) | Cmd::FanotifyPump { .. }
+        Cmd::Daemon { .. } | Cmd::Snapshotter(_) | Cmd::FanotifyPump { .. } | Cmd::NetProxy(_)
     ) {
         shoal_sys::default_sigpipe();
     }
@@ -350,6 +372,7 @@ fn main() -> Result<()> {
             max_size,
             no_fingerprints,
             compress,
+            order,
             json,
             sources,
         } => {
@@ -366,6 +389,7 @@ fn main() -> Result<()> {
                 max_size: (max_size > 0).then_some(max_size),
                 fingerprints: !no_fingerprints,
                 compress,
+                order,
                 ..erofs::BuildOptions::default()
             };
             let report = erofs::build(&sources, &blob_dir, &output, &opts)
@@ -378,6 +402,11 @@ fn main() -> Result<()> {
             path,
             recursive,
         } => image_cmds::ls(&image, &path, recursive),
+        Cmd::Order {
+            image,
+            recording,
+            output,
+        } => order_cmd::order(&image, &recording, output.as_deref()),
         Cmd::Cat { image, path, blobs } => image_cmds::cat(&image, &path, &blobs),
         Cmd::Extract { image, dest, blobs } => image_cmds::extract(&image, &dest, &blobs),
         Cmd::Verify { image, blobs } => image_cmds::verify(&image, &blobs),
@@ -429,6 +458,7 @@ fn main() -> Result<()> {
             },
         )
         .with_context(|| format!("fanotify pump on {}", socket.display()))?),
+        Cmd::NetProxy(a) => netem::run(&a),
         Cmd::Daemon {
             socket,
             work_dir,

@@ -316,6 +316,39 @@ fn remote_faults_give_eio_then_recover() {
     );
     d.prefetch_all(None, "demo");
     assert!(assert_cache_correct(&d.work, "private/demo", &blobs) > 0);
+
+    // The recording as files, first touch first; a build laid out by it
+    // puts the first file touched at the blob's first block.
+    let paths = tmp.path().join("paths");
+    run_shoal(&[
+        "order".as_ref(),
+        img.as_os_str(),
+        order.as_os_str(),
+        "-o".as_ref(),
+        paths.as_os_str(),
+    ]);
+    let listed = std::fs::read_to_string(&paths).unwrap();
+    let lines: Vec<&str> = listed.lines().collect();
+    assert_eq!(
+        lines[..2],
+        ["/usr/share/doc/shoal-demo/glossary.txt", "/usr/bin/hello"],
+        "{listed}"
+    );
+    let ordered = tmp.path().join("ordered.img");
+    run_shoal(&[
+        "build".as_ref(),
+        "-o".as_ref(),
+        ordered.as_os_str(),
+        "--blob-dir".as_ref(),
+        tmp.path().join("ordered-blobs").as_os_str(),
+        "--order".as_ref(),
+        paths.as_os_str(),
+        ex.join("base").as_os_str(),
+    ]);
+    let first = tmp.path().join("first-block");
+    std::fs::write(&first, "1 0\n").unwrap();
+    let at_zero = run_shoal(&["order".as_ref(), ordered.as_os_str(), first.as_os_str()]);
+    assert_eq!(at_zero.trim(), "/usr/share/doc/shoal-demo/glossary.txt");
 }
 
 #[test]

@@ -237,7 +237,11 @@ fn fscache_suite_in_vm() {
     let before = srv.bytes_for(&base);
     mount(&d, "z", "py", &py, &srv.url(), &m("pyz-plain"));
     assert!(compare_contents(&input.join("py-tree"), &m("pyz-plain")).is_empty());
-    assert_eq!(srv.bytes_for(&base), before, "cached once for both encodings");
+    assert_eq!(
+        srv.bytes_for(&base),
+        before,
+        "cached once for both encodings"
+    );
     d.ok(&["umount", m("pyz-plain").to_str().unwrap()]);
     d.ok(&["umount", m("pyz").to_str().unwrap()]);
     println!("vm: zstd objects through fscache: tree equal, one cache for both encodings");
