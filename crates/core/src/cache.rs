@@ -21,8 +21,6 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 pub const BLOCK: u64 = 4096;
-const MAP_MAGIC: &[u8; 8] = b"SHOALRDY";
-const MAP_HEADER: u64 = 16;
 /// Fetch-and-verify attempts before a chunk read fails (wrong bytes from a
 /// remote are retried like transient errors).
 const VERIFY_ATTEMPTS: u32 = 3;
@@ -82,6 +80,35 @@ impl Flight {
     }
 }
 
+/// Chunks one caller leads the fetch of (see [`BlobCache::claim`]). If it
+/// is dropped before [`BlobCache::complete`] (a panic, an early return),
+/// its flights end with an error: no waiter is left to time out.
+pub struct Claim<'a> {
+    cache: &'a BlobCache,
+    led: Vec<(ChunkEntry, Arc<Flight>)>,
+    waits: Vec<(ChunkEntry, Arc<Flight>)>,
+}
+
+impl Claim<'_> {
+    /// Whether this claim leads any fetch.
+    pub fn is_empty(&self) -> bool {
+        self.led.is_empty()
+    }
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        for (e, flight) in std::mem::take(&mut self.led) {
+            let why = "the fetch was abandoned".to_string();
+            self.cache.land(
+                e.blkaddr.get(),
+                &flight,
+                &Err(self.cache.fetch_error(&e, why)),
+            );
+        }
+    }
+}
+
 /// How long a reader waits on another's fetch unless told otherwise.
 const DEFAULT_FLIGHT_WAIT: Duration = Duration::from_secs(90);
 
@@ -92,6 +119,7 @@ pub struct BlobCache {
     map_path: PathBuf,
     data: File,
     map_file: File,
+    layout: crate::readiness::Layout,
     ready: Mutex<Vec<u8>>,
     /// Bitmap byte ranges set in memory but not yet durable on disk.
     dirty: Mutex<Vec<(usize, usize)>>,
@@ -141,35 +169,11 @@ pub fn block_span(offset: u64, len: u64) -> (u32, u32) {
     (clamp(first), clamp(last - first))
 }
 
-/// [`durably_ready`] for bytes `[offset, offset + len)` of the cache file.
-pub fn durably_range_ready(map: &File, offset: u64, len: u64) -> bool {
+/// Whether bytes `[offset, offset + len)` of a cache file are ready by its
+/// readiness map alone (see [`crate::readiness::map_ready`]).
+pub fn map_range_ready(map: &File, offset: u64, len: u64) -> bool {
     let (first, n) = block_span(offset, len);
-    durably_ready(map, first, n)
-}
-
-/// Whether blocks `[first, first + n)` are marked ready in the readiness map
-/// *on disk* (`map`: a `.ready` file). A bit on disk means durable, verified
-/// bytes, so a process without the [`BlobCache`] (the fanotify pump) can
-/// answer reads from it; bits set in memory but not yet flushed read as
-/// missing, which is only ever conservative.
-pub fn durably_ready(map: &File, first: u32, n: u32) -> bool {
-    let mut header = [0u8; MAP_HEADER as usize];
-    if map.read_exact_at(&mut header, 0).is_err() || &header[..8] != MAP_MAGIC {
-        return false;
-    }
-    let blocks = u32::from_le_bytes(header[8..12].try_into().unwrap());
-    let Some(end) = first.checked_add(n).filter(|e| *e <= blocks && n > 0) else {
-        return false;
-    };
-    let (lo, hi) = (first as usize / 8, (end as usize).div_ceil(8));
-    let mut bits = vec![0u8; hi - lo];
-    if map
-        .read_exact_at(&mut bits, MAP_HEADER + lo as u64)
-        .is_err()
-    {
-        return false;
-    }
-    (first..end).all(|b| bits[b as usize / 8 - lo] & (1 << (b % 8)) != 0)
+    crate::readiness::map_ready(map, first, n)
 }
 
 impl BlobCache {
@@ -204,30 +208,14 @@ impl BlobCache {
             .truncate(false)
             .open(&map_path)
             .map_err(io(&map_path, "opening readiness map"))?;
-        let nbytes = u64::from(blocks).div_ceil(8);
-        let mut header = [0u8; MAP_HEADER as usize];
-        header[..8].copy_from_slice(MAP_MAGIC);
-        header[8..12].copy_from_slice(&blocks.to_le_bytes());
-        let mut on_disk = vec![0u8; (MAP_HEADER + nbytes) as usize];
-        let valid = map_file.read_exact_at(&mut on_disk, 0).is_ok() && on_disk[..16] == header;
-        let bits = if valid {
-            on_disk.split_off(MAP_HEADER as usize)
+        let (bits, unsynced) = crate::readiness::load(&map_file, blocks)
+            .map_err(io(&map_path, "opening readiness map"))?;
+        // Bits known only from this boot's volatile section: true, but not
+        // durable yet; the next flush makes them so.
+        let dirty = if unsynced {
+            vec![(0, bits.len())]
         } else {
-            // New, or not ours: start empty (a stale map must never claim readiness).
-            let fresh = vec![0u8; nbytes as usize];
-            map_file
-                .set_len(0)
-                .map_err(io(&map_path, "resetting readiness map"))?;
-            map_file
-                .write_all_at(&header, 0)
-                .map_err(io(&map_path, "writing readiness map"))?;
-            map_file
-                .write_all_at(&fresh, MAP_HEADER)
-                .map_err(io(&map_path, "writing readiness map"))?;
-            map_file
-                .sync_data()
-                .map_err(io(&map_path, "syncing readiness map"))?;
-            fresh
+            Vec::new()
         };
         Ok(BlobCache {
             name: name.to_string(),
@@ -236,8 +224,9 @@ impl BlobCache {
             map_path,
             data,
             map_file,
+            layout: crate::readiness::Layout::new(blocks),
             ready: Mutex::new(bits),
-            dirty: Mutex::new(Vec::new()),
+            dirty: Mutex::new(dirty),
             flush_lock: Mutex::new(()),
             inflight: Mutex::new(HashMap::new()),
             flight_wait_ms: AtomicU64::new(DEFAULT_FLIGHT_WAIT.as_millis() as u64),
@@ -360,26 +349,52 @@ impl BlobCache {
         sources: &[Source],
         max_run: u64,
     ) -> Result<(), CoreError> {
-        let mut led: Vec<(ChunkEntry, Arc<Flight>)> = Vec::new();
-        let mut waits = Vec::new();
-        {
-            let mut map = self.inflight.lock().unwrap();
-            for e in entries {
-                if self.is_ready(e.blkaddr.get(), e.nblocks.get()) {
+        let claim = self.claim(entries, true);
+        self.complete(claim, sources, max_run)
+    }
+
+    /// Take the lead for every chunk of `entries` that is neither ready
+    /// nor being fetched: concurrent readers of those chunks wait for this
+    /// claim's [`BlobCache::complete`]. With `wait_others`, chunks another
+    /// caller leads are waited for at completion; without, they are left
+    /// to it (read-ahead). Counts hits and misses.
+    pub fn claim(&self, entries: &[ChunkEntry], wait_others: bool) -> Claim<'_> {
+        let mut claim = Claim {
+            cache: self,
+            led: Vec::new(),
+            waits: Vec::new(),
+        };
+        let mut map = self.inflight.lock().unwrap();
+        for e in entries {
+            if self.is_ready(e.blkaddr.get(), e.nblocks.get()) {
+                if wait_others {
                     self.counters.hits.fetch_add(1, Ordering::Relaxed);
-                    continue;
                 }
-                self.counters.misses.fetch_add(1, Ordering::Relaxed);
-                match map.get(&e.blkaddr.get()) {
-                    Some(f) => waits.push((*e, f.clone())),
-                    None => {
-                        let f = Arc::new(Flight::default());
-                        map.insert(e.blkaddr.get(), f.clone());
-                        led.push((*e, f));
-                    }
+                continue;
+            }
+            match map.get(&e.blkaddr.get()) {
+                Some(f) if wait_others => claim.waits.push((*e, f.clone())),
+                Some(_) => {}
+                None => {
+                    self.counters.misses.fetch_add(1, Ordering::Relaxed);
+                    let f = Arc::new(Flight::default());
+                    map.insert(e.blkaddr.get(), f.clone());
+                    claim.led.push((*e, f));
                 }
             }
         }
+        claim
+    }
+
+    /// Fetch what `claim` leads, wake its waiters, then wait for the chunks
+    /// others lead. The first error, if any.
+    pub fn complete(
+        &self,
+        mut claim: Claim<'_>,
+        sources: &[Source],
+        max_run: u64,
+    ) -> Result<(), CoreError> {
+        let led = std::mem::take(&mut claim.led);
         let want: Vec<ChunkEntry> = led.iter().map(|(e, _)| *e).collect();
         let results = self.fill(&want, sources, max_run);
         let mut first_err = None;
@@ -393,7 +408,7 @@ impl BlobCache {
                 first_err.get_or_insert(err);
             }
         }
-        for (e, f) in waits {
+        for (e, f) in std::mem::take(&mut claim.waits) {
             if let Err(why) = f.wait(self.flight_wait()) {
                 first_err.get_or_insert(self.fetch_error(&e, why));
             }
@@ -476,17 +491,25 @@ impl BlobCache {
         Ok(())
     }
 
-    /// Set the bits in memory (readers of this process may use the bytes at
-    /// once: they are in the page cache) and queue them for [`flush`].
+    /// Set the bits in memory and in the map's volatile section (readers
+    /// may use the bytes at once: they are in the page cache; the fanotify
+    /// pump answers from the map) and queue them for [`flush`].
     fn mark(&self, start: u32, n: u32) {
+        let (lo, hi) = (start as usize / 8, (start + n - 1) as usize / 8 + 1);
         let mut bits = self.ready.lock().unwrap();
         for b in start..start + n {
             bits[b as usize / 8] |= 1 << (b % 8);
         }
-        self.dirty
-            .lock()
-            .unwrap()
-            .push((start as usize / 8, (start + n - 1) as usize / 8 + 1));
+        // Under the lock, so concurrent marks of one byte land in order.
+        if let Err(e) = self
+            .map_file
+            .write_all_at(&bits[lo..hi], self.layout.volatile() + lo as u64)
+        {
+            // Only the pump's shortcut is lost: it asks the daemon instead.
+            tracing::debug!(blob = %self.name, error = %e, "writing volatile readiness");
+        }
+        drop(bits);
+        self.dirty.lock().unwrap().push((lo, hi));
     }
 
     /// Make readiness durable: `fdatasync` the data first, then write the
@@ -510,7 +533,7 @@ impl BlobCache {
         };
         for (lo, bytes) in snapshot {
             self.map_file
-                .write_all_at(&bytes, MAP_HEADER + lo as u64)
+                .write_all_at(&bytes, self.layout.durable() + lo as u64)
                 .map_err(io(&self.map_path, "writing readiness map"))?;
         }
         self.map_file

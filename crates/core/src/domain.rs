@@ -321,6 +321,8 @@ impl Registry {
                         refs: Mutex::new(0),
                         last_fill_end: Default::default(),
                         window: Default::default(),
+                        ahead_end: Default::default(),
+                        ahead_running: Default::default(),
                     }),
                 );
             }

@@ -244,8 +244,18 @@ fn fetch_frames(
         let first = &f.frames[run[0].0];
         let last = &f.frames[run[run.len() - 1].0];
         let (lo, hi) = (first.coffset.get(), last.coffset_end());
+        let t0 = std::time::Instant::now();
         let bytes = match wire.fetch(remote, &object, lo, hi - lo) {
-            Ok(b) => b,
+            Ok(b) => {
+                tracing::debug!(
+                    blob = name,
+                    frames = run.len(),
+                    bytes = b.len(),
+                    ms = t0.elapsed().as_millis() as u64,
+                    "frames fetched"
+                );
+                b
+            }
             Err(e) => {
                 let why = e.to_string();
                 tracing::warn!(blob = name, object = %object, offset = lo, len = hi - lo, cause = %why, "fetch failed");

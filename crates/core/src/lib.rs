@@ -11,6 +11,7 @@ pub mod fetch;
 pub mod fingerprint;
 pub mod names;
 pub mod publish;
+pub mod readiness;
 pub mod remote;
 mod shared;
 pub mod state;

@@ -7,7 +7,7 @@ use crate::error::CoreError;
 use crate::fetch::Source;
 use erofs::chunktable::ChunkEntry;
 use std::collections::BTreeMap;
-use std::sync::{Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 /// A data blob as a domain holds it: one cache, the digests every bound
 /// image pins for it, and the sources it can come from (compressed first:
@@ -19,12 +19,17 @@ pub struct SharedBlob {
     pub(crate) refs: Mutex<usize>,
     /// Where the last fill ended, to spot sequential readers.
     pub(crate) last_fill_end: std::sync::atomic::AtomicU64,
-    /// How far past a compressed miss the next fill reads (adaptive).
+    /// How far the next read-ahead reads (adaptive).
     pub(crate) window: std::sync::atomic::AtomicU64,
+    /// Where the read-aheads started so far end.
+    pub(crate) ahead_end: std::sync::atomic::AtomicU64,
+    /// Read-aheads running.
+    pub(crate) ahead_running: std::sync::atomic::AtomicUsize,
 }
 
-/// How far past a sequential miss [`SharedBlob::ensure_range_ahead`] fills.
-const READ_AHEAD: u64 = 2 << 20;
+/// Read-aheads of one blob running at once (one fetching while another
+/// decompresses and verifies, on two cores).
+const AHEAD_MAX: usize = 2;
 /// Frames fetched past a random miss's own (decompressed bytes).
 const WINDOW_MIN: u64 = 512 << 10;
 /// The most a sequential reader's window grows to.
@@ -111,71 +116,146 @@ impl SharedBlob {
     }
 
     /// [`SharedBlob::ensure_range`] for a kernel that reads the blob file
-    /// itself, fetching what will be needed next in the same request.
-    /// Blobs are laid out in build order (a tree walk reads them in order),
-    /// so "next" is what follows in the blob:
-    /// - from a compressed source: the frames holding the range, whole (a
-    ///   frame batches small files), plus the frames after them up to a
-    ///   window that starts at [`WINDOW_MIN`] and doubles while misses
-    ///   continue each other (a sequential reader), up to [`WINDOW_MAX`];
-    /// - from a raw source: when this miss continues the previous one, up
-    ///   to [`READ_AHEAD`] bytes of the missing chunks that follow.
+    /// itself, fetching what will be needed next in the same or a parallel
+    /// request. Blobs are laid out in read order (a tree walk, or a
+    /// recorded start, reads them front to back), so "next" is what follows
+    /// in the blob:
+    /// - the read waits for its own range only: from a compressed source,
+    ///   the frames holding it, whole (a frame batches small files), plus up
+    ///   to [`WINDOW_MIN`] of the frames after them, in one request;
+    /// - a read that continues the previous ones (a sequential reader) also
+    ///   starts a read-ahead of the next window in the background, claimed
+    ///   before this read goes on (so later reads of it wait for it rather
+    ///   than fetch it again), at most [`AHEAD_MAX`] at a time: the remote,
+    ///   decompression and verification of the next window overlap the
+    ///   reader's use of this one. The window doubles while the reader keeps
+    ///   going, from [`WINDOW_MIN`] up to [`WINDOW_MAX`].
     ///
-    /// Read-ahead is best effort: if it fails, only the range itself is
-    /// fetched, once. Returns the chunks covering the range, as
+    /// Read-ahead is best effort: if a read's wait on it fails, the range
+    /// itself is fetched, once. Returns the chunks covering the range, as
     /// [`SharedBlob::ensure_range`] does.
-    pub fn ensure_range_ahead(&self, offset: u64, len: u64) -> Result<Vec<ChunkEntry>, CoreError> {
+    pub fn ensure_range_ahead(
+        self: &Arc<Self>,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<ChunkEntry>, CoreError> {
         use std::sync::atomic::Ordering::Relaxed;
         let need = self.chunks_for(offset, len)?;
         let sources = self.sources();
-        let last = self.last_fill_end.load(Relaxed);
-        let sequential = offset + READ_AHEAD_SLACK >= last && offset <= last + READ_AHEAD_SLACK;
-        let window = if sequential {
-            (self.window.load(Relaxed) * 2).clamp(WINDOW_MIN, WINDOW_MAX)
-        } else {
-            WINDOW_MIN
-        };
-        self.window.store(window, Relaxed);
-        let (entries, max_run) = match sources.first().and_then(|s| s.frames.clone()) {
-            Some(f) => self.plan_frames(&f, &need, window),
-            None if sequential => (self.plan_raw(&need, offset + len), READ_AHEAD + len),
+        let frames = sources.first().and_then(|s| s.frames.clone());
+        let (now, max_run) = match &frames {
+            Some(f) => self.plan_frames(f, &need, WINDOW_MIN),
             None => (need.clone(), len.max(1)),
         };
-        let fill_end = entries.last().map_or(offset + len, |e| {
+        let now_end = now.last().map_or(offset + len, |e| {
             u64::from(e.blkaddr.get() + e.nblocks.get()) * BLOCK
         });
-        let batched = self.cache.ensure_batch(&entries, &sources, max_run);
-        // A failed read-ahead falls back to the range asked for, once, in
-        // one request (not chunk by chunk, each with its own retries): a
-        // read fails within two fetch budgets however the remote fails.
-        match batched {
-            Err(e) if entries.len() == need.len() => return Err(e),
-            Err(_) => self.cache.ensure_batch(&need, &sources, len.max(1))?,
-            Ok(()) => {}
+        let (last, ahead) = (
+            self.last_fill_end.load(Relaxed),
+            self.ahead_end.load(Relaxed),
+        );
+        let sequential =
+            offset + READ_AHEAD_SLACK >= last && offset <= last.max(ahead) + READ_AHEAD_SLACK;
+        if sequential {
+            let window = (self.window.load(Relaxed) * 2).clamp(WINDOW_MIN, WINDOW_MAX);
+            self.window.store(window, Relaxed);
+            let start = ahead.max(now_end);
+            if start < offset + len + window {
+                self.read_ahead(start, window, frames.as_deref(), &sources);
+            }
+        } else {
+            self.window.store(WINDOW_MIN, Relaxed);
+            self.ahead_end.store(now_end, Relaxed);
         }
-        self.last_fill_end.store(fill_end, Relaxed);
-        Ok(need)
+        self.last_fill_end.store(now_end, Relaxed);
+        match self.cache.ensure_batch(&now, &sources, max_run) {
+            Err(e) if now.len() == need.len() => Err(e),
+            Err(_) => self
+                .cache
+                .ensure_batch(&need, &sources, len.max(1))
+                .map(|_| need),
+            Ok(()) => Ok(need),
+        }
     }
 
-    /// `need` and the missing pinned chunks right after it, up to
-    /// [`READ_AHEAD`] bytes past `end`.
-    fn plan_raw(&self, need: &[ChunkEntry], end: u64) -> Vec<ChunkEntry> {
-        let mut entries = need.to_vec();
-        let mut next = need.last().map_or(0, |e| e.blkaddr.get() + e.nblocks.get());
-        let limit = (end + READ_AHEAD).div_ceil(BLOCK);
-        let chunks = self.chunks.read().unwrap();
-        for e in chunks.range(next..).map(|(_, e)| *e) {
-            let end = e.blkaddr.get() + e.nblocks.get();
-            if e.blkaddr.get() != next
-                || u64::from(end) > limit
-                || self.cache.is_ready(e.blkaddr.get(), e.nblocks.get())
-            {
-                break;
-            }
-            entries.push(e);
-            next = end;
+    /// Start fetching `window` bytes of the blob from byte `start` in the
+    /// background (one request per run of missing chunks or frames), unless
+    /// [`AHEAD_MAX`] read-aheads are running. Returns once the chunks are
+    /// claimed.
+    fn read_ahead(
+        self: &Arc<Self>,
+        start: u64,
+        window: u64,
+        frames: Option<&erofs::frames::BlobFrames>,
+        sources: &[Source],
+    ) {
+        use std::sync::atomic::Ordering::Relaxed;
+        if self.ahead_running.fetch_add(1, Relaxed) >= AHEAD_MAX {
+            self.ahead_running.fetch_sub(1, Relaxed);
+            return;
         }
-        entries
+        let entries = self.plan_ahead((start / BLOCK) as u32, window, frames);
+        let end = entries.last().map_or(start, |e| {
+            u64::from(e.blkaddr.get() + e.nblocks.get()) * BLOCK
+        });
+        self.ahead_end.fetch_max(end.max(start + window), Relaxed);
+        let (blob, sources) = (self.clone(), sources.to_vec());
+        let (claimed, wait) = std::sync::mpsc::sync_channel(1);
+        let spawned = std::thread::Builder::new()
+            .name("read-ahead".into())
+            .spawn(move || {
+                let claim = blob.cache.claim(&entries, false);
+                let _ = claimed.send(());
+                if !claim.is_empty() {
+                    // Failures are logged by the fetch; a reader waiting on
+                    // these chunks then fetches its own range.
+                    let _ = blob.cache.complete(claim, &sources, window + WINDOW_MIN);
+                }
+                blob.ahead_running.fetch_sub(1, Relaxed);
+            });
+        match spawned {
+            Ok(_) => {
+                let _ = wait.recv();
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "no read-ahead thread");
+                self.ahead_running.fetch_sub(1, Relaxed);
+            }
+        }
+    }
+
+    /// The missing pinned chunks of `window` bytes from block `start`: of
+    /// the frames from the one holding `start`, when compressed.
+    fn plan_ahead(
+        &self,
+        start: u32,
+        window: u64,
+        frames: Option<&erofs::frames::BlobFrames>,
+    ) -> Vec<ChunkEntry> {
+        let chunks = self.chunks.read().unwrap();
+        let (from, to) = match frames.and_then(|f| Some((f, f.frame_of(start)?))) {
+            Some((f, first)) => {
+                let mut raw = 0u64;
+                let last = f.frames[first..]
+                    .iter()
+                    .take_while(|fr| {
+                        raw += fr.raw_len();
+                        raw <= window.max(fr.raw_len())
+                    })
+                    .last()
+                    .map_or(start, |fr| fr.end_block());
+                (f.frames[first].blkaddr.get(), last)
+            }
+            None => (start, start.saturating_add((window / BLOCK) as u32)),
+        };
+        chunks
+            .range(from..to)
+            .map(|(_, e)| *e)
+            .filter(|e| {
+                e.blkaddr.get() + e.nblocks.get() <= to
+                    && !self.cache.is_ready(e.blkaddr.get(), e.nblocks.get())
+            })
+            .collect()
     }
 
     /// The pinned chunks of the frames holding `need` and of up to

@@ -132,8 +132,26 @@ fn readiness_survives_reopen_only_once_flushed() {
         cache.ensure(&entries[1], &remotes).unwrap();
         // no flush: as if the process died here
     }
-    let cache = BlobCache::open(&dir, &name, blocks).unwrap();
     let (a, b) = (&entries[0], &entries[1]);
+    // The process died, the kernel did not: the unflushed chunk's bytes
+    // are in the page cache, so its volatile bit still counts.
+    let cache = BlobCache::open(&dir, &name, blocks).unwrap();
+    assert!(cache.is_ready(a.blkaddr.get(), a.nblocks.get()));
+    if shoal_core::readiness::boot_id() != [0; 16] {
+        assert!(cache.is_ready(b.blkaddr.get(), b.nblocks.get()));
+    }
+    drop(cache);
+    // The machine crashed (another boot id): only what was flushed counts.
+    {
+        use std::os::unix::fs::FileExt;
+        let map = std::fs::OpenOptions::new()
+            .write(true)
+            .open(dir.join(format!("{name}.ready")))
+            .unwrap();
+        let boot_at = 16 + u64::from(blocks).div_ceil(8);
+        map.write_all_at(&[0x5a; 16], boot_at).unwrap();
+    }
+    let cache = BlobCache::open(&dir, &name, blocks).unwrap();
     assert!(cache.is_ready(a.blkaddr.get(), a.nblocks.get()));
     assert!(!cache.is_ready(b.blkaddr.get(), b.nblocks.get()));
     // A map for a blob of another size is not trusted.

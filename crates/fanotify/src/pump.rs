@@ -17,7 +17,7 @@ use crate::proto::{self, FromPump, ToPump, MAX_MSG};
 use rustix::event::{poll, PollFd, PollFlags, Timespec};
 use rustix::fd::{AsFd, AsRawFd, OwnedFd};
 use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
-use shoal_core::cache::durably_range_ready;
+use shoal_core::cache::map_range_ready;
 use shoal_sys::fanotify::{fan_deny_errno, Group, FAN_ALLOW, FAN_PRE_ACCESS};
 use std::collections::BTreeMap;
 use std::io;
@@ -186,7 +186,7 @@ impl Pump {
                     tracing::warn!(mask = ev.mask, "fanotify event without fd");
                     continue;
                 };
-                if self.durably_ready(&fd, ev.range) {
+                if self.ready_by_map(&fd, ev.range) {
                     // Fast path: no daemon round trip for bytes on disk.
                     if let Err(e) = self.group()?.respond(fd.as_raw_fd(), FAN_ALLOW) {
                         tracing::warn!(error = %e, "answering a fanotify event");
@@ -207,8 +207,10 @@ impl Pump {
         }
     }
 
-    /// Whether the whole range of this event is durably ready.
-    fn durably_ready(&self, fd: &OwnedFd, range: Option<(u64, u64)>) -> bool {
+    /// Whether the whole range of this event is ready by its readiness map
+    /// (durable bits, or volatile ones of this boot: bytes the daemon wrote
+    /// and verified, see `shoal_core::readiness`).
+    fn ready_by_map(&self, fd: &OwnedFd, range: Option<(u64, u64)>) -> bool {
         let (Some((off, len)), Ok(st)) = (range, rustix::fs::fstat(fd)) else {
             return false;
         };
@@ -226,7 +228,7 @@ impl Pump {
         if off >= end {
             return false;
         }
-        durably_range_ready(map, off, end - off)
+        map_range_ready(map, off, end - off)
     }
 
     fn forward(&mut self, id: u64, p: &Pending) {

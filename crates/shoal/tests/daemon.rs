@@ -104,7 +104,13 @@ fn assert_cache_correct(work: &Path, volume_dir: &str, blob_dir: &Path) -> u64 {
             std::fs::File::open(blob_dir.join(&name)).unwrap(),
         );
         let (mut a, mut b) = (vec![0u8; 4096], vec![0u8; 4096]);
-        for (i, byte) in map[16..].iter().enumerate() {
+        // The durable bitmap, then (after a 16-byte boot id) the volatile
+        // one: a bit in either claims verified bytes.
+        let blocks = u32::from_le_bytes(map[8..12].try_into().unwrap()) as usize;
+        let n = blocks.div_ceil(8);
+        let (durable, volatile) = (&map[16..16 + n], &map[16 + n + 16..16 + 2 * n + 16]);
+        let either: Vec<u8> = durable.iter().zip(volatile).map(|(d, v)| d | v).collect();
+        for (i, byte) in either.iter().enumerate() {
             for bit in 0..8 {
                 if byte & (1 << bit) != 0 {
                     let off = ((i * 8 + bit) * 4096) as u64;
