@@ -12,6 +12,12 @@
 # (`tar cf - . | cat`). cold = new mount, empty cache, page cache dropped;
 # warm = the same workload again. Bytes and requests are what the registry
 # answered for the cold run; "opened" is what the workload's files add up to.
+# Tools: shoal-{fan,fuse}-{none,zstd} (the daemon runs before and after,
+# as a service does; each round mounts into a new domain, so its cache is
+# empty), shoal-fan-zord (zstd, the top layer built with `--order` from a
+# recorded run of the same workload, `shoal order`), nydus-{fan,fuse}-*
+# (`nydus fanotify|fuse`, one process per mount), oci-pull (every layer
+# through the proxy, unpacked, then the workload).
 # Prints two tables: stored bytes, then one row per (net, tool, workload).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -19,7 +25,7 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 corpus=${CORPUS:-$root/../shared/corpus}
 nydus=${NYDUS:-$root/../shared/peers/bin/nydus}
 NETS=${NETS:-"0 10"} ROUNDS=${ROUNDS:-3} MBIT=${MBIT:-200}
-TOOLS=${TOOLS:-"shoal-fan-none shoal-fan-zstd shoal-fuse-none shoal-fuse-zstd nydus-fan-none nydus-fan-zstd nydus-fuse-none nydus-fuse-zstd oci-pull"}
+TOOLS=${TOOLS:-"shoal-fan-none shoal-fan-zstd shoal-fan-zord shoal-fuse-none shoal-fuse-zstd nydus-fan-none nydus-fan-zstd nydus-fuse-none nydus-fuse-zstd oci-pull"}
 WORKLOADS=${WORKLOADS:-"base py web tree"}
 cargo build --release -q --manifest-path "$root/Cargo.toml"
 tmp=$(mktemp -d /var/tmp/shoal-bench-wire.XXXXXX)
@@ -70,6 +76,32 @@ for i in base py web; do
     done
     for l in ${LAYERS[$i]}; do upload_blob "127.0.0.1:$reg" "oci/$i" "$corpus/$l" >/dev/null; done
 done
+# Recorded starts: each workload once through a FUSE mount of the zstd
+# image (local blobs), its access order turned into a file list, and the
+# image rebuilt with the top layer in that order.
+echo "== recording start orders" >&2
+export SHOAL_SOCKET=$tmp/shoal.sock
+"$shoal" daemon --work-dir "$tmp/rec" >"$tmp/rec.log" 2>&1 & recd=$!
+until "$shoal" status >/dev/null 2>&1; do sleep 0.05; done
+for i in base py web; do
+    mkdir -p "$tmp/rec-$i"
+    "$shoal" mount --frontend fuse --domain rec --fsid "$i" "$tmp/zstd-$i.img" "$tmp/rec-$i" \
+        --remote "file://$tmp/blobs-zstd" >/dev/null
+    mkdir -p "$tmp/rec-$i/proc" 2>/dev/null || true
+    mount --bind /proc "$tmp/rec-$i/proc"; mount --bind /dev "$tmp/rec-$i/dev"
+    env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root chroot "$tmp/rec-$i" sh -c "$(cmd_of "$i")" >/dev/null 2>&1 || true
+    umount "$tmp/rec-$i/proc" "$tmp/rec-$i/dev"
+    "$shoal" umount "$tmp/rec-$i" >/dev/null
+    "$shoal" order "$tmp/zstd-$i.img" "$tmp/rec/access/rec/$i.order" -o "$tmp/$i.order" 2>/dev/null
+    layers=()
+    for l in ${LAYERS[$i]}; do layers+=("$corpus/$l"); done
+    "$shoal" build --layer-blobs --compress zstd --order "$tmp/$i.order" -o "$tmp/zord-$i.img" \
+        --blob-dir "$tmp/blobs-zord" "${layers[@]}" >/dev/null
+    "$shoal" push "$tmp/zord-$i.img" --blob-dir "$tmp/blobs-zord" \
+        "oci://127.0.0.1:$reg/shoal-zord/$i:v1" >/dev/null
+done
+kill "$recd"; wait "$recd" 2>/dev/null || true
+
 sum_sizes() { stat -c %s "$@" | paste -sd+ | bc; }
 objects() { "$shoal" inspect --json "$1" | python3 -c '
 import json, sys
@@ -125,18 +157,28 @@ run_in() { # MNT WORKLOAD
     umount "$1/proc" "$1/dev" 2>/dev/null || true
 }
 
-# Mount "$tool" for image $1 at $2 through port $3 (cold: fresh state).
+# The shoal daemon, started per (net, tool) outside the timings, as a
+# service runs; mounts go into a new domain each round (an empty cache).
+start_daemon() {
+    export SHOAL_SOCKET=$tmp/shoal.sock
+    rm -rf "$tmp/work"
+    "$shoal" daemon --work-dir "$tmp/work" >"$tmp/daemon.log" 2>&1 & sdaemon=$!
+    until "$shoal" status >/dev/null 2>&1; do sleep 0.05; done
+}
+stop_daemon() {
+    kill "$sdaemon"; wait "$sdaemon" 2>/dev/null || true
+    pkill -f "fanotify-pump --socket $tmp/" 2>/dev/null || true
+}
+
+# Mount "$tool" for image $1 at $2 through port $3, round $4 (cold).
 daemon=
 mount_tool() {
     local tool=$1 img=$2 mnt=$3 port=$4 c=${1##*-}
     mkdir -p "$mnt"
     case $tool in
     shoal-*)
-        rm -rf "$tmp/work"; export SHOAL_SOCKET=$tmp/shoal.sock
-        "$shoal" daemon --work-dir "$tmp/work" >"$tmp/daemon.log" 2>&1 & daemon=$!
-        until "$shoal" status >/dev/null 2>&1; do sleep 0.05; done
         local fe=fanotify; [[ $tool == shoal-fuse-* ]] && fe=fuse
-        "$shoal" mount --frontend "$fe" --domain bench --fsid "$img" \
+        "$shoal" mount --frontend "$fe" --domain "r$5-$img" --fsid "$img" \
             "oci://127.0.0.1:$port/shoal-$c/$img:v1" "$mnt" >/dev/null
         ;;
     nydus-*)
@@ -161,7 +203,7 @@ YAML
 
 umount_tool() {
     case $1 in
-    shoal-*) "$shoal" umount "$2" >/dev/null 2>&1 || umount -l "$2"; kill "$daemon"; wait "$daemon" 2>/dev/null || true ;;
+    shoal-*) "$shoal" umount "$2" >/dev/null 2>&1 || umount -l "$2" ;;
     nydus-*) kill -TERM "$daemon"; wait "$daemon" 2>/dev/null || true; umount -l "$2" 2>/dev/null || true ;;
     esac
 }
@@ -181,6 +223,7 @@ declare -A R
 for net in $NETS; do
     port=$(proxy_for "$net")
     for tool in $TOOLS; do
+        [[ $tool == shoal-* ]] && start_daemon
         for w in $WORKLOADS; do
             img=$(image_of "$w")
             for round in $(seq "$ROUNDS"); do
@@ -195,9 +238,9 @@ for net in $NETS; do
                     e=$(date +%s.%N)
                     warm=$(t run_in "$tmp/pulled" "$w")
                 else
-                    mnt=$tmp/mnt-$tool-$w
+                    mnt=$tmp/mnt-$tool-$w-$round
                     s=$(date +%s.%N)
-                    mount_tool "$tool" "$img" "$mnt" "$port"
+                    mount_tool "$tool" "$img" "$mnt" "$port" "$round"
                     m=$(date +%s.%N)
                     run_in "$mnt" "$w" >/dev/null 2>&1
                     e=$(date +%s.%N)
@@ -229,4 +272,4 @@ for net in $NETS; do
         done
     done
 done
-echo "(medians of $ROUNDS; opened MB: base $(bc <<<"${OPENED[base]}/1000000"), py $(bc <<<"${OPENED[py]}/1000000"), web $(bc <<<"${OPENED[web]}/1000000"), tree $(bc <<<"${OPENED[tree]}/1000000"); mount: daemon start + mount (oci-pull: download + unpack); cold: the workload's first run; total: both)"
+echo "(medians of $ROUNDS; opened MB: base $(bc <<<"${OPENED[base]}/1000000"), py $(bc <<<"${OPENED[py]}/1000000"), web $(bc <<<"${OPENED[web]}/1000000"), tree $(bc <<<"${OPENED[tree]}/1000000"); mount: the mount command, with a running shoal daemon (oci-pull: download + unpack); cold: the workload's first run; total: both)"

@@ -68,7 +68,45 @@ fn reset(paths: &[&Path]) {
     }
 }
 
-pub fn run(corpus: &Path, chunk_size: u64, runs: usize) -> Result<()> {
+/// The builders shoal is compared with.
+pub struct Peers {
+    pub mkfs: PathBuf,
+    pub nydus: Option<PathBuf>,
+}
+
+impl Peers {
+    pub fn find(mkfs: Option<PathBuf>, nydus: Option<PathBuf>) -> Peers {
+        let peers = Path::new("../shared/peers/bin");
+        let mkfs = mkfs.unwrap_or_else(|| {
+            let p = peers.join("mkfs.erofs");
+            if p.exists() {
+                p
+            } else {
+                "mkfs.erofs".into()
+            }
+        });
+        let nydus = nydus.or_else(|| Some(peers.join("nydus")).filter(|p| p.exists()));
+        Peers { mkfs, nydus }
+    }
+}
+
+/// Version line of a builder, for the table.
+fn version(cmd: &Path) -> String {
+    Command::new(cmd)
+        .arg("--version")
+        .output()
+        .ok()
+        .and_then(|o| {
+            let t = String::from_utf8_lossy(&o.stdout).into_owned()
+                + &String::from_utf8_lossy(&o.stderr);
+            t.split_whitespace()
+                .find(|w| w.chars().next().is_some_and(|c| c.is_ascii_digit()))
+                .map(str::to_string)
+        })
+        .unwrap_or_else(|| "?".into())
+}
+
+pub fn run(corpus: &Path, chunk_size: u64, runs: usize, peers: &Peers) -> Result<()> {
     let me = std::env::current_exe()?;
     let tmp = tempfile::tempdir()?;
     let work = tmp.path();
@@ -108,6 +146,21 @@ pub fn run(corpus: &Path, chunk_size: u64, runs: usize) -> Result<()> {
             table,
             dir_bytes(&blobs)?,
         );
+        let mut zcmd = cmd.clone();
+        zcmd.extend([
+            std::ffi::OsStr::new("--compress"),
+            std::ffi::OsStr::new("zstd"),
+        ]);
+        let r = measure(&zcmd, runs, work, &|| reset(&[&img, &blobs]))?;
+        let objects = remote_objects(&img, &blobs)?;
+        row(
+            name,
+            "shoal --compress zstd (tar layers; bytes: the objects)",
+            &r,
+            std::fs::metadata(&img)?.len(),
+            erofs_part(&img)?,
+            objects,
+        );
 
         // The same tree as a directory, for both builders.
         let tree = work.join("tree");
@@ -142,29 +195,65 @@ pub fn run(corpus: &Path, chunk_size: u64, runs: usize) -> Result<()> {
         let chunk_arg = format!("--chunksize={chunk_size}");
         let blob_arg = format!("--blobdev={}", mblob.display());
         let cmd: Vec<&std::ffi::OsStr> = vec![
-            "mkfs.erofs".as_ref(),
+            peers.mkfs.as_os_str(),
             chunk_arg.as_ref(),
             blob_arg.as_ref(),
             mimg.as_os_str(),
             tree.as_os_str(),
         ];
+        let who = format!("mkfs.erofs {} (directory)", version(&peers.mkfs));
         match measure(&cmd, runs, work, &|| reset(&[&mimg, &mblob])) {
             Ok(r) => {
                 let b = std::fs::metadata(&mimg)?.len();
-                row(
-                    name,
-                    "mkfs.erofs 1.5 (directory)",
-                    &r,
-                    b,
-                    b,
-                    std::fs::metadata(&mblob)?.len(),
-                );
+                row(name, &who, &r, b, b, std::fs::metadata(&mblob)?.len());
             }
             Err(e) => println!("| {name} | mkfs.erofs: {e:#} | | | | | |"),
+        }
+        if let Some(nydus) = &peers.nydus {
+            for c in ["none", "zstd"] {
+                let (nboot, nblobs) = (work.join("n.boot"), work.join("nblobs"));
+                std::fs::create_dir_all(&nblobs)?;
+                let cmd: Vec<&std::ffi::OsStr> = vec![
+                    nydus.as_os_str(),
+                    "build".as_ref(),
+                    "--compressor".as_ref(),
+                    c.as_ref(),
+                    "--chunk-size".as_ref(),
+                    cs.as_ref(),
+                    "--blob-dir".as_ref(),
+                    nblobs.as_os_str(),
+                    "--bootstrap".as_ref(),
+                    nboot.as_os_str(),
+                    tree.as_os_str(),
+                ];
+                let who = format!("nydus build --compressor {c} (directory)");
+                let before = || {
+                    reset(&[&nboot, &nblobs]);
+                    let _ = std::fs::create_dir_all(&nblobs);
+                };
+                match measure(&cmd, runs, work, &before) {
+                    Ok(r) => {
+                        let b = std::fs::metadata(&nboot)?.len();
+                        row(name, &who, &r, b, b, dir_bytes(&nblobs)?);
+                    }
+                    Err(e) => println!("| {name} | nydus build: {e:#} | | | | | |"),
+                }
+                reset(&[&nboot, &nblobs]);
+            }
         }
         reset(&[&tree, &img, &blobs, &mimg, &mblob]);
     }
     Ok(())
+}
+
+/// Bytes of the compressed remote objects an image names, in `blobs`.
+fn remote_objects(img: &Path, blobs: &Path) -> Result<u64> {
+    let i = crate::image_cmds::open_image(img)?;
+    let mut n = 0;
+    for f in i.chunk_table.iter().flat_map(|t| &t.frames) {
+        n += std::fs::metadata(blobs.join(f.object_name()))?.len();
+    }
+    Ok(n)
 }
 
 /// Bytes of the EROFS filesystem proper (without shoal's digest table).

@@ -189,6 +189,25 @@ fn access_file(reg: &Registry, domain: Option<&str>, fsid: &str) -> PathBuf {
         .join(format!("{fsid}.order"))
 }
 
+/// Keep an image's access order so far (chunks in first-touch order) for
+/// a later recorded prefetch or `shoal order`.
+fn save_access_order(reg: &Registry, domain: Option<&str>, fsid: &str) {
+    let Ok(img) = reg.get(domain, fsid) else {
+        return;
+    };
+    let order = img.access_order();
+    if order.is_empty() {
+        return;
+    }
+    let path = access_file(reg, domain, fsid);
+    let text: String = order.iter().map(|(d, b)| format!("{d} {b}\n")).collect();
+    if let Err(e) =
+        std::fs::create_dir_all(path.parent().unwrap()).and_then(|_| std::fs::write(&path, text))
+    {
+        tracing::warn!(path = %path.display(), error = %e, "keeping the access order");
+    }
+}
+
 async fn bind(
     State(d): State<Shared>,
     Json(req): Json<BindRequest>,
@@ -218,6 +237,11 @@ async fn umount(
 ) -> Result<Json<UmountReply>, ApiError> {
     blocking(move || {
         let mp = std::fs::canonicalize(&req.mountpoint).unwrap_or(req.mountpoint.clone());
+        // The image's access order, kept for `prefetch --recorded` and
+        // `shoal order` (the image stays bound until unbound).
+        if let Some(m) = d.mounts.list().into_iter().find(|m| m.mountpoint == mp) {
+            save_access_order(&d, m.domain.as_deref(), &m.fsid);
+        }
         let fsid = d.mounts.umount(&mp)?.ok_or_else(|| {
             MountError::NotFound(format!("{} is not a shoal mount", mp.display()))
         })?;
@@ -244,16 +268,7 @@ async fn unbind(
     Json(req): Json<ImageRequest>,
 ) -> Result<Json<UnbindReply>, ApiError> {
     blocking(move || {
-        // Keep this run's access order for a later recorded prefetch.
-        if let Ok(img) = reg.get(req.domain.as_deref(), &req.fsid) {
-            let order = img.access_order();
-            if !order.is_empty() {
-                let path = access_file(&reg, req.domain.as_deref(), &req.fsid);
-                let text: String = order.iter().map(|(d, b)| format!("{d} {b}\n")).collect();
-                let _ = std::fs::create_dir_all(path.parent().unwrap())
-                    .and_then(|_| std::fs::write(&path, text));
-            }
-        }
+        save_access_order(&reg, req.domain.as_deref(), &req.fsid);
         // A mounted image stays bound: unbinding it would let GC evict cache
         // files the mount reads, and a rebind make a second cache object.
         if let Some(mp) = reg.mounts.mountpoint_of(req.domain.as_deref(), &req.fsid) {

@@ -328,6 +328,14 @@ enum BenchCmd {
         /// Runs per measurement (best wall time is reported).
         #[arg(long, default_value_t = 3)]
         runs: usize,
+        /// The mkfs.erofs to compare with (default: erofs-utils 1.9.3 of
+        /// ../shared/peers if present, else the one on PATH).
+        #[arg(long)]
+        mkfs: Option<PathBuf>,
+        /// nydus v3, for `nydus build` uncompressed and zstd (default:
+        /// ../shared/peers/bin/nydus if present).
+        #[arg(long)]
+        nydus: Option<PathBuf>,
     },
     /// Cold fetch of an image's blobs into a fresh domain cache (1 and 8
     /// readers) vs curl of the same blobs; daemon RSS with 10 bound images.
@@ -520,8 +528,10 @@ fn main() -> Result<()> {
                     corpus,
                     chunk_size,
                     runs,
+                    mkfs,
+                    nydus,
                 },
-        } => bench::run(&corpus, chunk_size, runs),
+        } => bench::run(&corpus, chunk_size, runs, &bench::Peers::find(mkfs, nydus)),
         Cmd::Bench {
             what:
                 BenchCmd::Fetch {

@@ -254,9 +254,17 @@ fn fuse_read_fails_with_eio_then_recovers_and_survives_daemon_death() {
     } else {
         println!("skipped: fusermount3 -u (fuse3 not installed)");
     }
+    // An unmount keeps the image's access order (for `prefetch
+    // --recorded` and `shoal order`).
+    let m2 = mount(&d, "fuse", "f2", "demo", &img, &srv.url(), &mnt);
+    assert_eq!(std::fs::read(&file).unwrap(), want);
+    d.ok(&["umount", mnt.to_str().unwrap()]);
+    drop(m2);
+    let order = std::fs::read_to_string(d.work.join("access/f2/demo.order")).unwrap();
+    assert!(!order.trim().is_empty());
     // A clean stop (SIGTERM) unmounts FUSE mounts; the next start does not
     // bring them back.
-    let _m2 = mount(&d, "fuse", "f2", "demo", &img, &srv.url(), &mnt);
+    let _m2 = mount(&d, "fuse", "f3", "demo", &img, &srv.url(), &mnt);
     assert!(mounted(&mnt));
     d.term();
     assert!(!mounted(&mnt), "SIGTERM left the FUSE mount behind");
