@@ -31,6 +31,8 @@ pub struct ConvertOptions {
     pub fingerprints: bool,
     /// How the blobs are stored in the registry.
     pub compress: erofs::Compression,
+    /// A read order for the top layer's blob (see `BuildOptions::order`).
+    pub order: Option<PathBuf>,
     pub progress: bool,
 }
 
@@ -312,6 +314,7 @@ pub fn convert(
         max_size: opts.max_size,
         fingerprints: opts.fingerprints,
         compress: opts.compress,
+        order: opts.order.clone(),
         ..BuildOptions::default()
     };
     let current = Current::default();

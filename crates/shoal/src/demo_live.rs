@@ -181,6 +181,7 @@ fn convert_base(dir: &Path, corpus: &Path, host: &str) -> Result<String> {
         max_size: None,
         fingerprints: true,
         compress: erofs::Compression::ZSTD,
+        order: None,
         progress: false,
     };
     let src = shoal_convert::SourceRef::parse(&format!("oci-layout:{}:base", layout.display()))?;

@@ -78,6 +78,11 @@ pub struct ConvertArgs {
     /// frames a lazy reader fetches and verifies by range) or `none`.
     #[arg(long, default_value = "zstd", value_parser = parse_compression)]
     compress: erofs::Compression,
+    /// Lay the top layer's blob out with these files first (absolute
+    /// paths, one per line; `shoal order` writes one from a recorded run),
+    /// as `shoal build --order` does; lower layers are never reordered.
+    #[arg(long, value_name = "FILE")]
+    order: Option<PathBuf>,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
@@ -115,6 +120,7 @@ pub fn convert(a: ConvertArgs) -> Result<()> {
         max_size: (a.max_size > 0).then_some(a.max_size),
         fingerprints: !a.no_fingerprints,
         compress: a.compress,
+        order: a.order.clone(),
         progress: !a.json,
     };
     let r = shoal_convert::convert(&client, &src, &dst, &opts)

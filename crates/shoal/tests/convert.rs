@@ -294,6 +294,32 @@ fn second_image_on_the_same_base_uploads_only_its_new_blobs() {
         !o.status.success() && err.contains("no manifest for platform linux/s390x"),
         "{err}"
     );
+
+    // A read order reorders the top layer's blob only: the base blob stays
+    // the one already in the repository.
+    let order = tmp.path().join("py.order");
+    std::fs::write(&order, "/var/log/dpkg.log\n/var/log/apt/term.log\n").unwrap();
+    let ordered = convert_json(&[
+        &format!("oci://{host}/src/py:v1"),
+        &format!("oci://{host}/shoal/py:ordered"),
+        "--order",
+        order.to_str().unwrap(),
+    ]);
+    let layers = |tag: &str| {
+        skopeo_inspect(&format!("{host}/shoal/py:{tag}"), &["--raw"])["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["digest"].as_str().unwrap().to_string())
+            .collect::<Vec<_>>()
+    };
+    let (plain, reordered) = (layers("v1"), layers("ordered"));
+    assert_eq!(plain[0], reordered[0], "the base blob is unchanged");
+    assert_ne!(plain[1], reordered[1], "the top layer's blob is reordered");
+    assert!(
+        ordered["blobs_existing"].as_u64().unwrap() >= 1,
+        "{ordered}"
+    );
 }
 
 /// Run a failing conversion: non-zero exit, stderr naming `names`, and no
