@@ -131,9 +131,22 @@ impl BoundImage {
         }
     }
 
-    /// Chunks in the order this image first touched them.
+    /// Chunks in the order this image first touched them. Reads through
+    /// this image (FUSE, `shoal read`) are recorded here; reads the kernel
+    /// makes of the cache files (fanotify, fscache) are recorded per blob,
+    /// and then the image's order is its blobs' first touches, merged.
     pub fn access_order(&self) -> Vec<(u16, u32)> {
-        self.access.lock().unwrap().order.clone()
+        let own = self.access.lock().unwrap().order.clone();
+        if !own.is_empty() {
+            return own;
+        }
+        let mut all: Vec<(u64, (u16, u32))> = Vec::new();
+        for (i, b) in self.blobs.iter().enumerate() {
+            let t = b.touched.lock().unwrap();
+            all.extend(t.order.iter().map(|&(seq, blk)| (seq, (i as u16 + 1, blk))));
+        }
+        all.sort_unstable();
+        all.into_iter().map(|(_, k)| k).collect()
     }
 
     /// Fetch every chunk of every blob, in `order` first (an earlier run's

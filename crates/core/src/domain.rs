@@ -323,6 +323,7 @@ impl Registry {
                         window: Default::default(),
                         ahead_end: Default::default(),
                         ahead_running: Default::default(),
+                        touched: Default::default(),
                     }),
                 );
             }

@@ -25,7 +25,21 @@ pub struct SharedBlob {
     pub(crate) ahead_end: std::sync::atomic::AtomicU64,
     /// Read-aheads running.
     pub(crate) ahead_running: std::sync::atomic::AtomicUsize,
+    /// Chunks read through the blob's cache file (kernel frontends), first
+    /// touch first, numbered across blobs so an image's order can be made
+    /// from its blobs' (see `BoundImage::access_order`).
+    pub(crate) touched: Mutex<Touched>,
 }
+
+/// First touches of a blob's chunks: (global sequence, block address).
+#[derive(Default)]
+pub(crate) struct Touched {
+    seen: std::collections::HashSet<u32>,
+    pub(crate) order: Vec<(u64, u32)>,
+}
+
+/// Orders first touches across blobs.
+static TOUCH_SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// Read-aheads of one blob running at once (one fetching while another
 /// decompresses and verifies, on two cores).
@@ -141,6 +155,7 @@ impl SharedBlob {
     ) -> Result<Vec<ChunkEntry>, CoreError> {
         use std::sync::atomic::Ordering::Relaxed;
         let need = self.chunks_for(offset, len)?;
+        self.touch(&need);
         let sources = self.sources();
         let frames = sources.first().and_then(|s| s.frames.clone());
         let (now, max_run) = match &frames {
@@ -302,6 +317,19 @@ impl SharedBlob {
         entries.sort_by_key(|e| e.blkaddr.get());
         entries.dedup_by_key(|e| e.blkaddr.get());
         (entries, raw)
+    }
+
+    /// Record the first touch of `entries` (what a reader asked for, not
+    /// what was read ahead).
+    fn touch(&self, entries: &[ChunkEntry]) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let mut t = self.touched.lock().unwrap();
+        for e in entries {
+            if t.seen.insert(e.blkaddr.get()) {
+                t.order
+                    .push((TOUCH_SEQ.fetch_add(1, Relaxed), e.blkaddr.get()));
+            }
+        }
     }
 
     pub fn all_chunks(&self) -> Vec<ChunkEntry> {

@@ -316,6 +316,15 @@ fn fanotify_read_fails_with_eio_then_recovers() {
     d.ok(&["umount", mnt.to_str().unwrap()]);
     assert!(!mounted(&mnt));
     drop(m);
+    // The kernel's reads were recorded per blob: the unmount kept them as
+    // the image's access order, first touch (the glossary) first.
+    let recording = d.work.join("access/f/demo.order");
+    let paths = run_shoal(&["order".as_ref(), img.as_os_str(), recording.as_os_str()]);
+    assert_eq!(
+        paths.lines().next(),
+        Some("/usr/share/doc/shoal-demo/glossary.txt"),
+        "{paths}"
+    );
 }
 
 /// kill -9 the daemon again and again while a reader reads every byte of
