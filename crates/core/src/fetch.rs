@@ -102,6 +102,19 @@ pub(crate) fn fetch_from(
     }
 }
 
+/// Count every chunk of `ks` (indexes into the wanted list) as missed.
+fn fail(
+    misses: &mut Vec<(usize, Miss)>,
+    ks: impl IntoIterator<Item = usize>,
+    why: &str,
+    wrong_bytes: bool,
+) {
+    misses.extend(ks.into_iter().map(|k| {
+        let why = why.to_string();
+        (k, Miss { why, wrong_bytes })
+    }));
+}
+
 fn check(e: &ChunkEntry, bytes: &[u8], what: impl FnOnce() -> String) -> Option<Miss> {
     (Sha256::digest(bytes).as_slice() != e.digest).then(|| Miss {
         why: format!("{}: sha256 mismatch", what()),
@@ -142,16 +155,7 @@ fn fetch_raw(
             Err(e) => {
                 let why = e.to_string();
                 tracing::warn!(blob = name, offset, len, cause = %why, "fetch failed");
-                misses.extend((i..j).map(|k| {
-                    let why = why.clone();
-                    (
-                        k,
-                        Miss {
-                            why,
-                            wrong_bytes: false,
-                        },
-                    )
-                }));
+                fail(&mut misses, i..j, &why, false);
             }
             Ok(bytes) => {
                 for (k, e) in want.iter().enumerate().take(j).skip(i) {
@@ -260,16 +264,7 @@ fn fetch_frames(
                 let why = e.to_string();
                 tracing::warn!(blob = name, object = %object, offset = lo, len = hi - lo, cause = %why, "fetch failed");
                 for (_, ks) in &run {
-                    misses.extend(ks.iter().map(|&k| {
-                        let why = why.clone();
-                        (
-                            k,
-                            Miss {
-                                why,
-                                wrong_bytes: false,
-                            },
-                        )
-                    }));
+                    fail(&mut misses, ks.iter().copied(), &why, false);
                 }
                 continue;
             }
@@ -290,16 +285,7 @@ fn fetch_frames(
                 Err(why) => {
                     let why = format!("{}: {why}", what());
                     tracing::warn!(blob = name, cause = %why, "compressed frame refused");
-                    misses.extend(ks.iter().map(|&k| {
-                        let why = why.clone();
-                        (
-                            k,
-                            Miss {
-                                why,
-                                wrong_bytes: true,
-                            },
-                        )
-                    }));
+                    fail(&mut misses, ks.iter().copied(), &why, true);
                     continue;
                 }
             };

@@ -140,7 +140,10 @@ pub fn map_ready(map: &File, first: u32, n: u32) -> bool {
         map.read_exact_at(&mut b, at + lo as u64).ok().map(|_| b)
     };
     let all = |bits: &[u8]| (first..end).all(|b| bits[b as usize / 8 - lo] & (1 << (b % 8)) != 0);
-    if read(l.durable()).is_some_and(|b| all(&b)) {
+    let Some(durable) = read(l.durable()) else {
+        return false;
+    };
+    if all(&durable) {
         return true;
     }
     let mut id = [0u8; BOOT_ID as usize];
@@ -149,9 +152,8 @@ pub fn map_ready(map: &File, first: u32, n: u32) -> bool {
         && id != [0; 16]
         && read(l.volatile()).is_some_and(|v| {
             // Ready if every block is set in either bitmap.
-            let d = read(l.durable()).unwrap_or_else(|| vec![0; v.len()]);
-            let or: Vec<u8> = v.iter().zip(&d).map(|(a, b)| a | b).collect();
-            all(&or)
+            let either: Vec<u8> = v.iter().zip(&durable).map(|(a, b)| a | b).collect();
+            all(&either)
         })
 }
 

@@ -377,17 +377,7 @@ impl ChunkStore {
                     }
                     let entries: Vec<ChunkEntry> = entries.into_iter().map(|(_, e)| e).collect();
                     let tag = hash_file(tmp.as_file(), tmp.path())?;
-                    let final_path = self.blob_dir.join(&tag);
-                    // Blobs are public content (served to any reader); the
-                    // temp file starts 0600.
-                    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o644))
-                        .map_err(io_err(tmp.path()))?;
-                    if !final_path.exists() {
-                        tmp.persist(&final_path).map_err(|e| BuildError::Io {
-                            path: final_path.clone(),
-                            source: e.error,
-                        })?;
-                    }
+                    publish(tmp, &self.blob_dir.join(&tag))?;
                     FinalBlob {
                         tag,
                         blocks,
@@ -439,6 +429,22 @@ impl ChunkStore {
         out.sort_by_key(|(_, e)| e.blkaddr.get());
         Ok((tmp, out, next))
     }
+}
+
+/// Give a finished content-addressed file (a blob, a compressed object)
+/// its name, unless a file of that name, hence those bytes, is there
+/// already. Such files are public content (served to any reader); the
+/// temp file starts 0600.
+pub(crate) fn publish(tmp: tempfile::NamedTempFile, path: &Path) -> Result<(), BuildError> {
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o644))
+        .map_err(io_err(tmp.path()))?;
+    if !path.exists() {
+        tmp.persist(path).map_err(|e| BuildError::Io {
+            path: path.to_path_buf(),
+            source: e.error,
+        })?;
+    }
+    Ok(())
 }
 
 /// sha256 of a whole file, lowercase hex.

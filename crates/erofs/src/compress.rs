@@ -12,7 +12,7 @@ use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{BufWriter, Write};
-use std::os::unix::fs::{FileExt, PermissionsExt};
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 use zerocopy::FromBytes;
 
@@ -175,15 +175,7 @@ pub fn compress_blob(
     w.flush().map_err(io_err(tmp.path()))?;
     drop(w);
     let object_sha256: [u8; 32] = hash.finalize().into();
-    let path = dir.join(hex::encode(object_sha256));
-    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o644))
-        .map_err(io_err(tmp.path()))?;
-    if !path.exists() {
-        tmp.persist(&path).map_err(|e| BuildError::Io {
-            path: path.clone(),
-            source: e.error,
-        })?;
-    }
+    crate::blob::publish(tmp, &dir.join(hex::encode(object_sha256)))?;
     Ok(BlobFrames {
         device_id: 0,
         algorithm: ALGORITHM_ZSTD,
