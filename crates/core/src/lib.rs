@@ -10,6 +10,7 @@ pub mod error;
 pub mod fetch;
 pub mod fingerprint;
 pub mod names;
+pub mod pool;
 pub mod publish;
 pub mod readiness;
 pub mod remote;

@@ -9,10 +9,11 @@
 //! mark, and reads of it run at native speed.
 
 use crate::client::{PumpConn, PumpEvent};
-use crate::fair::FairQueue;
+use crate::proto::PumpKey;
 use rustix::fd::{BorrowedFd, OwnedFd};
 use shoal_core::cache::{DataFiles, PlainFiles, BLOCK};
 use shoal_core::domain::SharedBlob;
+use shoal_core::pool::WorkerPool;
 use shoal_core::{BoundImage, Registry};
 use shoal_sys::fanotify::{fan_deny_errno, FAN_ALLOW};
 use std::collections::HashMap;
@@ -57,15 +58,16 @@ pub struct Frontend {
     /// Set once bindings are restored: events re-sent by the pump right
     /// after a restart must not be answered before their blobs are known.
     serving: (Mutex<bool>, std::sync::Condvar),
-    threads: usize,
+    /// The daemon's workers, shared with the other frontends.
+    pool: Arc<WorkerPool>,
     /// Cache file (dev, ino) → blob, for events.
     index: Mutex<HashMap<(u64, u64), Weak<SharedBlob>>>,
     /// Fanotify mounts per cache file, and whether it is marked.
-    users: Mutex<HashMap<String, usize>>,
+    users: Mutex<HashMap<PumpKey, usize>>,
 }
 
-fn key_of(blob: &SharedBlob) -> String {
-    blob.cache.data_path().to_string_lossy().into_owned()
+fn key_of(blob: &SharedBlob) -> PumpKey {
+    PumpKey::CacheFile(blob.cache.data_path().to_path_buf())
 }
 
 impl Frontend {
@@ -73,14 +75,18 @@ impl Frontend {
     /// already running there (a daemon restart), so its stored fds are
     /// used when bindings are restored; otherwise the pump is launched on
     /// the first mount.
-    pub fn new(socket: &Path, launcher: Option<PumpLauncher>, threads: usize) -> Arc<Frontend> {
+    pub fn new(
+        socket: &Path,
+        launcher: Option<PumpLauncher>,
+        pool: Arc<WorkerPool>,
+    ) -> Arc<Frontend> {
         let f = Arc::new(Frontend {
             socket: socket.to_path_buf(),
             launcher,
             conn: Mutex::new(None),
             reg: Mutex::new(Weak::new()),
             serving: (Mutex::new(false), std::sync::Condvar::new()),
-            threads: threads.max(1),
+            pool,
             index: Mutex::new(HashMap::new()),
             users: Mutex::new(HashMap::new()),
         });
@@ -135,7 +141,7 @@ impl Frontend {
         {
             let mut users = self.users.lock().unwrap();
             for k in conn.stored_keys() {
-                if !k.starts_with("keep:") {
+                if matches!(k, PumpKey::CacheFile(_)) {
                     users.entry(k).or_insert(0);
                 }
             }
@@ -174,36 +180,24 @@ impl Frontend {
         Ok(())
     }
 
-    /// A dispatcher queues events per remote; workers take them fairly
-    /// (see [`FairQueue`]): one remote may hold all workers but two.
+    /// A dispatcher hands events to the worker pool, keyed by remote (see
+    /// [`WorkerPool`]: one remote may hold all workers but two).
     fn spawn_workers(self: &Arc<Self>, events: Receiver<PumpEvent>, conn: Arc<PumpConn>) {
-        let queue = Arc::new(FairQueue::new(self.threads.saturating_sub(2)));
-        {
-            let (me, queue) = (self.clone(), queue.clone());
-            let _ = std::thread::Builder::new()
-                .name("fanotify-dispatch".into())
-                .spawn(move || {
-                    for ev in events {
-                        me.wait_serving();
-                        queue.push(me.fairness_key(&ev), ev);
-                    }
-                    queue.close();
-                });
-        }
-        for i in 0..self.threads {
-            let (me, queue, conn) = (self.clone(), queue.clone(), conn.clone());
-            let _ = std::thread::Builder::new()
-                .name(format!("fanotify-{i}"))
-                .spawn(move || {
-                    while let Some((key, ev)) = queue.pop() {
-                        let response = me.handle(&ev);
-                        queue.done(&key);
+        let me = self.clone();
+        let _ = std::thread::Builder::new()
+            .name("fanotify-dispatch".into())
+            .spawn(move || {
+                for ev in events {
+                    me.wait_serving();
+                    let (f, conn) = (me.clone(), conn.clone());
+                    me.pool.submit(me.fairness_key(&ev), move || {
+                        let response = f.handle(&ev);
                         if let Err(e) = conn.answer(ev.id, response) {
                             tracing::error!(error = %e, "answering the pump");
                         }
-                    }
-                });
-        }
+                    });
+                }
+            });
     }
 
     /// The remote an event's blob is fetched from ("" if unknown).
@@ -303,10 +297,11 @@ impl Frontend {
                 // Durable bits first: the pump answers from the map on disk.
                 let _ = blob.cache.flush();
                 let data = rustix::fd::AsFd::as_fd(blob.cache.data_file());
-                if let Err(source) = conn.watch(&key, blob.cache.map_path(), data) {
+                let path = blob.cache.data_path();
+                if let Err(source) = conn.watch(path, blob.cache.map_path(), data) {
                     self.release(&watched);
                     return Err(FanotifyError::Watch {
-                        path: key.into(),
+                        path: path.into(),
                         source,
                     });
                 }
@@ -370,20 +365,20 @@ impl Frontend {
         }
     }
 
-    /// Have the pump keep `fd` across daemon restarts under `key` (which
-    /// must start with `keep:`), launching the pump if needed.
-    pub fn keep(self: &Arc<Self>, key: &str, fd: BorrowedFd<'_>) -> Result<(), FanotifyError> {
+    /// Have the pump keep `fd` across daemon restarts under `name`,
+    /// launching the pump if needed.
+    pub fn keep(self: &Arc<Self>, name: &str, fd: BorrowedFd<'_>) -> Result<(), FanotifyError> {
         let conn = self.connect()?;
-        conn.keep(key, fd).map_err(|source| FanotifyError::Pump {
+        conn.keep(name, fd).map_err(|source| FanotifyError::Pump {
             socket: self.socket.clone(),
             source,
         })
     }
 
-    /// A descriptor the pump kept for an earlier daemon.
-    pub fn kept(&self, key: &str) -> Option<OwnedFd> {
+    /// A descriptor the pump kept under `name` for an earlier daemon.
+    pub fn kept(&self, name: &str) -> Option<OwnedFd> {
         let conn = self.conn.lock().unwrap().clone()?;
-        conn.stored_fd(key)
+        conn.stored_fd(&PumpKey::Kept(name.to_string()))
     }
 
     /// Blobs currently marked (for status).
@@ -395,8 +390,17 @@ impl Frontend {
             .map(|c| c.stored_keys())
             .unwrap_or_default()
             .into_iter()
-            .filter(|k| !k.starts_with("keep:"))
+            .filter_map(|k| match k {
+                PumpKey::CacheFile(p) => Some(p.display().to_string()),
+                PumpKey::Kept(_) => None,
+            })
             .collect()
+    }
+
+    /// The connected pump's protocol version.
+    pub fn pump_protocol(&self) -> Option<u32> {
+        let conn = self.conn.lock().unwrap();
+        conn.as_ref().filter(|c| !c.is_lost()).map(|c| c.version())
     }
 
     pub fn pump_connected(&self) -> bool {
@@ -414,7 +418,7 @@ impl Frontend {
 impl DataFiles for Frontend {
     fn open(&self, path: &Path) -> io::Result<File> {
         let conn = self.conn.lock().unwrap().clone();
-        if let Some(fd) = conn.and_then(|c| c.stored_fd(&path.to_string_lossy())) {
+        if let Some(fd) = conn.and_then(|c| c.stored_fd(&PumpKey::CacheFile(path.to_path_buf()))) {
             return Ok(File::from(fd));
         }
         PlainFiles.open(path)

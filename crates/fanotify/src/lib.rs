@@ -9,7 +9,6 @@
 #![forbid(unsafe_code)]
 
 pub mod client;
-mod fair;
 pub mod frontend;
 pub mod proto;
 pub mod pump;

@@ -2,36 +2,94 @@
 //! little-endian, a descriptor passed alongside with `SCM_RIGHTS` where a
 //! message names a file. Hand-written because it is five fixed-layout
 //! messages; a serialization crate would not carry the fds.
+//! The wire bytes of every version-0 message are unchanged, so a daemon
+//! and a pump of different releases keep understanding each other.
 
 use rustix::fd::{BorrowedFd, OwnedFd};
 use rustix::net::{
     recvmsg, sendmsg, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SendAncillaryBuffer,
     SendAncillaryMessage, SendFlags,
 };
+use std::ffi::OsStr;
 use std::io::{self, IoSlice, IoSliceMut};
 use std::mem::MaybeUninit;
+use std::os::unix::ffi::OsStrExt;
+use std::path::PathBuf;
 
 /// Largest message: a key is a cache path.
 pub const MAX_MSG: usize = 8192;
 
+/// The protocol this build speaks. The pump outlives daemons, so a daemon
+/// upgrade meets the pump of an older release: each side says its version
+/// first (`Hello`), and a daemon refuses a pump newer than itself rather
+/// than misread it. Version 0 is the protocol before the handshake (no
+/// `Hello`, otherwise the same messages): still served.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// What the pump keeps a descriptor under.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum PumpKey {
+    /// A blob's cache file, by path: marked `FAN_PRE_ACCESS` while the
+    /// blob is incomplete.
+    CacheFile(PathBuf),
+    /// A descriptor that must outlive the daemon, never marked (e.g.
+    /// `/dev/cachefiles`), by name.
+    Kept(String),
+}
+
+/// On the wire a cache file is its absolute path and a kept fd `keep:NAME`
+/// (as in version 0).
+const KEPT_PREFIX: &str = "keep:";
+
+impl PumpKey {
+    fn encode(&self, b: &mut Vec<u8>) {
+        match self {
+            PumpKey::CacheFile(p) => b.extend_from_slice(p.as_os_str().as_bytes()),
+            PumpKey::Kept(name) => {
+                b.extend_from_slice(KEPT_PREFIX.as_bytes());
+                b.extend_from_slice(name.as_bytes());
+            }
+        }
+    }
+
+    fn decode(b: &[u8]) -> Option<PumpKey> {
+        if let Some(name) = b.strip_prefix(KEPT_PREFIX.as_bytes()) {
+            return Some(PumpKey::Kept(String::from_utf8(name.to_vec()).ok()?));
+        }
+        (b.first() == Some(&b'/')).then(|| PumpKey::CacheFile(PathBuf::from(OsStr::from_bytes(b))))
+    }
+}
+
+impl std::fmt::Display for PumpKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PumpKey::CacheFile(p) => write!(f, "{}", p.display()),
+            PumpKey::Kept(name) => write!(f, "{KEPT_PREFIX}{name}"),
+        }
+    }
+}
+
 /// Daemon → pump.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ToPump {
-    /// Keep the attached fd under `key` and mark its inode `FAN_PRE_ACCESS`.
-    /// The fd must have been opened before any mark existed on the inode,
-    /// so I/O through it raises no events; the pump hands it back to every
-    /// daemon that connects later. `ready_map` is the file's readiness map:
-    /// the pump answers reads of durably ready ranges itself.
+    /// The daemon's protocol version, sent first (to pumps of version 1+).
+    Hello { version: u32 },
+    /// Keep the attached fd of a cache file and mark its inode
+    /// `FAN_PRE_ACCESS`. The fd must have been opened before any mark
+    /// existed on the inode, so I/O through it raises no events; the pump
+    /// hands it back to every daemon that connects later. `ready_map` is
+    /// the file's readiness map: the pump answers reads of ready ranges
+    /// itself.
     Watch {
         req: u64,
-        key: String,
-        ready_map: String,
+        cache_file: PathBuf,
+        ready_map: PathBuf,
     },
-    /// Keep the attached fd under `key` without marking anything: a
+    /// Keep the attached fd under `name` without marking anything: a
     /// descriptor that must outlive the daemon (`/dev/cachefiles`).
-    Keep { req: u64, key: String },
+    Keep { req: u64, name: String },
     /// Remove the mark of `key` (if any) and forget its fd.
-    Unwatch { req: u64, key: String },
+    Unwatch { req: u64, key: PumpKey },
     /// The answer to event `id` (`FAN_ALLOW` or `FAN_DENY_ERRNO(e)`).
     Answer { id: u64, response: u32 },
 }
@@ -39,8 +97,10 @@ pub enum ToPump {
 /// Pump → daemon.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FromPump {
-    /// A watched file's fd, sent on connect (attached).
-    Stored { key: String },
+    /// The pump's protocol version, sent first on connect (version 1+).
+    Hello { version: u32 },
+    /// A kept fd, sent on connect (attached).
+    Stored { key: PumpKey },
     /// Every `Stored` has been sent; events follow.
     Ready,
     /// An access to a watched file (its event fd attached). Re-sent to a
@@ -50,7 +110,7 @@ pub enum FromPump {
         range: Option<(u64, u64)>,
         pid: i32,
     },
-    /// The result of a `Watch`/`Unwatch`: 0 or an errno.
+    /// The result of a `Watch`/`Keep`/`Unwatch`: 0 or an errno.
     Reply { req: u64, errno: i32 },
 }
 
@@ -60,34 +120,41 @@ fn u64_at(b: &[u8], at: usize) -> Option<u64> {
 fn u32_at(b: &[u8], at: usize) -> Option<u32> {
     Some(u32::from_le_bytes(b.get(at..at + 4)?.try_into().ok()?))
 }
-fn key_at(b: &[u8], at: usize) -> Option<String> {
-    String::from_utf8(b.get(at..)?.to_vec()).ok()
+fn key_at(b: &[u8], at: usize) -> Option<PumpKey> {
+    PumpKey::decode(b.get(at..)?)
+}
+fn path_of(b: &[u8]) -> PathBuf {
+    PathBuf::from(OsStr::from_bytes(b))
 }
 
 impl ToPump {
     pub fn encode(&self) -> Vec<u8> {
         let mut b = Vec::new();
         match self {
+            ToPump::Hello { version } => {
+                b.push(b'V');
+                b.extend_from_slice(&version.to_le_bytes());
+            }
             ToPump::Watch {
                 req,
-                key,
+                cache_file,
                 ready_map,
             } => {
                 b.push(b'W');
                 b.extend_from_slice(&req.to_le_bytes());
-                b.extend_from_slice(key.as_bytes());
+                b.extend_from_slice(cache_file.as_os_str().as_bytes());
                 b.push(0);
-                b.extend_from_slice(ready_map.as_bytes());
+                b.extend_from_slice(ready_map.as_os_str().as_bytes());
             }
-            ToPump::Keep { req, key } => {
+            ToPump::Keep { req, name } => {
                 b.push(b'K');
                 b.extend_from_slice(&req.to_le_bytes());
-                b.extend_from_slice(key.as_bytes());
+                PumpKey::Kept(name.clone()).encode(&mut b);
             }
             ToPump::Unwatch { req, key } => {
                 b.push(b'U');
                 b.extend_from_slice(&req.to_le_bytes());
-                b.extend_from_slice(key.as_bytes());
+                key.encode(&mut b);
             }
             ToPump::Answer { id, response } => {
                 b.push(b'A');
@@ -100,19 +167,28 @@ impl ToPump {
 
     pub fn decode(b: &[u8]) -> Option<ToPump> {
         Some(match *b.first()? {
+            b'V' => ToPump::Hello {
+                version: u32_at(b, 1)?,
+            },
             b'W' => {
-                let (key, map) = key_at(b, 9)?
-                    .split_once('\0')
-                    .map(|(k, m)| (k.to_string(), m.to_string()))?;
+                let rest = b.get(9..)?;
+                let nul = rest.iter().position(|&c| c == 0)?;
+                let cache_file = path_of(&rest[..nul]);
+                if !cache_file.is_absolute() {
+                    return None;
+                }
                 ToPump::Watch {
                     req: u64_at(b, 1)?,
-                    key,
-                    ready_map: map,
+                    cache_file,
+                    ready_map: path_of(&rest[nul + 1..]),
                 }
             }
-            b'K' => ToPump::Keep {
-                req: u64_at(b, 1)?,
-                key: key_at(b, 9)?,
+            b'K' => match key_at(b, 9)? {
+                PumpKey::Kept(name) => ToPump::Keep {
+                    req: u64_at(b, 1)?,
+                    name,
+                },
+                PumpKey::CacheFile(_) => return None,
             },
             b'U' => ToPump::Unwatch {
                 req: u64_at(b, 1)?,
@@ -131,9 +207,13 @@ impl FromPump {
     pub fn encode(&self) -> Vec<u8> {
         let mut b = Vec::new();
         match self {
+            FromPump::Hello { version } => {
+                b.push(b'V');
+                b.extend_from_slice(&version.to_le_bytes());
+            }
             FromPump::Stored { key } => {
                 b.push(b'S');
-                b.extend_from_slice(key.as_bytes());
+                key.encode(&mut b);
             }
             FromPump::Ready => b.push(b'Y'),
             FromPump::Event { id, range, pid } => {
@@ -159,6 +239,9 @@ impl FromPump {
 
     pub fn decode(b: &[u8]) -> Option<FromPump> {
         Some(match *b.first()? {
+            b'V' => FromPump::Hello {
+                version: u32_at(b, 1)?,
+            },
             b'S' => FromPump::Stored { key: key_at(b, 1)? },
             b'Y' => FromPump::Ready,
             b'E' => FromPump::Event {
@@ -224,18 +307,23 @@ mod tests {
     #[test]
     fn messages_round_trip() {
         for m in [
+            ToPump::Hello { version: 1 },
             ToPump::Watch {
                 req: 7,
-                key: "/var/lib/shoal/d/blobs/ab".into(),
+                cache_file: "/var/lib/shoal/d/blobs/ab".into(),
                 ready_map: "/var/lib/shoal/d/blobs/ab.ready".into(),
             },
             ToPump::Unwatch {
                 req: 8,
-                key: "k".into(),
+                key: PumpKey::CacheFile("/k".into()),
+            },
+            ToPump::Unwatch {
+                req: 8,
+                key: PumpKey::Kept("/dev/cachefiles".into()),
             },
             ToPump::Keep {
                 req: 9,
-                key: "cachefiles".into(),
+                name: "/dev/cachefiles".into(),
             },
             ToPump::Answer {
                 id: u64::MAX,
@@ -245,7 +333,13 @@ mod tests {
             assert_eq!(ToPump::decode(&m.encode()), Some(m));
         }
         for m in [
-            FromPump::Stored { key: "x".into() },
+            FromPump::Hello { version: 7 },
+            FromPump::Stored {
+                key: PumpKey::CacheFile("/x".into()),
+            },
+            FromPump::Stored {
+                key: PumpKey::Kept("/dev/cachefiles".into()),
+            },
             FromPump::Ready,
             FromPump::Event {
                 id: 3,
@@ -263,5 +357,33 @@ mod tests {
         }
         assert_eq!(FromPump::decode(b"E\x01"), None);
         assert_eq!(ToPump::decode(b""), None);
+    }
+
+    /// Version 0's bytes (before typed keys and the handshake) still mean
+    /// the same, both ways.
+    #[test]
+    fn version_0_bytes_are_unchanged() {
+        let mut w = b"W\x07\0\0\0\0\0\0\0/c/blob\0/c/blob.ready".to_vec();
+        assert_eq!(
+            ToPump::decode(&w),
+            Some(ToPump::Watch {
+                req: 7,
+                cache_file: "/c/blob".into(),
+                ready_map: "/c/blob.ready".into(),
+            })
+        );
+        assert_eq!(ToPump::decode(&w).unwrap().encode(), w);
+        w = b"K\x09\0\0\0\0\0\0\0keep:/dev/cachefiles".to_vec();
+        assert_eq!(ToPump::decode(&w).unwrap().encode(), w);
+        assert_eq!(
+            FromPump::decode(b"Skeep:/dev/cachefiles"),
+            Some(FromPump::Stored {
+                key: PumpKey::Kept("/dev/cachefiles".into())
+            })
+        );
+        // Neither a relative cache file nor a cache file kept unmarked.
+        assert_eq!(ToPump::decode(b"W\x07\0\0\0\0\0\0\0rel\0/m"), None);
+        assert_eq!(ToPump::decode(b"K\x07\0\0\0\0\0\0\0/c/blob"), None);
+        assert_eq!(FromPump::decode(b"Srelative"), None);
     }
 }

@@ -13,7 +13,7 @@
 //!
 //! It holds no domain logic, so it never needs restarting with the daemon.
 
-use crate::proto::{self, FromPump, ToPump, MAX_MSG};
+use crate::proto::{self, FromPump, PumpKey, ToPump, MAX_MSG, PROTOCOL_VERSION};
 use rustix::event::{poll, PollFd, PollFlags, Timespec};
 use rustix::fd::{AsFd, AsRawFd, OwnedFd};
 use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
@@ -22,7 +22,7 @@ use shoal_sys::fanotify::{fan_deny_errno, Group, FAN_ALLOW, FAN_PRE_ACCESS};
 use std::collections::BTreeMap;
 use std::io;
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 /// How long the pump lingers with nothing to protect and no daemon.
@@ -63,7 +63,7 @@ struct Pump {
     /// None where pre-content events are unavailable: the pump then only
     /// keeps fds (the cachefiles device) across daemon restarts.
     group: Option<Group>,
-    stored: BTreeMap<String, Watched>,
+    stored: BTreeMap<PumpKey, Watched>,
     pending: BTreeMap<u64, Pending>,
     client: Option<OwnedFd>,
     next_id: u64,
@@ -258,16 +258,21 @@ impl Pump {
         tracing::info!("daemon connected");
         self.client = Some(conn);
         self.served = true;
-        let stored: Vec<(String, OwnedFd)> = self
+        let stored: Vec<(PumpKey, OwnedFd)> = self
             .stored
             .iter()
             .filter_map(|(k, w)| Some((k.clone(), w.fd.try_clone().ok()?)))
             .collect();
         let c = self.client.as_ref().unwrap().as_fd();
-        let mut ok = stored.iter().all(|(key, fd)| {
-            let m = FromPump::Stored { key: key.clone() };
-            proto::send(c, &m.encode(), Some(fd.as_fd())).is_ok()
-        });
+        let hello = FromPump::Hello {
+            version: PROTOCOL_VERSION,
+        };
+        let mut ok = proto::send(c, &hello.encode(), None).is_ok();
+        ok = ok
+            && stored.iter().all(|(key, fd)| {
+                let m = FromPump::Stored { key: key.clone() };
+                proto::send(c, &m.encode(), Some(fd.as_fd())).is_ok()
+            });
         ok = ok && proto::send(c, &FromPump::Ready.encode(), None).is_ok();
         if !ok {
             self.drop_client();
@@ -304,6 +309,9 @@ impl Pump {
             return;
         };
         match m {
+            ToPump::Hello { version } => {
+                tracing::info!(daemon = version, pump = PROTOCOL_VERSION, "daemon protocol");
+            }
             ToPump::Answer { id, response } => {
                 if let Some(p) = self.pending.remove(&id) {
                     self.answer(p, response);
@@ -311,71 +319,68 @@ impl Pump {
             }
             ToPump::Watch {
                 req,
-                key,
+                cache_file,
                 ready_map,
             } => {
                 let errno = match fd {
                     None => libc_einval(),
-                    Some(fd) => match self.watch(key, fd, &ready_map) {
-                        Ok(()) => 0,
-                        Err(e) => e.raw_os_error().unwrap_or(libc_einval()),
-                    },
+                    Some(fd) => errno_of(self.watch(cache_file, fd, &ready_map)),
                 };
                 self.reply(req, errno);
             }
-            ToPump::Keep { req, key } => {
+            ToPump::Keep { req, name } => {
                 let errno = match fd {
                     None => libc_einval(),
                     Some(fd) => {
-                        self.stored.insert(
-                            key,
-                            Watched {
-                                fd,
-                                marked: false,
-                                ready_map: None,
-                                dev_ino: (0, 0),
-                            },
-                        );
+                        self.keep(name, fd);
                         0
                     }
                 };
                 self.reply(req, errno);
             }
             ToPump::Unwatch { req, key } => {
-                let errno = match self.stored.remove(&key) {
-                    None => 0,
-                    Some(w) if !w.marked => {
-                        drop(w);
-                        0
-                    }
-                    Some(w) => match self
-                        .group()
-                        .and_then(|g| g.mark(false, FAN_PRE_ACCESS, w.fd.as_fd()))
-                    {
-                        Ok(()) => 0,
-                        // No mark left (e.g. the file was deleted): fine.
-                        Err(e)
-                            if e.raw_os_error()
-                                == Some(rustix::io::Errno::NOENT.raw_os_error()) =>
-                        {
-                            0
-                        }
-                        Err(e) => e.raw_os_error().unwrap_or(libc_einval()),
-                    },
-                };
+                let errno = errno_of(self.unwatch(&key));
                 self.reply(req, errno);
             }
         }
     }
 
-    fn watch(&mut self, key: String, fd: OwnedFd, ready_map: &str) -> io::Result<()> {
+    fn keep(&mut self, name: String, fd: OwnedFd) {
+        let w = Watched {
+            fd,
+            marked: false,
+            ready_map: None,
+            dev_ino: (0, 0),
+        };
+        self.stored.insert(PumpKey::Kept(name), w);
+    }
+
+    /// Forget `key`'s fd, removing its mark if it has one; a mark already
+    /// gone (e.g. the file was deleted) is fine.
+    fn unwatch(&mut self, key: &PumpKey) -> io::Result<()> {
+        let Some(w) = self.stored.remove(key) else {
+            return Ok(());
+        };
+        if !w.marked {
+            return Ok(());
+        }
+        match self
+            .group()
+            .and_then(|g| g.mark(false, FAN_PRE_ACCESS, w.fd.as_fd()))
+        {
+            Err(e) if e.raw_os_error() == Some(rustix::io::Errno::NOENT.raw_os_error()) => Ok(()),
+            r => r,
+        }
+    }
+
+    fn watch(&mut self, cache_file: PathBuf, fd: OwnedFd, ready_map: &Path) -> io::Result<()> {
         let st = rustix::fs::fstat(&fd)?;
         self.group()?.mark(true, FAN_PRE_ACCESS, fd.as_fd())?;
         let ready_map = std::fs::File::open(ready_map)
-            .map_err(|e| tracing::warn!(path = ready_map, error = %e, "readiness map"))
+            .map_err(|e| tracing::warn!(path = %ready_map.display(), error = %e, "readiness map"))
             .ok();
         self.stored.insert(
-            key,
+            PumpKey::CacheFile(cache_file),
             Watched {
                 fd,
                 marked: true,
@@ -430,6 +435,14 @@ impl Pump {
 }
 
 const EIO: i32 = rustix::io::Errno::IO.raw_os_error();
+
+/// 0, or the errno a reply carries.
+fn errno_of(r: io::Result<()>) -> i32 {
+    match r {
+        Ok(()) => 0,
+        Err(e) => e.raw_os_error().unwrap_or(libc_einval()),
+    }
+}
 
 fn libc_einval() -> i32 {
     rustix::io::Errno::INVAL.raw_os_error()

@@ -16,6 +16,7 @@ use rustix::event::{poll, PollFd, PollFlags};
 use rustix::fd::{AsFd, OwnedFd};
 use shoal_core::cache::BLOCK;
 use shoal_core::domain::{Cookie, SharedBlob};
+use shoal_core::pool::WorkerPool;
 use shoal_core::Registry;
 use shoal_sys::cachefiles::{parse_msg, read_complete, Msg, CACHEFILES_MSG_MAX_SIZE};
 use std::collections::HashMap;
@@ -24,7 +25,6 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc;
 use std::sync::{Arc, Mutex, Weak};
 
 #[derive(Debug, thiserror::Error)]
@@ -107,13 +107,14 @@ pub fn open_device(cache_dir: &Path, tag: &str) -> Result<OwnedFd, FscacheError>
 }
 
 impl Frontend {
-    /// Serve the bound device with `threads` READ workers. With `restore`,
-    /// the device was inherited from a previous daemon: the kernel re-sends
-    /// the requests it had not seen answered (Linux 6.8+).
+    /// Serve the bound device, its READs answered on the daemon's worker
+    /// pool. With `restore`, the device was inherited from a previous
+    /// daemon: the kernel re-sends the requests it had not seen answered
+    /// (Linux 6.8+).
     pub fn start(
         dev: OwnedFd,
         reg: &Arc<Registry>,
-        threads: usize,
+        pool: Arc<WorkerPool>,
         restore: bool,
     ) -> io::Result<Arc<Frontend>> {
         let f = Arc::new(Frontend {
@@ -125,27 +126,29 @@ impl Frontend {
         if restore {
             dev_write(&f.dev, "restore")?;
         }
-        let (tx, rx) = mpsc::channel::<(u32, u32, u64, u64)>();
-        let rx = Arc::new(Mutex::new(rx));
-        for i in 0..threads.max(1) {
-            let (f, rx) = (f.clone(), rx.clone());
-            std::thread::Builder::new()
-                .name(format!("cachefiles-{i}"))
-                .spawn(move || loop {
-                    let Ok((msg_id, object_id, off, len)) = rx.lock().unwrap().recv() else {
-                        return;
-                    };
-                    f.read(msg_id, object_id, off, len);
-                })?;
-        }
         let me = f.clone();
         std::thread::Builder::new()
             .name("cachefiles-rx".into())
-            .spawn(move || me.read_loop(tx))?;
+            .spawn(move || me.read_loop(&pool))?;
         Ok(f)
     }
 
-    fn read_loop(&self, reads: mpsc::Sender<(u32, u32, u64, u64)>) {
+    /// The remote a READ of `object_id` fetches from, for the pool's
+    /// fairness ("" for bootstraps, which are local).
+    fn fairness_key(&self, object_id: u32) -> String {
+        match self
+            .objects
+            .lock()
+            .unwrap()
+            .get(&object_id)
+            .map(|o| &o.kind)
+        {
+            Some(Kind::Blob(b)) => b.remote_key(),
+            _ => String::new(),
+        }
+    }
+
+    fn read_loop(self: &Arc<Self>, pool: &WorkerPool) {
         let mut buf = vec![0u8; CACHEFILES_MSG_MAX_SIZE];
         loop {
             let mut fds = [PollFd::new(&self.dev, PollFlags::IN)];
@@ -185,7 +188,10 @@ impl Frontend {
                     off,
                     len,
                 }) => {
-                    let _ = reads.send((msg_id, object_id, off, len));
+                    let me = self.clone();
+                    pool.submit(self.fairness_key(object_id), move || {
+                        me.read(msg_id, object_id, off, len)
+                    });
                 }
                 Err(e) => tracing::error!(error = %e, "bad cachefiles message"),
             }

@@ -12,25 +12,23 @@ use fuser::{
     FileAttr, FileType, Filesystem, KernelConfig, MountOption, ReplyAttr, ReplyData,
     ReplyDirectory, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request, FUSE_ROOT_ID,
 };
+use shoal_core::pool::WorkerPool;
 use shoal_core::BoundImage;
 use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 const TTL: Duration = Duration::from_secs(86400);
-const READ_THREADS: usize = 8;
-
-type Job = Box<dyn FnOnce() + Send>;
 
 pub struct ShoalFs {
     img: Arc<BoundImage>,
     root_nid: u64,
-    /// Reads run on worker threads: a fetch from a slow remote must not
-    /// stall lookups and cached reads.
-    jobs: mpsc::Sender<Job>,
+    /// Reads that miss run on the daemon's worker pool: a fetch from a
+    /// slow remote must not stall lookups and cached reads.
+    pool: Arc<WorkerPool>,
     /// Decoded inodes and directories; the image never changes, and both
     /// are bounded by its size.
     inodes: HashMap<u64, Inode>,
@@ -38,23 +36,11 @@ pub struct ShoalFs {
 }
 
 impl ShoalFs {
-    pub fn new(img: Arc<BoundImage>) -> Self {
-        let (tx, rx) = mpsc::channel::<Job>();
-        let rx = Arc::new(Mutex::new(rx));
-        for _ in 0..READ_THREADS {
-            let rx = rx.clone();
-            std::thread::spawn(move || loop {
-                let job = rx.lock().unwrap().recv();
-                match job {
-                    Ok(j) => j(),
-                    Err(_) => return,
-                }
-            });
-        }
+    pub fn new(img: Arc<BoundImage>, pool: Arc<WorkerPool>) -> Self {
         ShoalFs {
             root_nid: img.image.root_nid(),
             img,
-            jobs: tx,
+            pool,
             inodes: HashMap::new(),
             dirs: HashMap::new(),
         }
@@ -255,7 +241,14 @@ impl Filesystem for ShoalFs {
                 return reply.error(libc::EIO);
             }
         }
-        let job: Job = Box::new(move || {
+        // Fair by the remote of the image's first (lowest) blob: the one
+        // most reads of a cold image fetch from.
+        let key = img
+            .blobs
+            .first()
+            .map(|b| b.remote_key())
+            .unwrap_or_default();
+        self.pool.submit(key, move || {
             let mut buf = vec![0u8; size as usize];
             match img.read_at(&i, offset.max(0) as u64, &mut buf) {
                 Ok(n) => reply.data(&buf[..n]),
@@ -265,9 +258,6 @@ impl Filesystem for ShoalFs {
                 }
             }
         });
-        if let Err(mpsc::SendError(job)) = self.jobs.send(job) {
-            job();
-        }
     }
 
     fn readdir(
@@ -397,7 +387,11 @@ impl Filesystem for ShoalFs {
 
 /// Mount `img` at `mountpoint` in the background; dropping the session
 /// unmounts.
-pub fn mount(img: Arc<BoundImage>, mountpoint: &Path) -> std::io::Result<fuser::BackgroundSession> {
+pub fn mount(
+    img: Arc<BoundImage>,
+    mountpoint: &Path,
+    pool: Arc<WorkerPool>,
+) -> std::io::Result<fuser::BackgroundSession> {
     let name = format!("shoal:{}", img.spec.fsid);
     let opts = [
         MountOption::RO,
@@ -406,7 +400,7 @@ pub fn mount(img: Arc<BoundImage>, mountpoint: &Path) -> std::io::Result<fuser::
         MountOption::AllowOther,
         MountOption::DefaultPermissions,
     ];
-    fuser::spawn_mount2(ShoalFs::new(img), mountpoint, &opts)
+    fuser::spawn_mount2(ShoalFs::new(img, pool), mountpoint, &opts)
 }
 
 #[cfg(test)]

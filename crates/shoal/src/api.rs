@@ -151,6 +151,9 @@ pub struct MountStatus {
 #[derive(Deserialize, Serialize, Debug, Clone, Default)]
 pub struct FanotifyStatus {
     pub pump_connected: bool,
+    /// The connected pump's protocol version (it outlives daemon upgrades).
+    #[serde(default)]
+    pub pump_protocol: Option<u32>,
     /// Cache files marked for pre-content events (incomplete blobs).
     pub marked: Vec<String>,
 }

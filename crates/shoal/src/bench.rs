@@ -106,11 +106,17 @@ fn version(cmd: &Path) -> String {
         .unwrap_or_else(|| "?".into())
 }
 
+/// One tree's measurements: where it builds, how many runs, what with.
+struct Bench<'a> {
+    me: PathBuf,
+    work: &'a Path,
+    name: &'a str,
+    chunk_size: u64,
+    runs: usize,
+}
+
 pub fn run(corpus: &Path, chunk_size: u64, runs: usize, peers: &Peers) -> Result<()> {
-    let me = std::env::current_exe()?;
     let tmp = tempfile::tempdir()?;
-    let work = tmp.path();
-    let cs = chunk_size.to_string();
     println!(
         "| tree | builder (input) | wall s | peak RSS MiB | bootstrap bytes (EROFS + digest table) | blob bytes | total bytes |"
     );
@@ -124,9 +130,48 @@ pub fn run(corpus: &Path, chunk_size: u64, runs: usize, peers: &Peers) -> Result
             );
             continue;
         }
-        let (img, blobs) = (work.join("s.img"), work.join("blobs"));
+        let b = Bench {
+            me: std::env::current_exe()?,
+            work: tmp.path(),
+            name,
+            chunk_size,
+            runs,
+        };
+        b.shoal(&layers, "shoal (tar layers)", None)?;
+        b.shoal(
+            &layers,
+            "shoal --compress zstd (tar layers; bytes: the objects)",
+            Some("zstd"),
+        )?;
+        // The same tree as a directory, for every builder.
+        let tree = b.extract()?;
+        b.shoal(std::slice::from_ref(&tree), "shoal (directory)", None)?;
+        b.mkfs(&peers.mkfs, &tree)?;
+        if let Some(nydus) = &peers.nydus {
+            for c in ["none", "zstd"] {
+                b.nydus(nydus, c, &tree)?;
+            }
+        }
+        reset(&[&tree, &b.img(), &b.blobs()]);
+    }
+    Ok(())
+}
+
+impl Bench<'_> {
+    fn img(&self) -> PathBuf {
+        self.work.join("s.img")
+    }
+
+    fn blobs(&self) -> PathBuf {
+        self.work.join("blobs")
+    }
+
+    /// `shoal build` of `inputs`; with `compress`, the blob bytes are the
+    /// remote objects'.
+    fn shoal(&self, inputs: &[PathBuf], who: &str, compress: Option<&str>) -> Result<()> {
+        let (img, blobs, cs) = (self.img(), self.blobs(), self.chunk_size.to_string());
         let mut cmd: Vec<&std::ffi::OsStr> = vec![
-            me.as_os_str(),
+            self.me.as_os_str(),
             "build".as_ref(),
             "-o".as_ref(),
             img.as_os_str(),
@@ -135,115 +180,95 @@ pub fn run(corpus: &Path, chunk_size: u64, runs: usize, peers: &Peers) -> Result
             "--chunk-size".as_ref(),
             cs.as_ref(),
         ];
-        cmd.extend(layers.iter().map(|l| l.as_os_str()));
-        let r = measure(&cmd, runs, work, &|| reset(&[&img, &blobs]))?;
-        let table = erofs_part(&img)?;
-        row(
-            name,
-            "shoal (tar layers)",
-            &r,
-            std::fs::metadata(&img)?.len(),
-            table,
-            dir_bytes(&blobs)?,
-        );
-        let mut zcmd = cmd.clone();
-        zcmd.extend([
-            std::ffi::OsStr::new("--compress"),
-            std::ffi::OsStr::new("zstd"),
-        ]);
-        let r = measure(&zcmd, runs, work, &|| reset(&[&img, &blobs]))?;
-        let objects = remote_objects(&img, &blobs)?;
-        row(
-            name,
-            "shoal --compress zstd (tar layers; bytes: the objects)",
-            &r,
-            std::fs::metadata(&img)?.len(),
-            erofs_part(&img)?,
-            objects,
-        );
+        cmd.extend(inputs.iter().map(|l| l.as_os_str()));
+        if let Some(c) = compress {
+            cmd.extend([std::ffi::OsStr::new("--compress"), std::ffi::OsStr::new(c)]);
+        }
+        let r = measure(&cmd, self.runs, self.work, &|| reset(&[&img, &blobs]))?;
+        let data = match compress {
+            Some(_) => remote_objects(&img, &blobs)?,
+            None => dir_bytes(&blobs)?,
+        };
+        let meta = std::fs::metadata(&img)?.len();
+        row(self.name, who, &r, meta, erofs_part(&img)?, data);
+        Ok(())
+    }
 
-        // The same tree as a directory, for both builders.
-        let tree = work.join("tree");
+    /// The last image built, extracted to a directory.
+    fn extract(&self) -> Result<PathBuf> {
+        let tree = self.work.join("tree");
         reset(&[&tree]);
-        let st = Command::new(&me)
+        let st = Command::new(&self.me)
             .args([
                 "extract".as_ref(),
-                img.as_os_str(),
+                self.img().as_os_str(),
                 tree.as_os_str(),
                 "--blob-dir".as_ref(),
-                blobs.as_os_str(),
+                self.blobs().as_os_str(),
             ])
             .stdout(Stdio::null())
             .status()?;
         if !st.success() {
-            bail!("extracting {name}");
+            bail!("extracting {}", self.name);
         }
-        let mut cmd = cmd[..8].to_vec();
-        cmd.push(tree.as_os_str());
-        let r = measure(&cmd, runs, work, &|| reset(&[&img, &blobs]))?;
-        let table = erofs_part(&img)?;
-        row(
-            name,
-            "shoal (directory)",
-            &r,
-            std::fs::metadata(&img)?.len(),
-            table,
-            dir_bytes(&blobs)?,
-        );
+        Ok(tree)
+    }
 
-        let (mimg, mblob) = (work.join("m.img"), work.join("m.blob"));
-        let chunk_arg = format!("--chunksize={chunk_size}");
+    fn mkfs(&self, mkfs: &Path, tree: &Path) -> Result<()> {
+        let (mimg, mblob) = (self.work.join("m.img"), self.work.join("m.blob"));
+        let chunk_arg = format!("--chunksize={}", self.chunk_size);
         let blob_arg = format!("--blobdev={}", mblob.display());
         let cmd: Vec<&std::ffi::OsStr> = vec![
-            peers.mkfs.as_os_str(),
+            mkfs.as_os_str(),
             chunk_arg.as_ref(),
             blob_arg.as_ref(),
             mimg.as_os_str(),
             tree.as_os_str(),
         ];
-        let who = format!("mkfs.erofs {} (directory)", version(&peers.mkfs));
-        match measure(&cmd, runs, work, &|| reset(&[&mimg, &mblob])) {
+        let who = format!("mkfs.erofs {} (directory)", version(mkfs));
+        match measure(&cmd, self.runs, self.work, &|| reset(&[&mimg, &mblob])) {
             Ok(r) => {
                 let b = std::fs::metadata(&mimg)?.len();
-                row(name, &who, &r, b, b, std::fs::metadata(&mblob)?.len());
+                row(self.name, &who, &r, b, b, std::fs::metadata(&mblob)?.len());
             }
-            Err(e) => println!("| {name} | mkfs.erofs: {e:#} | | | | | |"),
+            Err(e) => println!("| {} | mkfs.erofs: {e:#} | | | | | |", self.name),
         }
-        if let Some(nydus) = &peers.nydus {
-            for c in ["none", "zstd"] {
-                let (nboot, nblobs) = (work.join("n.boot"), work.join("nblobs"));
-                std::fs::create_dir_all(&nblobs)?;
-                let cmd: Vec<&std::ffi::OsStr> = vec![
-                    nydus.as_os_str(),
-                    "build".as_ref(),
-                    "--compressor".as_ref(),
-                    c.as_ref(),
-                    "--chunk-size".as_ref(),
-                    cs.as_ref(),
-                    "--blob-dir".as_ref(),
-                    nblobs.as_os_str(),
-                    "--bootstrap".as_ref(),
-                    nboot.as_os_str(),
-                    tree.as_os_str(),
-                ];
-                let who = format!("nydus build --compressor {c} (directory)");
-                let before = || {
-                    reset(&[&nboot, &nblobs]);
-                    let _ = std::fs::create_dir_all(&nblobs);
-                };
-                match measure(&cmd, runs, work, &before) {
-                    Ok(r) => {
-                        let b = std::fs::metadata(&nboot)?.len();
-                        row(name, &who, &r, b, b, dir_bytes(&nblobs)?);
-                    }
-                    Err(e) => println!("| {name} | nydus build: {e:#} | | | | | |"),
-                }
-                reset(&[&nboot, &nblobs]);
-            }
-        }
-        reset(&[&tree, &img, &blobs, &mimg, &mblob]);
+        reset(&[&mimg, &mblob]);
+        Ok(())
     }
-    Ok(())
+
+    fn nydus(&self, nydus: &Path, compressor: &str, tree: &Path) -> Result<()> {
+        let (nboot, nblobs) = (self.work.join("n.boot"), self.work.join("nblobs"));
+        let cs = self.chunk_size.to_string();
+        std::fs::create_dir_all(&nblobs)?;
+        let cmd: Vec<&std::ffi::OsStr> = vec![
+            nydus.as_os_str(),
+            "build".as_ref(),
+            "--compressor".as_ref(),
+            compressor.as_ref(),
+            "--chunk-size".as_ref(),
+            cs.as_ref(),
+            "--blob-dir".as_ref(),
+            nblobs.as_os_str(),
+            "--bootstrap".as_ref(),
+            nboot.as_os_str(),
+            tree.as_os_str(),
+        ];
+        let who = format!("nydus build --compressor {compressor} (directory)");
+        let before = || {
+            reset(&[&nboot, &nblobs]);
+            let _ = std::fs::create_dir_all(&nblobs);
+        };
+        match measure(&cmd, self.runs, self.work, &before) {
+            Ok(r) => {
+                let b = std::fs::metadata(&nboot)?.len();
+                row(self.name, &who, &r, b, b, dir_bytes(&nblobs)?);
+            }
+            Err(e) => println!("| {} | nydus build: {e:#} | | | | | |", self.name),
+        }
+        reset(&[&nboot, &nblobs]);
+        Ok(())
+    }
 }
 
 /// Bytes of the compressed remote objects an image names, in `blobs`.

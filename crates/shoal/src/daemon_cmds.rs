@@ -165,10 +165,10 @@ pub fn doctor(socket: &Path, as_json: bool) -> Result<()> {
     }
     println!(
         "  fanotify pump: {}, {} blob(s) marked",
-        if v.fanotify.pump_connected {
-            "connected"
-        } else {
-            "not running"
+        match (v.fanotify.pump_connected, v.fanotify.pump_protocol) {
+            (true, Some(p)) => format!("connected (protocol {p})"),
+            (true, None) => "connected".to_string(),
+            (false, _) => "not running".to_string(),
         },
         v.fanotify.marked.len()
     );

@@ -66,56 +66,7 @@ impl MountWith {
 #[derive(Subcommand)]
 enum Cmd {
     /// Build a bootstrap and content-addressed data blobs from directories or tar layers.
-    Build {
-        /// Bootstrap to write.
-        #[arg(short = 'o', long)]
-        output: PathBuf,
-        /// Directory the data blobs are written to (named by their sha256).
-        #[arg(long)]
-        blob_dir: PathBuf,
-        /// Chunk size in bytes (power of two, 4096 to 1 GiB).
-        #[arg(long, default_value_t = 1 << 20)]
-        chunk_size: u64,
-        /// Stored in the superblock's volume name (at most 16 bytes).
-        #[arg(long)]
-        fsid: Option<String>,
-        /// One blob per source layer, so images sharing base layers share blobs.
-        #[arg(long)]
-        layer_blobs: bool,
-        /// Reference chunks already in the blobs of this bootstrap (or of every
-        /// bootstrap in this directory) instead of writing them again.
-        #[arg(long)]
-        reuse_blobs: Vec<PathBuf>,
-        /// Refuse images holding more file data than this (bytes, or with a
-        /// K/M/G/T suffix; 0 for no limit): a small compressed layer can
-        /// otherwise expand without bound.
-        #[arg(long, default_value = "64G", value_parser = parse_size)]
-        max_size: u64,
-        /// Write no inode fingerprints (`erofs.fingerprint.v1`, the sha256 of
-        /// each file as mkfs.erofs --xattr-inode-digest writes it), which let
-        /// mounts of one domain share page cache on Linux 7.0+.
-        #[arg(long)]
-        no_fingerprints: bool,
-        /// Also store each blob compressed for remotes: `zstd[:LEVEL]` writes
-        /// an object of independent frames beside each blob (named by its
-        /// own sha256) and the frame table into the bootstrap; `none` (the
-        /// default) writes only the blobs. `shoal push` compresses too.
-        #[arg(long, default_value = "none", value_parser = registry_cmds::parse_compression)]
-        compress: erofs::Compression,
-        /// Lay the top layer's blob out with these files first (absolute
-        /// paths, one per line, most wanted first; `shoal order` writes one
-        /// from a run's recorded accesses), so a lazy start's reads are
-        /// neighbours and arrive in few requests. Other files follow in
-        /// directory order; lower layers are never reordered.
-        #[arg(long, value_name = "FILE")]
-        order: Option<PathBuf>,
-        /// Print the report as JSON.
-        #[arg(long)]
-        json: bool,
-        /// Directories or tar layers (plain, gzip, zstd), lowest layer first.
-        #[arg(required = true)]
-        sources: Vec<PathBuf>,
-    },
+    Build(BuildArgs),
     /// Show superblock, features, blobs, counts and dedup ratio.
     Inspect {
         image: PathBuf,
@@ -170,24 +121,7 @@ enum Cmd {
     /// files, filled on first access; Linux 6.14+), `fscache` (cachefiles
     /// on-demand; Linux 6.1–7.1) or `fuse`; `auto` (the default) picks what
     /// the kernel supports (see `shoal doctor`).
-    Mount {
-        /// A bootstrap path, or oci://host/repo:tag.
-        image: String,
-        mountpoint: PathBuf,
-        /// Default: local with --blob-dir/--device, else auto.
-        #[arg(long, value_enum)]
-        frontend: Option<MountWith>,
-        #[arg(long)]
-        domain: Option<String>,
-        #[arg(long)]
-        fsid: Option<String>,
-        #[arg(long)]
-        remote: Option<String>,
-        #[arg(long)]
-        socket: Option<PathBuf>,
-        #[command(flatten)]
-        blobs: image_cmds::BlobArgs,
-    },
+    Mount(MountArgs),
     /// Unmount a shoal mount (daemon-hosted mounts are also unbound).
     Umount {
         mountpoint: PathBuf,
@@ -216,18 +150,7 @@ enum Cmd {
     #[command(hide = true)]
     NetProxy(netem::NetProxyArgs),
     /// Run the daemon: domains, blob caches and the control API.
-    Daemon {
-        /// Control socket (default /run/shoal/shoal.sock, or $SHOAL_SOCKET).
-        #[arg(long)]
-        socket: Option<PathBuf>,
-        /// Where caches and state live (default /var/lib/shoal).
-        #[arg(long)]
-        work_dir: Option<PathBuf>,
-        /// TOML settings (socket, work_dir, gc_interval_secs, gc_max_bytes,
-        /// retries, connect_timeout_secs, read_timeout_secs); flags win.
-        #[arg(long)]
-        config: Option<PathBuf>,
-    },
+    Daemon(DaemonArgs),
     /// Bind an image into a domain (or its own private volume) in the daemon.
     Bind {
         #[arg(long)]
@@ -354,6 +277,94 @@ enum BenchCmd {
     },
 }
 
+#[derive(clap::Args)]
+struct BuildArgs {
+    /// Bootstrap to write.
+    #[arg(short = 'o', long)]
+    output: PathBuf,
+    /// Directory the data blobs are written to (named by their sha256).
+    #[arg(long)]
+    blob_dir: PathBuf,
+    /// Chunk size in bytes (power of two, 4096 to 1 GiB).
+    #[arg(long, default_value_t = 1 << 20)]
+    chunk_size: u64,
+    /// Stored in the superblock's volume name (at most 16 bytes).
+    #[arg(long)]
+    fsid: Option<String>,
+    /// One blob per source layer, so images sharing base layers share blobs.
+    #[arg(long)]
+    layer_blobs: bool,
+    /// Reference chunks already in the blobs of this bootstrap (or of every
+    /// bootstrap in this directory) instead of writing them again.
+    #[arg(long)]
+    reuse_blobs: Vec<PathBuf>,
+    /// Refuse images holding more file data than this (bytes, or with a
+    /// K/M/G/T suffix; 0 for no limit): a small compressed layer can
+    /// otherwise expand without bound.
+    #[arg(long, default_value = "64G", value_parser = parse_size)]
+    max_size: u64,
+    /// Write no inode fingerprints (`erofs.fingerprint.v1`, the sha256 of
+    /// each file as mkfs.erofs --xattr-inode-digest writes it), which let
+    /// mounts of one domain share page cache on Linux 7.0+.
+    #[arg(long)]
+    no_fingerprints: bool,
+    /// Also store each blob compressed for remotes: `zstd[:LEVEL]` writes
+    /// an object of independent frames beside each blob (named by its
+    /// own sha256) and the frame table into the bootstrap; `none` (the
+    /// default) writes only the blobs. `shoal push` compresses too.
+    #[arg(long, default_value = "none", value_parser = registry_cmds::parse_compression)]
+    compress: erofs::Compression,
+    /// Lay the top layer's blob out with these files first (absolute
+    /// paths, one per line, most wanted first; `shoal order` writes one
+    /// from a run's recorded accesses), so a lazy start's reads are
+    /// neighbours and arrive in few requests. Other files follow in
+    /// directory order; lower layers are never reordered.
+    #[arg(long, value_name = "FILE")]
+    order: Option<PathBuf>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+    /// Directories or tar layers (plain, gzip, zstd), lowest layer first.
+    #[arg(required = true)]
+    sources: Vec<PathBuf>,
+}
+
+#[derive(clap::Args)]
+struct MountArgs {
+    /// A bootstrap path, or oci://host/repo:tag.
+    image: String,
+    mountpoint: PathBuf,
+    /// Default: local with --blob-dir/--device, else auto.
+    #[arg(long, value_enum)]
+    frontend: Option<MountWith>,
+    #[arg(long)]
+    domain: Option<String>,
+    #[arg(long)]
+    fsid: Option<String>,
+    #[arg(long)]
+    remote: Option<String>,
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    #[command(flatten)]
+    blobs: image_cmds::BlobArgs,
+}
+
+#[derive(clap::Args)]
+struct DaemonArgs {
+    /// Control socket (default /run/shoal/shoal.sock, or $SHOAL_SOCKET).
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    /// Where caches and state live (default /var/lib/shoal).
+    #[arg(long)]
+    work_dir: Option<PathBuf>,
+    /// TOML settings (socket, work_dir, gc_interval_secs, gc_max_bytes,
+    /// retries, connect_timeout_secs, read_timeout_secs); flags win.
+    #[arg(long)]
+    config: Option<PathBuf>,
+}
+
+/// One arm per subcommand: a dispatch table, longer than a screen only
+/// because the CLI is wide; each arm calls one function.
 fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -365,45 +376,12 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     if !matches!(
         cli.cmd,
-        Cmd::Daemon { .. } | Cmd::Snapshotter(_) | Cmd::FanotifyPump { .. } | Cmd::NetProxy(_)
+        Cmd::Daemon(_) | Cmd::Snapshotter(_) | Cmd::FanotifyPump { .. } | Cmd::NetProxy(_)
     ) {
         shoal_sys::default_sigpipe();
     }
     match cli.cmd {
-        Cmd::Build {
-            output,
-            blob_dir,
-            chunk_size,
-            fsid,
-            layer_blobs,
-            reuse_blobs,
-            max_size,
-            no_fingerprints,
-            compress,
-            order,
-            json,
-            sources,
-        } => {
-            let sde = match std::env::var("SOURCE_DATE_EPOCH") {
-                Ok(v) => Some(v.parse().context("SOURCE_DATE_EPOCH is not a number")?),
-                Err(_) => None,
-            };
-            let opts = erofs::BuildOptions {
-                chunk_size,
-                layer_blobs,
-                reuse: reuse_blobs,
-                fsid,
-                source_date_epoch: sde,
-                max_size: (max_size > 0).then_some(max_size),
-                fingerprints: !no_fingerprints,
-                compress,
-                order,
-                ..erofs::BuildOptions::default()
-            };
-            let report = erofs::build(&sources, &blob_dir, &output, &opts)
-                .with_context(|| format!("building {}", output.display()))?;
-            image_cmds::print_build_report(&output, &report, json)
-        }
+        Cmd::Build(a) => build(a),
         Cmd::Inspect { image, json } => image_cmds::inspect(&image, json),
         Cmd::Ls {
             image,
@@ -418,35 +396,7 @@ fn main() -> Result<()> {
         Cmd::Cat { image, path, blobs } => image_cmds::cat(&image, &path, &blobs),
         Cmd::Extract { image, dest, blobs } => image_cmds::extract(&image, &dest, &blobs),
         Cmd::Verify { image, blobs } => image_cmds::verify(&image, &blobs),
-        Cmd::Mount {
-            image,
-            mountpoint,
-            frontend,
-            domain,
-            fsid,
-            remote,
-            socket,
-            blobs,
-        } => {
-            let local = !blobs.devices.is_empty() || blobs.blob_dir.is_some();
-            let with = frontend.unwrap_or(if local {
-                MountWith::Local
-            } else {
-                MountWith::Auto
-            });
-            match with.daemon_frontend() {
-                None => image_cmds::mount(std::path::Path::new(&image), &mountpoint, &blobs),
-                Some(f) => daemon_cmds::mount(
-                    &daemon_cmds::socket_arg(socket),
-                    f,
-                    domain,
-                    fsid,
-                    &image,
-                    remote,
-                    &mountpoint,
-                ),
-            }
-        }
+        Cmd::Mount(a) => mount(a),
         Cmd::Umount { mountpoint, socket } => {
             daemon_cmds::umount(&daemon_cmds::socket_arg(socket), &mountpoint)
         }
@@ -467,20 +417,7 @@ fn main() -> Result<()> {
         )
         .with_context(|| format!("fanotify pump on {}", socket.display()))?),
         Cmd::NetProxy(a) => netem::run(&a),
-        Cmd::Daemon {
-            socket,
-            work_dir,
-            config,
-        } => {
-            let cfg = daemon::Config::load(daemon::Config::path(config).as_deref())?;
-            let socket = socket
-                .or(cfg.socket.clone())
-                .unwrap_or_else(|| client::socket_path(None));
-            let work = work_dir
-                .or(cfg.work_dir.clone())
-                .unwrap_or_else(|| PathBuf::from(daemon::DEFAULT_WORK_DIR));
-            daemon::run(&socket, &work, &cfg)
-        }
+        Cmd::Daemon(a) => run_daemon(a),
         Cmd::Bind {
             domain,
             fsid,
@@ -522,25 +459,82 @@ fn main() -> Result<()> {
         Cmd::Push(a) => registry_cmds::push(a),
         Cmd::Convert(a) => registry_cmds::convert(a),
         Cmd::Snapshotter(a) => snapshotter_cmd::run(a),
-        Cmd::Bench {
-            what:
-                BenchCmd::Build {
-                    corpus,
-                    chunk_size,
-                    runs,
-                    mkfs,
-                    nydus,
-                },
+        Cmd::Bench { what } => run_bench(what),
+    }
+}
+
+fn build(a: BuildArgs) -> Result<()> {
+    let sde = match std::env::var("SOURCE_DATE_EPOCH") {
+        Ok(v) => Some(v.parse().context("SOURCE_DATE_EPOCH is not a number")?),
+        Err(_) => None,
+    };
+    let opts = erofs::BuildOptions {
+        chunk_size: a.chunk_size,
+        layer_blobs: a.layer_blobs,
+        reuse: a.reuse_blobs,
+        fsid: a.fsid,
+        source_date_epoch: sde,
+        max_size: (a.max_size > 0).then_some(a.max_size),
+        fingerprints: !a.no_fingerprints,
+        compress: a.compress,
+        order: a.order,
+        ..erofs::BuildOptions::default()
+    };
+    let report = erofs::build(&a.sources, &a.blob_dir, &a.output, &opts)
+        .with_context(|| format!("building {}", a.output.display()))?;
+    image_cmds::print_build_report(&a.output, &report, a.json)
+}
+
+fn mount(a: MountArgs) -> Result<()> {
+    let local = !a.blobs.devices.is_empty() || a.blobs.blob_dir.is_some();
+    let with = a.frontend.unwrap_or(if local {
+        MountWith::Local
+    } else {
+        MountWith::Auto
+    });
+    match with.daemon_frontend() {
+        None => image_cmds::mount(std::path::Path::new(&a.image), &a.mountpoint, &a.blobs),
+        Some(f) => daemon_cmds::mount(
+            &daemon_cmds::socket_arg(a.socket),
+            f,
+            a.domain,
+            a.fsid,
+            &a.image,
+            a.remote,
+            &a.mountpoint,
+        ),
+    }
+}
+
+/// Settings file first, then flags win.
+fn run_daemon(a: DaemonArgs) -> Result<()> {
+    let cfg = daemon::Config::load(daemon::Config::path(a.config).as_deref())?;
+    let socket = a
+        .socket
+        .or(cfg.socket.clone())
+        .unwrap_or_else(|| client::socket_path(None));
+    let work = a
+        .work_dir
+        .or(cfg.work_dir.clone())
+        .unwrap_or_else(|| PathBuf::from(daemon::DEFAULT_WORK_DIR));
+    daemon::run(&socket, &work, &cfg)
+}
+
+fn run_bench(what: BenchCmd) -> Result<()> {
+    match what {
+        BenchCmd::Build {
+            corpus,
+            chunk_size,
+            runs,
+            mkfs,
+            nydus,
         } => bench::run(&corpus, chunk_size, runs, &bench::Peers::find(mkfs, nydus)),
-        Cmd::Bench {
-            what:
-                BenchCmd::Fetch {
-                    image,
-                    remote,
-                    curl_prefix,
-                    readers,
-                    rss_images,
-                },
+        BenchCmd::Fetch {
+            image,
+            remote,
+            curl_prefix,
+            readers,
+            rss_images,
         } => {
             bench::fetch(&image, &remote, curl_prefix.as_deref(), &readers)?;
             if let Some(n) = rss_images {

@@ -7,6 +7,7 @@ use crate::api::{
     BindRequest, FanotifyStatus, Frontend, FscacheStatus, ImageReply, MountRequest, MountStatus,
 };
 use crate::features::{Features, Kernel};
+use shoal_core::pool::WorkerPool;
 use shoal_core::{BindSpec, BoundImage, CoreError, Registry};
 use shoal_fanotify::frontend::Frontend as FanotifyFrontend;
 use std::collections::BTreeMap;
@@ -35,7 +36,7 @@ pub enum MountError {
 
 /// The pump keeps the bound `/dev/cachefiles` under this key across
 /// daemon restarts.
-pub const CACHEFILES_KEY: &str = "keep:/dev/cachefiles";
+pub const CACHEFILES_KEY: &str = "/dev/cachefiles";
 
 impl From<&BoundImage> for ImageReply {
     fn from(img: &BoundImage) -> Self {
@@ -135,6 +136,8 @@ pub struct Mounts {
     map: Mutex<BTreeMap<PathBuf, Entry>>,
     reg: Arc<Registry>,
     fan: Arc<FanotifyFrontend>,
+    /// The daemon's workers, shared by every frontend.
+    pool: Arc<WorkerPool>,
     features: Features,
     policy: KernelMountPolicy,
     /// `/dev/cachefiles`, bound on the first fscache mount.
@@ -159,12 +162,14 @@ impl Kind {
 
 /// A FUSE mount dies with its daemon: detach the dead one and serve the
 /// same image at the same place again.
-fn revive_fuse(reg: &Arc<Registry>, r: &Record) -> Option<Kind> {
+fn revive_fuse(reg: &Arc<Registry>, pool: &Arc<WorkerPool>, r: &Record) -> Option<Kind> {
     let _ = shoal_sys::umount_lazy(&r.mountpoint);
     let session = reg
         .get(r.domain.as_deref(), &r.fsid)
         .map_err(|e| e.to_string())
-        .and_then(|img| shoal_fuse::mount(img, &r.mountpoint).map_err(|e| e.to_string()));
+        .and_then(|img| {
+            shoal_fuse::mount(img, &r.mountpoint, pool.clone()).map_err(|e| e.to_string())
+        });
     match session {
         Ok(session) => {
             tracing::info!(mountpoint = %r.mountpoint.display(), fsid = %r.fsid, "fuse mount re-established");
@@ -224,6 +229,7 @@ impl Mounts {
         work_dir: &Path,
         reg: &Arc<Registry>,
         fan: &Arc<FanotifyFrontend>,
+        pool: Arc<WorkerPool>,
         features: Features,
         policy: KernelMountPolicy,
         fscache: Option<Arc<shoal_fscache::Frontend>>,
@@ -236,7 +242,7 @@ impl Mounts {
         let mut map = BTreeMap::new();
         for r in records {
             let kind = match r.frontend {
-                Frontend::Fuse => revive_fuse(reg, &r),
+                Frontend::Fuse => revive_fuse(reg, &pool, &r),
                 Frontend::Fanotify | Frontend::Fscache => adopt_kernel_mount(reg, fan, &r),
                 _ => None,
             };
@@ -255,6 +261,7 @@ impl Mounts {
             map: Mutex::new(map),
             reg: reg.clone(),
             fan: fan.clone(),
+            pool,
             features,
             policy,
             fscache: Mutex::new(fscache),
@@ -411,7 +418,7 @@ impl Mounts {
     ) -> Result<Kind, String> {
         let domain = img.key.domain_id();
         match frontend {
-            Frontend::Fuse => shoal_fuse::mount(img.clone(), mp)
+            Frontend::Fuse => shoal_fuse::mount(img.clone(), mp, self.pool.clone())
                 .map(|s| Kind::Fuse { _session: s })
                 .map_err(|e| format!("fuse mount at {}: {e}", mp.display())),
             Frontend::Fscache => self.fscache().and_then(|_| {
@@ -443,7 +450,7 @@ impl Mounts {
         if let Err(e) = self.fan.keep(CACHEFILES_KEY, rustix::fd::AsFd::as_fd(&dev)) {
             tracing::warn!(error = %e, "cannot keep /dev/cachefiles across restarts");
         }
-        let f = shoal_fscache::Frontend::start(dev, &self.reg, 8, false)
+        let f = shoal_fscache::Frontend::start(dev, &self.reg, self.pool.clone(), false)
             .map_err(|e| format!("cachefiles: {e}"))?;
         *g = Some(f.clone());
         Ok(f)
@@ -467,6 +474,7 @@ impl Mounts {
     pub fn fanotify_status(&self) -> FanotifyStatus {
         FanotifyStatus {
             pump_connected: self.fan.pump_connected(),
+            pump_protocol: self.fan.pump_protocol(),
             marked: self.fan.marked(),
         }
     }

@@ -417,7 +417,7 @@ fn fanotify_a_trickling_remote_does_not_starve_other_domains() {
     let srv = Faulty::start(&blobs, tmp.path());
     let d = Daemon::start_with(
         tmp.path(),
-        "fetch_deadline_secs = 3\nfanotify_threads = 3\n",
+        "fetch_deadline_secs = 3\nread_threads = 3\n",
     );
     let (bad, good) = (tmp.path().join("bad"), tmp.path().join("good"));
     let _mb = mount(&d, "fanotify", "slow", "demo", &img, &srv.url(), &bad);

@@ -22,8 +22,11 @@ pub struct Config {
     /// budget of a read's retries: reads fail within about this when a
     /// remote is down, hangs or trickles (default 30).
     pub fetch_deadline_secs: Option<u64>,
-    /// Threads answering fanotify events.
-    pub fanotify_threads: Option<usize>,
+    /// Worker threads serving reads that must fetch, for every frontend
+    /// (fanotify events, cachefiles READs, FUSE reads; default 8); one
+    /// remote may hold all but two.
+    #[serde(alias = "fanotify_threads")]
+    pub read_threads: Option<usize>,
     /// `http://host:port`: an HTTP(S) proxy (CONNECT) for every remote.
     pub proxy: Option<String>,
     /// Hosts reached without the proxy (`host`, `host:port`, `.suffix`).

@@ -11,6 +11,7 @@ pub use config::Config;
 
 use crate::mounts::CACHEFILES_KEY;
 use anyhow::{Context, Result};
+use shoal_core::pool::WorkerPool;
 use shoal_core::{Registry, RegistryOptions};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -48,15 +49,18 @@ pub fn run(socket: &Path, work_dir: &Path, cfg: &Config) -> Result<()> {
         tracing::info!(feature = f.name, available = f.available, detail = %f.detail, "kernel feature");
     }
     make_private_dir(work_dir)?;
-    let fan = fanotify_frontend(work_dir, cfg)?;
+    // One pool of workers serves every frontend's reads, fairly by remote.
+    let pool = WorkerPool::new("shoal-read", cfg.read_threads.unwrap_or(8))
+        .context("starting the read workers")?;
+    let fan = fanotify_frontend(work_dir, pool.clone())?;
     let reg = restore_registry(work_dir, cfg, &fan)?;
     fan.serve(&reg);
-    let fscache = restore_cachefiles(&fan, &reg);
+    let fscache = restore_cachefiles(&fan, &reg, &pool);
     spawn_housekeeping(&reg, cfg);
     claim_socket(socket)?;
     let daemon = Arc::new(Daemon {
         reg: reg.clone(),
-        mounts: crate::mounts::Mounts::load(work_dir, &reg, &fan, features, policy, fscache),
+        mounts: crate::mounts::Mounts::load(work_dir, &reg, &fan, pool, features, policy, fscache),
     });
     serve(socket, work_dir, daemon)?;
     reg.flush_all();
@@ -75,7 +79,10 @@ fn make_private_dir(work_dir: &Path) -> Result<()> {
 /// keeps the cachefiles device everywhere; connecting to a running one
 /// comes before restoring bindings, since its stored fds are the cache
 /// files' pre-mark descriptors.
-fn fanotify_frontend(work_dir: &Path, cfg: &Config) -> Result<Arc<shoal_fanotify::Frontend>> {
+fn fanotify_frontend(
+    work_dir: &Path,
+    pool: Arc<WorkerPool>,
+) -> Result<Arc<shoal_fanotify::Frontend>> {
     let pump_socket = work_dir.join("fanotify-pump.sock");
     let launcher = shoal_fanotify::PumpLauncher {
         program: std::env::current_exe().context("locating the shoal binary")?,
@@ -89,7 +96,7 @@ fn fanotify_frontend(work_dir: &Path, cfg: &Config) -> Result<Arc<shoal_fanotify
     Ok(shoal_fanotify::Frontend::new(
         &pump_socket,
         Some(launcher),
-        cfg.fanotify_threads.unwrap_or(8),
+        pool,
     ))
 }
 
@@ -118,9 +125,10 @@ fn restore_registry(
 fn restore_cachefiles(
     fan: &shoal_fanotify::Frontend,
     reg: &Arc<Registry>,
+    pool: &Arc<WorkerPool>,
 ) -> Option<Arc<shoal_fscache::Frontend>> {
     let dev = fan.kept(CACHEFILES_KEY)?;
-    match shoal_fscache::Frontend::start(dev, reg, 8, true) {
+    match shoal_fscache::Frontend::start(dev, reg, pool.clone(), true) {
         Ok(f) => {
             tracing::info!("cachefiles device restored");
             Some(f)
