@@ -11,6 +11,7 @@
 # chroot of the unpacked tree). Medians of RUNS (default 3). MB = 10^6 bytes.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
+. "$root/scripts/lib.sh"
 corpus=${CORPUS:-$root/../shared/corpus}
 runs=${RUNS:-3}   # IMAGES="py" for a subset; CHUNK_SIZE for shoal convert
 shoal=$root/target/release/shoal
@@ -77,7 +78,7 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-port=$(python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])')
+port=$(free_port)
 cat >"$tmp/registry.yml" <<CONF
 version: 0.1
 log: {level: info, formatter: text}
@@ -126,7 +127,6 @@ for i in "${images[@]}"; do
     b=$(basename "$w"); t="$(dirname "$w")/${b#.wh.}"; rm -rf "$w" "$t"; done
 done
 
-median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 now() { date +%s.%N; }
 # Bytes written and requests answered by the registry after log line N.
 served() {

@@ -8,6 +8,7 @@
 # RUNS (default 3) runs; peak RSS from /usr/bin/time. Prints one table.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
+. "$root/scripts/lib.sh"
 corpus=${CORPUS:-$root/../shared/corpus}
 nydus=${NYDUS:-$root/../shared/peers/bin/nydus}
 runs=${RUNS:-3}
@@ -18,7 +19,7 @@ pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$tmp"; }
 trap cleanup EXIT
 
-port=$(python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])')
+port=$(free_port)
 cat >"$tmp/registry.yml" <<CONF
 version: 0.1
 log: {level: error}
@@ -47,7 +48,6 @@ for i in "${images[@]}"; do
     b=$(basename "$w"); t="$(dirname "$w")/${b#.wh.}"; rm -rf "$w" "$t"; done
 done
 
-median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 du_bytes() { du -sb "$@" | awk '{s+=$1} END {print s}'; }
 # run LABEL OUT_DIR_TO_MEASURE CMD...: appends "seconds rss_kib" per run to $tmp/r
 timed() { /usr/bin/time -f "%e %M" -o "$tmp/t" "$@" >/dev/null 2>"$tmp/err" || { cat "$tmp/err"; exit 1; }; cat "$tmp/t"; }

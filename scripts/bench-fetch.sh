@@ -4,6 +4,7 @@
 # curl of the same blobs; daemon RSS with 10 bound images. Prints tables.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
+. "$root/scripts/lib.sh"
 corpus=${CORPUS:-$root/../shared/corpus}
 shoal=$root/target/release/shoal
 cargo build --release -q --manifest-path "$root/Cargo.toml"
@@ -15,7 +16,7 @@ trap cleanup EXIT
 "$shoal" build -o "$tmp/py.img" --blob-dir "$tmp/blobs" --layer-blobs \
     "$corpus/base.tar.gz" "$corpus/py-layer.tar.gz" >/dev/null
 
-port=$(python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])')
+port=$(free_port)
 cat >"$tmp/nginx.conf" <<CONF
 worker_processes 2; daemon off; pid $tmp/nginx.pid; error_log $tmp/error.log;
 events {}
@@ -25,7 +26,7 @@ http { access_log off; client_body_temp_path $tmp; proxy_temp_path $tmp; fastcgi
 CONF
 /usr/sbin/nginx -c "$tmp/nginx.conf" -p "$tmp" & pids+=($!)
 
-rport=$(python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])')
+rport=$(free_port)
 cat >"$tmp/registry.yml" <<CONF
 version: 0.1
 log: {level: error}

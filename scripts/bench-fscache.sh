@@ -11,27 +11,18 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 corpus=${CORPUS:-$root/../shared/corpus}
 vm=${VM:-$root/../shared/vm/run-in-vm.sh}
-cargo build --release -q --manifest-path "$root/Cargo.toml"
+. "$root/scripts/lib.sh"
+build_release
 tmp=$(mktemp -d /var/tmp/shoal-bench-fscache.XXXXXX)
 trap 'rm -rf "$tmp"' EXIT
-shoal=$root/target/release/shoal
 "$shoal" build -o "$tmp/py.img" --blob-dir "$tmp/blobs" "$corpus/base.tar.gz" "$corpus/py-layer.tar.gz" >/dev/null
 "$shoal" extract "$tmp/py.img" "$tmp/tree" --blob-dir "$tmp/blobs" >/dev/null
-big=$(cd "$tmp/tree" && find . -type f -printf '%s %p\n' | sort -n | tail -1 | cut -d' ' -f2-)
-(cd "$tmp/tree" && find . -type f -size +64k -printf '%s %p\n' | sort -n | tail -50 | cut -d' ' -f2-) >"$tmp/files"
-cat >"$tmp/rand.py" <<'PY'
-import os, random, sys
-random.seed(7)
-files = [l.rstrip("\n") for l in open(sys.argv[1])]
-fds = [(os.open(f, os.O_RDONLY), os.path.getsize(f)) for f in files]
-for _ in range(1000):
-    fd, size = random.choice(fds)
-    os.pread(fd, 4096, random.randrange(0, max(1, size - 4096)) & ~4095)
-PY
+workloads_setup "$tmp/tree" 1000
 cat >"$tmp/in-vm.sh" <<EOF
 #!/bin/bash
 set -euo pipefail
-shoal=$shoal tmp=$tmp big='$big'
+shoal=$shoal tmp=$tmp big='$big' root=$root
+. "\$root/scripts/lib.sh"
 EOF
 cat >>"$tmp/in-vm.sh" <<'EOF'
 export SHOAL_SOCKET=/tmp/shoal.sock
@@ -42,23 +33,19 @@ cp -r "$tmp/py.img" "$tmp/blobs" /scratch/direct/
 daemon=
 fresh() {
     if [ -n "$daemon" ]; then
-        "$shoal" umount /tmp/fscache >/dev/null; kill "$daemon"; wait "$daemon" 2>/dev/null || true
+        "$shoal" umount /tmp/fscache >/dev/null; stop_daemon
         pkill -f fanotify-pump || true; sleep 0.5
     fi
     rm -rf /scratch/work
-    "$shoal" daemon --work-dir /scratch/work >/dev/null 2>&1 & daemon=$!
-    until "$shoal" status >/dev/null 2>&1; do sleep 0.1; done
+    start_daemon /scratch/work
     "$shoal" mount --frontend fscache --domain bench --fsid py "$tmp/py.img" /tmp/fscache --remote "file://$tmp/blobs" >/dev/null
 }
-t() { local s e; s=$(date +%s.%N); "$@" >/dev/null 2>&1; e=$(date +%s.%N); echo "$e - $s" | bc -l; }
-w_seq() { dd if="$1/$big" of=/dev/null bs=1M status=none; }
-w_rand() { (cd "$1" && /usr/bin/python3 "$tmp/rand.py" "$tmp/files"); }
-w_tar() { (cd "$1" && tar cf - . | cat >/dev/null); }
+PYTHON=/usr/bin/python3
 declare -A R
 for fs in direct fscache; do
     for w in seq rand tar; do
         [ "$fs" = fscache ] && fresh
-        sync; echo 3 >/proc/sys/vm/drop_caches
+        drop_caches
         R[$fs,$w,cold]=$(t "w_$w" "/tmp/$fs")
         R[$fs,$w,warm]=$(t "w_$w" "/tmp/$fs")
     done

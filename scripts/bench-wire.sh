@@ -159,13 +159,13 @@ run_in() { # MNT WORKLOAD
 
 # The shoal daemon, started per (net, tool) outside the timings, as a
 # service runs; mounts go into a new domain each round (an empty cache).
-start_daemon() {
+start_service() {
     export SHOAL_SOCKET=$tmp/shoal.sock
     rm -rf "$tmp/work"
     "$shoal" daemon --work-dir "$tmp/work" >"$tmp/daemon.log" 2>&1 & sdaemon=$!
     until "$shoal" status >/dev/null 2>&1; do sleep 0.05; done
 }
-stop_daemon() {
+stop_service() {
     kill "$sdaemon"; wait "$sdaemon" 2>/dev/null || true
     pkill -f "fanotify-pump --socket $tmp/" 2>/dev/null || true
 }
@@ -223,7 +223,7 @@ declare -A R
 for net in $NETS; do
     port=$(proxy_for "$net")
     for tool in $TOOLS; do
-        [[ $tool == shoal-* ]] && start_daemon
+        [[ $tool == shoal-* ]] && start_service
         for w in $WORKLOADS; do
             img=$(image_of "$w")
             for round in $(seq "$ROUNDS"); do
@@ -254,6 +254,7 @@ for net in $NETS; do
                 R[$net,$tool,$w,bytes]+=" $bytes" R[$net,$tool,$w,reqs]+=" $reqs"
             done
         done
+        [[ $tool == shoal-* ]] && stop_service
     done
 done
 

@@ -49,5 +49,53 @@ t() {
     echo "$e - $s" | bc -l
 }
 
-# The median of the numbers in $1 (space-separated).
-median() { tr ' ' '\n' <<<"$1" | grep . | sort -g | awk '{v[NR]=$1} END {print v[int((NR+1)/2)]}'; }
+# The median of the numbers in "$@" (space-separated), or on stdin.
+median() {
+    if [ $# -gt 0 ]; then tr ' ' '\n' <<<"$*"; else cat; fi |
+        grep . | sort -g | awk '{v[NR]=$1} END {print v[int((NR+1)/2)]}'
+}
+
+# The release binary, built now: sets $shoal.
+build_release() {
+    cargo build --release -q --manifest-path "$root/Cargo.toml"
+    shoal=$root/target/release/shoal
+}
+
+# start_daemon WORK: a shoal daemon on $SHOAL_SOCKET with work dir WORK,
+# its output discarded; sets $daemon and waits until it answers.
+start_daemon() {
+    "$shoal" daemon --work-dir "$1" >/dev/null 2>&1 &
+    daemon=$!
+    until "$shoal" status >/dev/null 2>&1; do sleep 0.05; done
+}
+
+# stop_daemon: SIGTERM the daemon started by start_daemon, wait for it.
+stop_daemon() {
+    if [ -n "${daemon:-}" ]; then
+        kill "$daemon" 2>/dev/null || true
+        wait "$daemon" 2>/dev/null || true
+        daemon=
+    fi
+}
+
+# The file workloads of the frontend benchmarks, over a tree TREE:
+# workloads_setup TREE N writes $tmp/files (the 50 largest files over
+# 64 KiB) and $tmp/rand.py (N random 4 KiB preads over them, fixed seed),
+# and sets $big (the largest file). Then w_seq/w_rand/w_walk/w_tar MNT.
+workloads_setup() {
+    big=$(cd "$1" && find . -type f -printf '%s %p\n' | sort -n | tail -1 | cut -d' ' -f2-)
+    (cd "$1" && find . -type f -size +64k -printf '%s %p\n' | sort -n | tail -50 | cut -d' ' -f2-) >"$tmp/files"
+    cat >"$tmp/rand.py" <<PY
+import os, random, sys
+random.seed(7)
+files = [l.rstrip("\\n") for l in open(sys.argv[1])]
+fds = [(os.open(f, os.O_RDONLY), os.path.getsize(f)) for f in files]
+for _ in range($2):
+    fd, size = random.choice(fds)
+    os.pread(fd, 4096, random.randrange(0, max(1, size - 4096)) & ~4095)
+PY
+}
+w_seq() { dd if="$1/$big" of=/dev/null bs=1M status=none; }
+w_rand() { (cd "$1" && "${PYTHON:-python3}" "$tmp/rand.py" "$tmp/files"); }
+w_walk() { (cd "$1" && find . -ls >/dev/null); }
+w_tar() { (cd "$1" && tar cf - . | cat >/dev/null); }
