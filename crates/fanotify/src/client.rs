@@ -2,7 +2,7 @@
 
 use crate::proto::{self, FromPump, PumpKey, ToPump, MAX_MSG, PROTOCOL_VERSION};
 use rustix::fd::{AsFd, BorrowedFd, OwnedFd};
-use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
+use rustix::net::SocketAddrUnix;
 use std::collections::HashMap;
 use std::io;
 use std::path::Path;
@@ -13,12 +13,7 @@ use std::time::Duration;
 
 /// Connect to a pump's socket.
 pub fn connect(path: &Path) -> io::Result<OwnedFd> {
-    let sock = rustix::net::socket_with(
-        AddressFamily::UNIX,
-        SocketType::SEQPACKET,
-        SocketFlags::CLOEXEC,
-        None,
-    )?;
+    let sock = proto::seqpacket()?;
     rustix::net::connect(&sock, &SocketAddrUnix::new(path)?)?;
     Ok(sock)
 }
@@ -238,6 +233,7 @@ impl PumpConn {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rustix::net::{AddressFamily, SocketFlags, SocketType};
 
     fn pair() -> (OwnedFd, OwnedFd) {
         rustix::net::socketpair(

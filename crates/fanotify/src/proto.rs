@@ -7,8 +7,8 @@
 
 use rustix::fd::{BorrowedFd, OwnedFd};
 use rustix::net::{
-    recvmsg, sendmsg, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SendAncillaryBuffer,
-    SendAncillaryMessage, SendFlags,
+    recvmsg, sendmsg, AddressFamily, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags,
+    SendAncillaryBuffer, SendAncillaryMessage, SendFlags, SocketFlags, SocketType,
 };
 use std::ffi::OsStr;
 use std::io::{self, IoSlice, IoSliceMut};
@@ -256,6 +256,17 @@ impl FromPump {
             _ => return None,
         })
     }
+}
+
+/// A new `SOCK_SEQPACKET` Unix socket: the pump's connections keep
+/// message boundaries and carry fds.
+pub fn seqpacket() -> io::Result<OwnedFd> {
+    Ok(rustix::net::socket_with(
+        AddressFamily::UNIX,
+        SocketType::SEQPACKET,
+        SocketFlags::CLOEXEC,
+        None,
+    )?)
 }
 
 /// Send one datagram, with `fd` attached if given.

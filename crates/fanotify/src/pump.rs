@@ -16,7 +16,7 @@
 use crate::proto::{self, FromPump, PumpKey, ToPump, MAX_MSG, PROTOCOL_VERSION};
 use rustix::event::{poll, PollFd, PollFlags, Timespec};
 use rustix::fd::{AsFd, AsRawFd, OwnedFd};
-use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
+use rustix::net::{SocketAddrUnix, SocketFlags};
 use shoal_core::cache::map_range_ready;
 use shoal_sys::fanotify::{fan_deny_errno, Group, FAN_ALLOW, FAN_PRE_ACCESS};
 use std::collections::BTreeMap;
@@ -72,12 +72,7 @@ struct Pump {
 
 /// Listen on a new `SOCK_SEQPACKET` socket at `path` (mode 0600).
 pub fn listen(path: &Path) -> io::Result<OwnedFd> {
-    let sock = rustix::net::socket_with(
-        AddressFamily::UNIX,
-        SocketType::SEQPACKET,
-        SocketFlags::CLOEXEC,
-        None,
-    )?;
+    let sock = proto::seqpacket()?;
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }

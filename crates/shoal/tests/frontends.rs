@@ -17,21 +17,7 @@ fn unavailable(frontend: &str) -> Option<String> {
     }
     match frontend {
         "fuse" => (!Path::new("/dev/fuse").exists()).then(|| "no /dev/fuse".into()),
-        _ => {
-            let o = shoal()
-                .args(["doctor", "--json", "--socket", "/nonexistent"])
-                .output()
-                .unwrap();
-            let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-            let f = v["features"]["features"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .find(|f| f["name"] == "fanotify pre-content")
-                .unwrap()
-                .clone();
-            (f["available"] != true).then(|| f["detail"].as_str().unwrap().to_string())
-        }
+        _ => kernel_feature("fanotify pre-content").err(),
     }
 }
 
@@ -64,20 +50,14 @@ fn mount(
     remote: &str,
     mnt: &Path,
 ) -> Mount {
-    std::fs::create_dir_all(mnt).unwrap();
-    let out = d.ok(&[
-        "mount",
-        "--frontend",
+    let out = d.mount(&MountArgs {
         frontend,
-        "--domain",
-        dom,
-        "--fsid",
+        domain: Some(dom),
         fsid,
-        img.to_str().unwrap(),
-        mnt.to_str().unwrap(),
-        "--remote",
+        img,
         remote,
-    ]);
+        mnt,
+    });
     assert!(String::from_utf8_lossy(&out).contains(&format!("({frontend})")));
     Mount(mnt.to_path_buf())
 }
@@ -415,10 +395,7 @@ fn fanotify_a_trickling_remote_does_not_starve_other_domains() {
     let blobs = tmp.path().join("blobs");
     let img = build_layer_blobs(tmp.path(), "demo", &[ex.join("base")], &blobs);
     let srv = Faulty::start(&blobs, tmp.path());
-    let d = Daemon::start_with(
-        tmp.path(),
-        "fetch_deadline_secs = 3\nread_threads = 3\n",
-    );
+    let d = Daemon::start_with(tmp.path(), "fetch_deadline_secs = 3\nread_threads = 3\n");
     let (bad, good) = (tmp.path().join("bad"), tmp.path().join("good"));
     let _mb = mount(&d, "fanotify", "slow", "demo", &img, &srv.url(), &bad);
     let healthy = format!("file://{}", blobs.display());
@@ -552,20 +529,14 @@ fn fanotify_state_stays_true_on_a_full_disk_and_across_restarts() {
     // The reserve gave its room to that save; once that room is taken
     // too, a mount that cannot save its binding is refused and undone.
     let filler2 = fill_up(&work, "filler2");
-    std::fs::create_dir_all(m("b")).unwrap();
-    let o = d.cli(&[
-        "mount",
-        "--frontend",
-        "fanotify",
-        "--domain",
-        "dom",
-        "--fsid",
-        "b",
-        img.to_str().unwrap(),
-        m("b").to_str().unwrap(),
-        "--remote",
-        &remote,
-    ]);
+    let o = d.mount_cli(&MountArgs {
+        frontend: "fanotify",
+        domain: Some("dom"),
+        fsid: "b",
+        img: &img,
+        remote: &remote,
+        mnt: &m("b"),
+    });
     let err = String::from_utf8_lossy(&o.stderr);
     let df = Command::new("df").arg(&work).output().unwrap();
     assert!(

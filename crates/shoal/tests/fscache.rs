@@ -83,20 +83,14 @@ fn objects_named(d: &Daemon, name: &str) -> usize {
 }
 
 fn mount(d: &Daemon, dom: &str, fsid: &str, img: &Path, remote: &str, mnt: &Path) -> Vec<u8> {
-    std::fs::create_dir_all(mnt).unwrap();
-    d.ok(&[
-        "mount",
-        "--frontend",
-        "fscache",
-        "--domain",
-        dom,
-        "--fsid",
+    d.mount(&MountArgs {
+        frontend: "fscache",
+        domain: Some(dom),
         fsid,
-        img.to_str().unwrap(),
-        mnt.to_str().unwrap(),
-        "--remote",
+        img,
         remote,
-    ])
+        mnt,
+    })
 }
 
 fn device_tag(img: &Path, slot: usize) -> String {
@@ -139,18 +133,14 @@ fn fscache_suite_in_vm() {
     // Only one process can hold /dev/cachefiles: a second daemon says so.
     let other = tempfile::tempdir_in(tmp.path()).unwrap();
     let d2 = Daemon::start(other.path());
-    std::fs::create_dir_all(m("busy")).unwrap();
-    let o = d2.cli(&[
-        "mount",
-        "--frontend",
-        "fscache",
-        "--fsid",
-        "demo",
-        demo.to_str().unwrap(),
-        m("busy").to_str().unwrap(),
-        "--remote",
-        &srv.url(),
-    ]);
+    let o = d2.mount_cli(&MountArgs {
+        frontend: "fscache",
+        domain: None,
+        fsid: "demo",
+        img: &demo,
+        remote: &srv.url(),
+        mnt: &m("busy"),
+    });
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
         !o.status.success() && err.contains("/dev/cachefiles is busy"),

@@ -106,22 +106,14 @@ fn resident(path: &Path) -> u64 {
 }
 
 fn mount(d: &Daemon, domain: Option<&str>, fsid: &str, img: &Path, remote: &str, mnt: &Path) {
-    std::fs::create_dir_all(mnt).unwrap();
-    let mut args = vec![
-        "mount",
-        "--frontend",
-        "fanotify",
-        "--fsid",
+    d.mount(&MountArgs {
+        frontend: "fanotify",
+        domain,
         fsid,
-        img.to_str().unwrap(),
-        mnt.to_str().unwrap(),
-        "--remote",
+        img,
         remote,
-    ];
-    if let Some(dom) = domain {
-        args.extend(["--domain", dom]);
-    }
-    d.ok(&args);
+        mnt,
+    });
 }
 
 /// `doctor --json`'s record of the mount at `mnt`.
@@ -140,20 +132,13 @@ fn fanotify_unavailable(directio: bool) -> Option<String> {
     if let Some(why) = kernel_mount_unavailable() {
         return Some(why);
     }
-    let out = shoal().args(["doctor", "--json"]).output().unwrap();
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-    let ok = |name: &str| {
-        v["features"]["features"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .any(|f| f["name"] == name && f["available"] == true)
-    };
-    if !ok("fanotify pre-content") {
-        return Some("no fanotify pre-content events".into());
+    if let Err(why) = kernel_feature("fanotify pre-content") {
+        return Some(why);
     }
-    if directio && !ok("erofs directio") {
-        return Some("kernel erofs has no directio (Linux 6.13+)".into());
+    if directio {
+        if let Err(why) = kernel_feature("erofs directio") {
+            return Some(why);
+        }
     }
     None
 }

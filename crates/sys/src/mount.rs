@@ -1,6 +1,6 @@
 //! The new mount API for file-backed EROFS mounts (rustix wraps it safely).
 
-use rustix::fd::AsFd;
+use rustix::fd::{AsFd, BorrowedFd};
 use rustix::mount::{
     fsconfig_create, fsconfig_set_flag, fsconfig_set_string, fsmount, fsopen, move_mount, unmount,
     FsMountFlags, FsOpenFlags, MountAttrFlags, MoveMountFlags, UnmountFlags,
@@ -42,22 +42,7 @@ pub fn mount_erofs(
         fsconfig_set_flag(fs.as_fd(), "inode_share").map_err(|e| ctx(e, "inode_share"))?;
         fsconfig_set_string(fs.as_fd(), "domain_id", domain).map_err(|e| ctx(e, "domain_id"))?;
     }
-    fsconfig_create(fs.as_fd()).map_err(|e| ctx(e, "create"))?;
-    let mnt = fsmount(
-        fs.as_fd(),
-        FsMountFlags::FSMOUNT_CLOEXEC,
-        MountAttrFlags::MOUNT_ATTR_RDONLY,
-    )
-    .map_err(|e| ctx(e, "fsmount"))?;
-    move_mount(
-        mnt.as_fd(),
-        "",
-        rustix::fs::CWD,
-        target,
-        MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH,
-    )
-    .map_err(|e| ctx(e, "move_mount"))?;
-    Ok(())
+    attach(fs.as_fd(), target).map_err(|(e, what)| ctx(e, what))
 }
 
 /// Whether this kernel's erofs knows the flag parameter `name` (a kernel
@@ -108,6 +93,27 @@ pub fn unescape(f: &str) -> Vec<u8> {
     out
 }
 
+/// The end of every mount through the new API: create the superblock of
+/// a configured context, mount it read-only, and attach it at `target`.
+/// An error names the step that failed.
+fn attach(fs: BorrowedFd<'_>, target: &Path) -> Result<(), (rustix::io::Errno, &'static str)> {
+    fsconfig_create(fs).map_err(|e| (e, "create"))?;
+    let mnt = fsmount(
+        fs,
+        FsMountFlags::FSMOUNT_CLOEXEC,
+        MountAttrFlags::MOUNT_ATTR_RDONLY,
+    )
+    .map_err(|e| (e, "fsmount"))?;
+    move_mount(
+        mnt.as_fd(),
+        "",
+        rustix::fs::CWD,
+        target,
+        MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH,
+    )
+    .map_err(|e| (e, "move_mount"))
+}
+
 pub fn umount(target: &Path) -> std::io::Result<()> {
     unmount(target, UnmountFlags::empty())?;
     Ok(())
@@ -140,23 +146,7 @@ pub fn mount_erofs_fscache(
         if let Some(d) = domain_id {
             step(fsconfig_set_string(fs.as_fd(), "domain_id", d), "domain_id")?;
         }
-        step(fsconfig_create(fs.as_fd()), "create")?;
-        let mnt = fsmount(
-            fs.as_fd(),
-            FsMountFlags::FSMOUNT_CLOEXEC,
-            MountAttrFlags::MOUNT_ATTR_RDONLY,
-        )
-        .map_err(|e| ctx(e, "fsmount"))?;
-        step(
-            move_mount(
-                mnt.as_fd(),
-                "",
-                rustix::fs::CWD,
-                target,
-                MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH,
-            ),
-            "move_mount",
-        )
+        attach(fs.as_fd(), target).map_err(|(e, what)| ctx(e, what))
     };
     run().map_err(|(e, err)| {
         if e == rustix::io::Errno::EXIST {

@@ -108,6 +108,26 @@ pub fn kernel_mount_unavailable() -> Option<String> {
 /// erofs-utils 1.9.3's fsck.erofs from ../shared/peers: it knows every
 /// feature shoal writes (Debian's 1.5 predates the fingerprints' long xattr
 /// prefixes and refuses such images).
+/// Whether this kernel has `feature` (a name `shoal doctor` prints, e.g.
+/// "fanotify pre-content"): `Err` says why not, as doctor does.
+pub fn kernel_feature(feature: &str) -> Result<(), String> {
+    let o = shoal()
+        .args(["doctor", "--json", "--socket", "/nonexistent"])
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+    let f = v["features"]["features"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|f| f["name"] == feature)
+        .ok_or_else(|| format!("doctor does not know {feature}"))?;
+    match f["available"] == true {
+        true => Ok(()),
+        false => Err(f["detail"].as_str().unwrap_or(feature).to_string()),
+    }
+}
+
 pub fn peer_fsck_erofs() -> Option<PathBuf> {
     let p = corpus_dir().join("../peers/bin/fsck.erofs");
     p.exists().then_some(p)

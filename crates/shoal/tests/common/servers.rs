@@ -34,6 +34,16 @@ pub struct Daemon {
     child: Option<Child>,
 }
 
+/// What a test mounts through the daemon.
+pub struct MountArgs<'a> {
+    pub frontend: &'a str,
+    pub domain: Option<&'a str>,
+    pub fsid: &'a str,
+    pub img: &'a Path,
+    pub remote: &'a str,
+    pub mnt: &'a Path,
+}
+
 impl Daemon {
     pub fn start(dir: &Path) -> Daemon {
         Daemon::start_with(dir, "")
@@ -118,6 +128,35 @@ impl Daemon {
         assert!(
             o.status.success(),
             "shoal {args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        o.stdout
+    }
+
+    /// `shoal mount --frontend F [--domain D] --fsid FSID IMG MNT --remote R`
+    /// (the mount point created first), as the client ran it.
+    pub fn mount_cli(&self, m: &MountArgs<'_>) -> std::process::Output {
+        std::fs::create_dir_all(m.mnt).unwrap();
+        let mut args = vec!["mount", "--frontend", m.frontend, "--fsid", m.fsid];
+        if let Some(d) = m.domain {
+            args.extend(["--domain", d]);
+        }
+        args.extend([
+            m.img.to_str().unwrap(),
+            m.mnt.to_str().unwrap(),
+            "--remote",
+            m.remote,
+        ]);
+        self.cli(&args)
+    }
+
+    /// [`Daemon::mount_cli`], which must succeed: its output.
+    pub fn mount(&self, m: &MountArgs<'_>) -> Vec<u8> {
+        let o = self.mount_cli(m);
+        assert!(
+            o.status.success(),
+            "shoal mount {}: {}",
+            m.img.display(),
             String::from_utf8_lossy(&o.stderr)
         );
         o.stdout
