@@ -171,7 +171,7 @@ pub struct FscacheStatus {
 /// `GET /v1/doctor`: kernel features, the frontend `auto` picks, mounts.
 #[derive(Deserialize, Serialize, Debug, Clone)]
 pub struct DoctorReply {
-    pub features: crate::features::Features,
+    pub features: Features,
     /// Absent when no daemon answered (a local probe).
     #[serde(default)]
     pub mounts: Option<Vec<MountStatus>>,
@@ -184,4 +184,60 @@ pub struct DoctorReply {
 #[derive(Deserialize, Serialize, Debug, Clone)]
 pub struct ErrorReply {
     pub error: String,
+}
+
+/// The kernel features shoal looks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kernel {
+    Erofs,
+    FileBacked,
+    Fanotify,
+    Cachefiles,
+    Fuse,
+    Directio,
+    InodeShare,
+}
+
+impl Kernel {
+    /// What `shoal doctor` calls it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kernel::Erofs => "erofs",
+            Kernel::FileBacked => "erofs file-backed mounts",
+            Kernel::Fanotify => "fanotify pre-content",
+            Kernel::Cachefiles => "cachefiles on-demand",
+            Kernel::Fuse => "fuse",
+            Kernel::Directio => "erofs directio",
+            Kernel::InodeShare => "erofs inode_share",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Feature {
+    pub kind: Kernel,
+    pub name: String,
+    pub available: bool,
+    pub detail: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Features {
+    pub kernel: String,
+    pub features: Vec<Feature>,
+    /// The frontend `auto` resolves to, and why.
+    pub auto: Option<Frontend>,
+    pub reasons: Vec<String>,
+}
+
+impl Features {
+    /// `Ok` if this kernel has `kind`, else why not.
+    pub fn has(&self, kind: Kernel) -> Result<(), String> {
+        match self.features.iter().find(|f| f.kind == kind) {
+            Some(f) if f.available => Ok(()),
+            Some(f) => Err(f.detail.clone()),
+            None => Err(format!("{}: not probed", kind.name())),
+        }
+    }
 }

@@ -5,63 +5,7 @@
 use std::io::Read;
 use std::path::Path;
 
-use crate::api::Frontend;
-
-/// The kernel features shoal looks for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Kernel {
-    Erofs,
-    FileBacked,
-    Fanotify,
-    Cachefiles,
-    Fuse,
-    Directio,
-    InodeShare,
-}
-
-impl Kernel {
-    /// What `shoal doctor` calls it.
-    pub fn name(self) -> &'static str {
-        match self {
-            Kernel::Erofs => "erofs",
-            Kernel::FileBacked => "erofs file-backed mounts",
-            Kernel::Fanotify => "fanotify pre-content",
-            Kernel::Cachefiles => "cachefiles on-demand",
-            Kernel::Fuse => "fuse",
-            Kernel::Directio => "erofs directio",
-            Kernel::InodeShare => "erofs inode_share",
-        }
-    }
-}
-
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub struct Feature {
-    pub kind: Kernel,
-    pub name: String,
-    pub available: bool,
-    pub detail: String,
-}
-
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub struct Features {
-    pub kernel: String,
-    pub features: Vec<Feature>,
-    /// The frontend `auto` resolves to, and why.
-    pub auto: Option<Frontend>,
-    pub reasons: Vec<String>,
-}
-
-impl Features {
-    /// `Ok` if this kernel has `kind`, else why not.
-    pub fn has(&self, kind: Kernel) -> Result<(), String> {
-        match self.features.iter().find(|f| f.kind == kind) {
-            Some(f) if f.available => Ok(()),
-            Some(f) => Err(f.detail.clone()),
-            None => Err(format!("{}: not probed", kind.name())),
-        }
-    }
-}
+use crate::api::{Feature, Features, Frontend, Kernel};
 
 fn feature(kind: Kernel, r: Result<String, String>) -> Feature {
     let (available, detail) = match r {

@@ -4,9 +4,9 @@
 //! and re-establishes FUSE mounts that died with its predecessor.
 
 use crate::api::{
-    BindRequest, FanotifyStatus, Frontend, FscacheStatus, ImageReply, MountRequest, MountStatus,
+    BindRequest, FanotifyStatus, Features, Frontend, FscacheStatus, ImageReply, Kernel,
+    MountRequest, MountStatus,
 };
-use crate::features::{Features, Kernel};
 use shoal_core::pool::WorkerPool;
 use shoal_core::{BindSpec, BoundImage, CoreError, Registry};
 use shoal_fanotify::frontend::Frontend as FanotifyFrontend;
