@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
-pub const BLOCK: u64 = 4096;
+pub use crate::blocks::{block_span, BLOCK};
 /// Fetch-and-verify attempts before a chunk read fails (wrong bytes from a
 /// remote are retried like transient errors).
 const VERIFY_ATTEMPTS: u32 = 3;
@@ -157,16 +157,6 @@ impl DataFiles for PlainFiles {
             .truncate(false)
             .open(path)
     }
-}
-
-/// The blocks `(first, count)` that bytes `[offset, offset + len)` touch:
-/// the one conversion from a byte range (a kernel read, a file extent) to
-/// the readiness map's unit.
-pub fn block_span(offset: u64, len: u64) -> (u32, u32) {
-    let first = offset / BLOCK;
-    let last = offset.saturating_add(len).div_ceil(BLOCK);
-    let clamp = |x: u64| x.min(u64::from(u32::MAX)) as u32;
-    (clamp(first), clamp(last - first))
 }
 
 /// Whether bytes `[offset, offset + len)` of a cache file are ready by its

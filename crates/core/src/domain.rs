@@ -4,10 +4,11 @@
 //! user and released with its last, fetched and stored once however many
 //! images share it. An image bound without a domain gets a private volume.
 
-use crate::cache::{BlobCache, BlobStats, DataFiles, PlainFiles, BLOCK};
+use crate::blocks::BLOCK;
+use crate::cache::{BlobCache, BlobStats, DataFiles, PlainFiles};
 use crate::error::CoreError;
 use crate::fetch::Source;
-use crate::names::{check_blob, check_id};
+use crate::names::check_blob;
 use crate::remote::{self, HttpOptions, Remote, Retrying};
 use erofs::Image;
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -18,72 +19,8 @@ use std::time::Duration;
 
 use crate::bound::AccessLog;
 pub use crate::bound::{BoundImage, ChunkKey};
+pub use crate::key::{BindSpec, DomainKey};
 pub use crate::shared::SharedBlob;
-
-/// Which volume an image lives in.
-#[derive(
-    Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
-)]
-pub enum DomainKey {
-    Shared(String),
-    /// No domain: a volume of the image's own, keyed by its fsid.
-    Private(String),
-}
-
-impl DomainKey {
-    pub fn new(domain: Option<&str>, fsid: &str) -> Result<Self, CoreError> {
-        check_id("fsid", fsid)?;
-        match domain {
-            Some(d) => {
-                check_id("domain id", d)?;
-                Ok(DomainKey::Shared(d.to_string()))
-            }
-            None => Ok(DomainKey::Private(fsid.to_string())),
-        }
-    }
-
-    /// The cachefiles volume key the kernel uses.
-    pub fn volume_key(&self) -> String {
-        match self {
-            DomainKey::Shared(d) | DomainKey::Private(d) => format!("erofs,{d}"),
-        }
-    }
-
-    pub fn domain_id(&self) -> Option<&str> {
-        match self {
-            DomainKey::Shared(d) => Some(d),
-            DomainKey::Private(_) => None,
-        }
-    }
-
-    fn dir(&self, work: &Path) -> PathBuf {
-        match self {
-            DomainKey::Shared(d) => work.join("domains").join(d),
-            DomainKey::Private(f) => work.join("private").join(f),
-        }
-    }
-}
-
-impl std::fmt::Display for DomainKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            DomainKey::Shared(d) => write!(f, "domain {d}"),
-            DomainKey::Private(fsid) => write!(f, "the private volume of {fsid}"),
-        }
-    }
-}
-
-/// What an image is bound from; persisted so a restarted daemon rebinds.
-#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
-pub struct BindSpec {
-    pub domain: Option<String>,
-    pub fsid: String,
-    pub bootstrap: PathBuf,
-    pub remote: String,
-    /// The `oci://` reference the bootstrap was pulled from, if any.
-    #[serde(default)]
-    pub reference: Option<String>,
-}
 
 /// See [`Registry::find_cookie`].
 pub enum Cookie {

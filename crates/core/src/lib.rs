@@ -3,12 +3,14 @@
 //! nothing of FUSE, fanotify or cachefiles; every frontend adapts to this.
 #![forbid(unsafe_code)]
 
+pub mod blocks;
 mod bound;
 pub mod cache;
 pub mod domain;
 pub mod error;
 pub mod fetch;
 pub mod fingerprint;
+mod key;
 pub mod names;
 pub mod publish;
 pub mod readiness;

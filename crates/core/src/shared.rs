@@ -1,8 +1,8 @@
 //! A data blob as a domain holds it: one verified cache shared by every
 //! image of the domain that references the blob.
 
+use crate::blocks::BLOCK;
 use crate::cache::BlobCache;
-use crate::cache::BLOCK;
 use crate::error::CoreError;
 use crate::fetch::Source;
 use erofs::chunktable::ChunkEntry;
