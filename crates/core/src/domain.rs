@@ -8,13 +8,15 @@ use crate::blocks::BLOCK;
 use crate::cache::{BlobCache, BlobStats, DataFiles, PlainFiles};
 use crate::error::CoreError;
 use crate::fetch::Source;
+use crate::fingerprint::ContentProof;
 use crate::names::check_blob;
 use crate::remote::{self, HttpOptions, Remote, Retrying};
+use erofs::chunktable::ChunkEntry;
 use erofs::Image;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::bound::AccessLog;
@@ -33,11 +35,217 @@ pub struct Domain {
     state: Mutex<DomainState>,
 }
 
+/// What a domain holds, under its one lock: images, blobs with their
+/// reference counts, fingerprints. A blob's count lives beside the map it
+/// decides membership of (as `fs/erofs/fscache.c` keeps cookie refcounts
+/// under the domain list lock), so a bind taking a reference and the last
+/// unbind dropping one can never disagree on whether the blob is there.
 #[derive(Default)]
 struct DomainState {
     images: BTreeMap<String, Arc<BoundImage>>,
-    blobs: HashMap<String, Arc<SharedBlob>>,
+    blobs: HashMap<String, DomainBlob>,
     fingerprints: crate::fingerprint::DomainFingerprints,
+}
+
+/// A blob of a domain and how many bound images reference it.
+struct DomainBlob {
+    blob: Arc<SharedBlob>,
+    refs: usize,
+}
+
+/// One device of an image being bound: the blob, its size, the chunks the
+/// image pins in it, and where the image says it can be fetched from.
+struct WantedBlob {
+    name: String,
+    blocks: u32,
+    entries: Vec<ChunkEntry>,
+    source: Source,
+}
+
+/// The blobs an image's devices name, in device order, each checked to be
+/// a blob name (it becomes a path) before anything touches the domain.
+fn wanted_blobs(
+    spec: &BindSpec,
+    image: &Image<File>,
+    remote: &Arc<dyn Remote>,
+) -> Result<Vec<WantedBlob>, CoreError> {
+    let table = image.chunk_table.as_ref().expect("checked by open_image");
+    let mut wanted = Vec::new();
+    for (i, slot) in image.devices.iter().enumerate() {
+        let dev = i as u16 + 1;
+        let name = image.device_tag(dev).ok_or_else(|| CoreError::Unusable {
+            path: spec.bootstrap.clone(),
+            why: format!("device {dev} has no tag"),
+        })?;
+        check_blob(&name)?;
+        // A blob the image stores compressed is fetched as its object
+        // (which is all the remote may hold); others by their tag.
+        let source = Source {
+            remote: remote.clone(),
+            frames: table.frames(dev).cloned().map(Arc::new),
+        };
+        wanted.push(WantedBlob {
+            name,
+            blocks: slot.blocks.get(),
+            entries: table.entries(dev).unwrap_or(&[]).to_vec(),
+            source,
+        });
+    }
+    Ok(wanted)
+}
+
+impl Domain {
+    /// Add an image to the domain, all or nothing: every blob is checked
+    /// and every new cache opened before the domain changes.
+    fn attach(
+        &self,
+        spec: BindSpec,
+        image: Image<File>,
+        wanted: Vec<WantedBlob>,
+        fingerprints: crate::fingerprint::Fingerprints,
+        opts: &RegistryOptions,
+    ) -> Result<Arc<BoundImage>, CoreError> {
+        let mut st = self.state.lock().unwrap();
+        if st.images.contains_key(&spec.fsid) {
+            return Err(CoreError::Exists {
+                domain: self.key.to_string(),
+                fsid: spec.fsid.clone(),
+            });
+        }
+        for w in &wanted {
+            st.check_agrees(&spec.bootstrap, w)?;
+        }
+        let opened = self.open_new_blobs(&st, &wanted, opts)?;
+        st.blobs.extend(opened);
+        let blobs = wanted.into_iter().map(|w| st.take_ref(w)).collect();
+        let (page_cache_share, fingerprints) =
+            st.admit_fingerprints(&spec, &self.key, fingerprints);
+        let bound = Arc::new(BoundImage {
+            spec: spec.clone(),
+            key: self.key.clone(),
+            image,
+            blobs,
+            access: Mutex::new(AccessLog::default()),
+            page_cache_share,
+            fingerprints,
+        });
+        st.images.insert(spec.fsid, bound.clone());
+        Ok(bound)
+    }
+
+    /// Open the caches of the wanted blobs the domain does not hold yet.
+    /// Nothing is added to the domain here, so a failure leaves it as it
+    /// was.
+    fn open_new_blobs(
+        &self,
+        st: &DomainState,
+        wanted: &[WantedBlob],
+        opts: &RegistryOptions,
+    ) -> Result<HashMap<String, DomainBlob>, CoreError> {
+        let mut opened: HashMap<String, DomainBlob> = HashMap::new();
+        for w in wanted {
+            if st.blobs.contains_key(&w.name) || opened.contains_key(&w.name) {
+                continue;
+            }
+            let cache = BlobCache::open_with(
+                &self.dir.join("blobs"),
+                &w.name,
+                w.blocks,
+                &*opts.data_files,
+            )?;
+            // The leader's budget, one attempt that may start at its
+            // end, and a margin for the write and sync.
+            cache.set_flight_wait(opts.http.deadline * 2 + Duration::from_secs(5));
+            let blob = DomainBlob {
+                blob: Arc::new(SharedBlob::new(cache)),
+                refs: 0,
+            };
+            opened.insert(w.name.clone(), blob);
+        }
+        Ok(opened)
+    }
+}
+
+impl DomainState {
+    /// Refuse a blob that disagrees with what the domain's bound images
+    /// say of it (its size, or a chunk's digest at the same address):
+    /// one cache cannot serve both.
+    fn check_agrees(&self, bootstrap: &Path, w: &WantedBlob) -> Result<(), CoreError> {
+        let Some(b) = self.blobs.get(&w.name) else {
+            return Ok(());
+        };
+        let unusable = |why| CoreError::Unusable {
+            path: bootstrap.into(),
+            why,
+        };
+        let (name, have) = (&w.name, b.blob.cache.blocks);
+        if have != w.blocks {
+            let why = format!(
+                "blob {name}: {} blocks, but bound images say {have}",
+                w.blocks
+            );
+            return Err(unusable(why));
+        }
+        let chunks = b.blob.chunks.read().unwrap();
+        for e in &w.entries {
+            if chunks.get(&e.blkaddr.get()).is_some_and(|c| c != e) {
+                return Err(unusable(format!(
+                    "blob {name}: chunk at block {} disagrees with bound images",
+                    e.blkaddr.get()
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// A new reference to a blob the domain holds: the image's chunks
+    /// are pinned and its source added.
+    fn take_ref(&mut self, w: WantedBlob) -> Arc<SharedBlob> {
+        let b = self.blobs.get_mut(&w.name).expect("opened before");
+        {
+            let mut chunks = b.blob.chunks.write().unwrap();
+            for e in w.entries {
+                chunks.insert(e.blkaddr.get(), e);
+            }
+        }
+        b.blob.add_source(w.source);
+        b.refs += 1;
+        b.blob.clone()
+    }
+
+    /// Whether an image may share page cache in this domain, and the
+    /// fingerprints it then holds (released on unbind).
+    fn admit_fingerprints(
+        &mut self,
+        spec: &BindSpec,
+        key: &DomainKey,
+        fingerprints: crate::fingerprint::Fingerprints,
+    ) -> (Result<(), String>, HashMap<Vec<u8>, ContentProof>) {
+        match fingerprints {
+            Ok(fps) => match self.fingerprints.admit(&fps) {
+                Ok(()) => (Ok(()), fps),
+                Err(why) => {
+                    tracing::warn!(fsid = %spec.fsid, domain = %key, %why, "page cache not shared");
+                    (Err(why), HashMap::new())
+                }
+            },
+            Err(why) => (Err(why), HashMap::new()),
+        }
+    }
+
+    /// Drop one reference to a blob; the last one takes it out of the
+    /// domain. Returns whether it was the last.
+    fn drop_ref(&mut self, name: &str) -> bool {
+        let Some(b) = self.blobs.get_mut(name) else {
+            return false;
+        };
+        b.refs -= 1;
+        if b.refs > 0 {
+            return false;
+        }
+        self.blobs.remove(name);
+        true
+    }
 }
 
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
@@ -168,147 +376,40 @@ impl Registry {
             DomainKey::Shared(_) => crate::fingerprint::image_fingerprints(&image)?,
             DomainKey::Private(_) => Err("no domain: mounts without one never share".into()),
         };
-        let table = image.chunk_table.clone().unwrap();
-        let mut wanted = Vec::new();
-        for (i, slot) in image.devices.iter().enumerate() {
-            let dev = i as u16 + 1;
-            let name = image.device_tag(dev).ok_or_else(|| CoreError::Unusable {
-                path: spec.bootstrap.clone(),
-                why: format!("device {dev} has no tag"),
-            })?;
-            check_blob(&name)?;
-            // A blob the image stores compressed is fetched as its object
-            // (which is all the remote may hold); others by their tag.
-            let source = Source {
-                remote: remote.clone(),
-                frames: table.frames(dev).cloned().map(Arc::new),
-            };
-            wanted.push((
-                name,
-                slot.blocks.get(),
-                table.entries(dev).unwrap_or(&[]).to_vec(),
-                source,
-            ));
-        }
-        let domain = {
-            let mut domains = self.domains.lock().unwrap();
-            domains
-                .entry(key.clone())
-                .or_insert_with(|| {
-                    Arc::new(Domain {
-                        dir: key.dir(&self.work_dir),
-                        key: key.clone(),
-                        state: Mutex::new(DomainState::default()),
-                    })
+        let wanted = wanted_blobs(&spec, &image, &remote)?;
+        let domain = self.domain(&key);
+        let bound = domain.attach(spec, image, wanted, fingerprints, &self.opts)?;
+        self.persist_bind(&bound)?;
+        Ok(bound)
+    }
+
+    /// The domain of `key`, created empty on its first image.
+    fn domain(&self, key: &DomainKey) -> Arc<Domain> {
+        let mut domains = self.domains.lock().unwrap();
+        domains
+            .entry(key.clone())
+            .or_insert_with(|| {
+                Arc::new(Domain {
+                    dir: key.dir(&self.work_dir),
+                    key: key.clone(),
+                    state: Mutex::new(DomainState::default()),
                 })
-                .clone()
-        };
-        let mut st = domain.state.lock().unwrap();
-        if st.images.contains_key(&spec.fsid) {
-            return Err(CoreError::Exists {
-                domain: key.to_string(),
-                fsid: spec.fsid.clone(),
-            });
-        }
-        // Check every blob before changing anything.
-        for (name, blocks, entries, _) in &wanted {
-            if let Some(b) = st.blobs.get(name) {
-                if b.cache.blocks != *blocks {
-                    return Err(CoreError::Unusable {
-                        path: spec.bootstrap.clone(),
-                        why: format!(
-                            "blob {name}: {blocks} blocks, but bound images say {}",
-                            b.cache.blocks
-                        ),
-                    });
-                }
-                let chunks = b.chunks.read().unwrap();
-                for e in entries {
-                    if chunks.get(&e.blkaddr.get()).is_some_and(|c| c != e) {
-                        return Err(CoreError::Unusable {
-                            path: spec.bootstrap.clone(),
-                            why: format!(
-                                "blob {name}: chunk at block {} disagrees with bound images",
-                                e.blkaddr.get()
-                            ),
-                        });
-                    }
-                }
-            }
-        }
-        // Open every new cache first, so a failure leaves the domain as it was.
-        let mut opened: HashMap<String, Arc<SharedBlob>> = HashMap::new();
-        for (name, blocks, _, _) in &wanted {
-            if !st.blobs.contains_key(name) && !opened.contains_key(name) {
-                let cache = BlobCache::open_with(
-                    &domain.dir.join("blobs"),
-                    name,
-                    *blocks,
-                    &*self.opts.data_files,
-                )?;
-                // The leader's budget, one attempt that may start at its
-                // end, and a margin for the write and sync.
-                cache.set_flight_wait(self.opts.http.deadline * 2 + Duration::from_secs(5));
-                opened.insert(
-                    name.clone(),
-                    Arc::new(SharedBlob {
-                        cache,
-                        chunks: RwLock::new(BTreeMap::new()),
-                        sources: RwLock::new(Vec::new()),
-                        refs: Mutex::new(0),
-                        last_fill_end: Default::default(),
-                        window: Default::default(),
-                        ahead_end: Default::default(),
-                        ahead_running: Default::default(),
-                        touched: Default::default(),
-                    }),
-                );
-            }
-        }
-        st.blobs.extend(opened);
-        let mut blobs = Vec::new();
-        for (name, _, entries, source) in wanted {
-            let blob = st.blobs[&name].clone();
-            {
-                let mut chunks = blob.chunks.write().unwrap();
-                for e in entries {
-                    chunks.insert(e.blkaddr.get(), e);
-                }
-            }
-            blob.add_source(source);
-            *blob.refs.lock().unwrap() += 1;
-            blobs.push(blob);
-        }
-        let (page_cache_share, fingerprints) = match fingerprints {
-            Ok(fps) => match st.fingerprints.admit(&fps) {
-                Ok(()) => (Ok(()), fps),
-                Err(why) => {
-                    tracing::warn!(fsid = %spec.fsid, domain = %key, %why, "page cache not shared");
-                    (Err(why), HashMap::new())
-                }
-            },
-            Err(why) => (Err(why), HashMap::new()),
-        };
-        let bound = Arc::new(BoundImage {
-            spec: spec.clone(),
-            key: key.clone(),
-            image,
-            blobs,
-            access: Mutex::new(AccessLog::default()),
-            page_cache_share,
-            fingerprints,
-        });
-        st.images.insert(spec.fsid.clone(), bound.clone());
-        drop(st);
-        // A binding the disk does not hold would be lost by a restart under
-        // a live mount: if it cannot be saved, it is undone.
+            })
+            .clone()
+    }
+
+    /// Save the bindings with a new one. A binding the disk does not hold
+    /// would be lost by a restart under a live mount: if it cannot be
+    /// saved, it is undone.
+    fn persist_bind(&self, bound: &BoundImage) -> Result<(), CoreError> {
+        let (key, spec) = (&bound.key, &bound.spec);
         if let Err(e) = self.save_state() {
-            let _ = self.detach(&key, &spec.fsid);
+            let _ = self.detach(key, &spec.fsid);
             tracing::error!(fsid = %spec.fsid, domain = %key, error = %e, "binding undone: state not saved");
             return Err(e);
         }
         tracing::info!(fsid = %spec.fsid, domain = %key, remote = %spec.remote, "image bound");
-        Ok(bound)
+        Ok(())
     }
 
     /// Unbind an image; blobs whose last user it was leave the domain (their
@@ -344,10 +445,7 @@ impl Registry {
             if let Err(e) = b.cache.flush() {
                 tracing::warn!(blob = %b.cache.name, error = %e, "flushing readiness on unbind");
             }
-            let mut refs = b.refs.lock().unwrap();
-            *refs -= 1;
-            if *refs == 0 {
-                st.blobs.remove(&b.cache.name);
+            if st.drop_ref(&b.cache.name) {
                 // Last use, for least-recently-used eviction.
                 if let Ok(f) = File::options().write(true).open(b.cache.map_path()) {
                     let _ = f.set_modified(std::time::SystemTime::now());
@@ -378,7 +476,7 @@ impl Registry {
         if let Some(img) = st.images.get(cookie) {
             return Some(Cookie::Bootstrap(img.clone()));
         }
-        st.blobs.get(cookie).map(|b| Cookie::Blob(b.clone()))
+        st.blobs.get(cookie).map(|b| Cookie::Blob(b.blob.clone()))
     }
 
     /// Every blob of every domain.
@@ -399,7 +497,7 @@ impl Registry {
                     .unwrap()
                     .blobs
                     .values()
-                    .cloned()
+                    .map(|b| b.blob.clone())
                     .collect::<Vec<_>>()
             })
             .collect()
@@ -463,9 +561,9 @@ impl Registry {
                 let mut blobs: Vec<BlobStatus> = st
                     .blobs
                     .values()
-                    .map(|b| BlobStatus {
+                    .map(|DomainBlob { blob: b, refs }| BlobStatus {
                         name: b.cache.name.clone(),
-                        refs: b.refs(),
+                        refs: *refs,
                         size: u64::from(b.cache.blocks) * BLOCK,
                         cached_bytes: b.cache.ready_blocks() * BLOCK,
                         chunks: b.chunks.read().unwrap().len(),
@@ -555,7 +653,7 @@ impl Registry {
         let mut in_use: HashSet<PathBuf> = HashSet::new();
         for d in domains.values() {
             for b in d.state.lock().unwrap().blobs.values() {
-                in_use.insert(b.cache.data_path().to_path_buf());
+                in_use.insert(b.blob.cache.data_path().to_path_buf());
             }
         }
         let mut total = 0u64;
@@ -612,3 +710,4 @@ impl Registry {
         Ok(report)
     }
 }
+
