@@ -4,7 +4,7 @@
 //! user and released with its last, fetched and stored once however many
 //! images share it. An image bound without a domain gets a private volume.
 
-use crate::blocks::BLOCK;
+use crate::blocks::{BLOCK, BLOCK_BITS};
 use crate::cache::{BlobCache, BlobStats, DataFiles, PlainFiles};
 use crate::error::CoreError;
 use crate::fetch::Source;
@@ -325,6 +325,18 @@ fn open_image(path: &Path) -> Result<Image<File>, CoreError> {
         path: path.into(),
         source,
     })?;
+    // Chunk addresses, readiness bits and cache offsets all count 4 KiB
+    // blocks: an image of another block size would be served wrong bytes.
+    if img.sb.blkszbits != BLOCK_BITS {
+        return Err(CoreError::Unusable {
+            path: path.into(),
+            why: format!(
+                "block size {} bytes (blkszbits {}): only {BLOCK}-byte blocks can be served",
+                img.block_size(),
+                img.sb.blkszbits
+            ),
+        });
+    }
     if img.chunk_table.is_none() {
         return Err(CoreError::Unusable {
             path: path.into(),
@@ -711,3 +723,49 @@ impl Registry {
     }
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Core counts chunks and readiness in 4 KiB blocks: an image of
+    /// another block size is refused at bind, naming it and its size.
+    #[test]
+    fn binding_refuses_other_block_sizes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (src, blobs, boot) = (
+            tmp.path().join("src"),
+            tmp.path().join("blobs"),
+            tmp.path().join("i.boot"),
+        );
+        std::fs::create_dir_all(&src).unwrap();
+        std::fs::write(src.join("f"), vec![7u8; 10_000]).unwrap();
+        erofs::build(&[src], &blobs, &boot, &Default::default()).unwrap();
+        let mut img = std::fs::read(&boot).unwrap();
+        // blkszbits 11 (2 KiB), the superblock checksum resealed.
+        img[1024 + 12] = 11;
+        img[1028..1032].fill(0);
+        // (over the superblock block, now 2048 bytes from offset 0)
+        let c = erofs::ondisk::sb_checksum(&img[1024..2048]);
+        img[1028..1032].copy_from_slice(&c.to_le_bytes());
+        std::fs::write(&boot, &img).unwrap();
+        let reg = Registry::new(&tmp.path().join("work"), RegistryOptions::default()).unwrap();
+        let err = reg
+            .bind(BindSpec {
+                domain: Some("d".into()),
+                fsid: "i".into(),
+                bootstrap: boot.clone(),
+                remote: format!("file://{}", blobs.display()),
+                reference: None,
+            })
+            .err()
+            .expect("a 2 KiB-block image is refused");
+        let msg = err.to_string();
+        assert!(matches!(err, CoreError::Unusable { .. }), "{msg}");
+        assert!(msg.contains(&boot.display().to_string()), "{msg}");
+        assert!(
+            msg.contains("block size 2048 bytes (blkszbits 11)"),
+            "{msg}"
+        );
+        assert!(reg.status().is_empty());
+    }
+}
