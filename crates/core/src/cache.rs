@@ -9,7 +9,7 @@
 //! Bits only ever go from 0 to 1, so a torn bitmap write leaves a mix of old
 //! and new bits, each of which is still true.
 
-use crate::error::CoreError;
+use crate::error::{CoreError, FlightError};
 use crate::fetch::{self, Source};
 use erofs::chunktable::ChunkEntry;
 use std::collections::HashMap;
@@ -56,23 +56,20 @@ struct Counters {
 /// One in-progress fetch; concurrent readers of the same chunk wait on it.
 #[derive(Default)]
 struct Flight {
-    done: Mutex<Option<Result<(), String>>>,
+    done: Mutex<Option<Result<(), FlightError>>>,
     cv: Condvar,
 }
 
 impl Flight {
     /// The leader's result, or an error once `max` has passed: a waiter
     /// never waits on a stuck flight longer than a fetch may take.
-    fn wait(&self, max: Duration) -> Result<(), String> {
+    fn wait(&self, max: Duration) -> Result<(), FlightError> {
         let until = std::time::Instant::now() + max;
         let mut done = self.done.lock().unwrap();
         while done.is_none() {
             let left = until.saturating_duration_since(std::time::Instant::now());
             if left.is_zero() {
-                return Err(format!(
-                    "the fetch in flight took longer than {} s",
-                    max.as_secs()
-                ));
+                return Err(FlightError::TimedOut { after: max });
             }
             done = self.cv.wait_timeout(done, left).unwrap().0;
         }
@@ -99,12 +96,8 @@ impl Claim<'_> {
 impl Drop for Claim<'_> {
     fn drop(&mut self) {
         for (e, flight) in std::mem::take(&mut self.led) {
-            let why = "the fetch was abandoned".to_string();
-            self.cache.land(
-                e.blkaddr.get(),
-                &flight,
-                &Err(self.cache.fetch_error(&e, why)),
-            );
+            self.cache
+                .land(e.blkaddr.get(), &flight, Err(FlightError::Abandoned));
         }
     }
 }
@@ -311,13 +304,23 @@ impl BlobCache {
 
     /// End the flight for the chunk at `start`: count a failure, retire
     /// the flight and wake its waiters with the leader's result.
-    fn land(&self, start: u32, flight: &Flight, result: &Result<(), CoreError>) {
+    fn land(&self, start: u32, flight: &Flight, result: Result<(), FlightError>) {
         if result.is_err() {
             self.counters.failures.fetch_add(1, Ordering::Relaxed);
         }
         self.inflight.lock().unwrap().remove(&start);
-        *flight.done.lock().unwrap() = Some(result.as_ref().map(|_| ()).map_err(|e| e.to_string()));
+        *flight.done.lock().unwrap() = Some(result);
         flight.cv.notify_all();
+    }
+
+    /// What a waiter on the chunk `e` is told when its flight failed.
+    fn flight_error(&self, e: &ChunkEntry, source: FlightError) -> CoreError {
+        CoreError::Flight {
+            blob: self.name.clone(),
+            offset: u64::from(e.blkaddr.get()) * BLOCK,
+            len: u64::from(e.nblocks.get()) * BLOCK,
+            source,
+        }
     }
 
     fn fetch_error(&self, e: &ChunkEntry, why: String) -> CoreError {
@@ -393,14 +396,20 @@ impl BlobCache {
                 None => Ok(()),
                 Some(why) => Err(self.fetch_error(e, why)),
             };
-            self.land(e.blkaddr.get(), flight, &result);
+            let landed = result
+                .as_ref()
+                .map(|_| ())
+                .map_err(|e| FlightError::Failed {
+                    cause: e.to_string(),
+                });
+            self.land(e.blkaddr.get(), flight, landed);
             if let Err(err) = result {
                 first_err.get_or_insert(err);
             }
         }
         for (e, f) in std::mem::take(&mut claim.waits) {
             if let Err(why) = f.wait(self.flight_wait()) {
-                first_err.get_or_insert(self.fetch_error(&e, why));
+                first_err.get_or_insert(self.flight_error(&e, why));
             }
         }
         first_err.map_or(Ok(()), Err)
@@ -549,5 +558,79 @@ impl BlobCache {
         self.data
             .read_exact_at(buf, offset)
             .map_err(io(&self.data_path, "reading cache"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(blkaddr: u32) -> ChunkEntry {
+        ChunkEntry {
+            blkaddr: blkaddr.into(),
+            nblocks: 1.into(),
+            digest: [0; 32],
+        }
+    }
+
+    /// A waiter learns why the chunk it waited for did not come: the
+    /// leader dropped its claim, or took too long.
+    #[test]
+    fn waiters_get_typed_flight_errors() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cache = BlobCache::open(tmp.path(), &"ab".repeat(32), 4).unwrap();
+        let e = entry(1);
+
+        let leader = cache.claim(&[e], true);
+        let waiter = cache.claim(&[e], true);
+        assert!(!leader.is_empty() && waiter.is_empty());
+        drop(leader);
+        let err = cache.complete(waiter, &[], BLOCK).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                CoreError::Flight {
+                    source: FlightError::Abandoned,
+                    offset: BLOCK,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(
+            err.to_string().ends_with(": the fetch was abandoned"),
+            "{err}"
+        );
+
+        cache.set_flight_wait(Duration::from_millis(20));
+        let leader = cache.claim(&[e], true);
+        let waiter = cache.claim(&[e], true);
+        let err = cache.complete(waiter, &[], BLOCK).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                CoreError::Flight {
+                    source: FlightError::TimedOut { .. },
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(err
+            .to_string()
+            .contains("the fetch in flight took longer than"));
+
+        // The leader's own failure reaches its waiters as their cause.
+        let waiter = cache.claim(&[e], true);
+        let led = cache.complete(leader, &[], BLOCK).unwrap_err();
+        assert!(led.to_string().contains("no remote"), "{led}");
+        match cache.complete(waiter, &[], BLOCK) {
+            Err(CoreError::Flight {
+                source: FlightError::Failed { cause },
+                ..
+            }) => assert_eq!(cause, led.to_string()),
+            r => panic!("{r:?}"),
+        }
+        assert_eq!(cache.stats().failures, 2);
     }
 }
