@@ -11,6 +11,7 @@
 
 use crate::error::{CoreError, FlightError};
 use crate::fetch::{self, Source};
+use crate::names::BlobId;
 use erofs::chunktable::ChunkEntry;
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -106,7 +107,7 @@ impl Drop for Claim<'_> {
 const DEFAULT_FLIGHT_WAIT: Duration = Duration::from_secs(90);
 
 pub struct BlobCache {
-    pub name: String,
+    pub name: BlobId,
     pub blocks: u32,
     data_path: PathBuf,
     map_path: PathBuf,
@@ -160,22 +161,22 @@ pub fn map_range_ready(map: &File, offset: u64, len: u64) -> bool {
 }
 
 impl BlobCache {
-    /// Open (or create) the cache of blob `name` in `dir`, reusing whatever
+    /// Open (or create) the cache of blob `id` in `dir`, reusing whatever
     /// an earlier run left ready.
-    pub fn open(dir: &Path, name: &str, blocks: u32) -> Result<Self, CoreError> {
-        Self::open_with(dir, name, blocks, &PlainFiles)
+    pub fn open(dir: &Path, id: &BlobId, blocks: u32) -> Result<Self, CoreError> {
+        Self::open_with(dir, id, blocks, &PlainFiles)
     }
 
     /// [`BlobCache::open`] with the data file from `files`.
     pub fn open_with(
         dir: &Path,
-        name: &str,
+        id: &BlobId,
         blocks: u32,
         files: &dyn DataFiles,
     ) -> Result<Self, CoreError> {
         std::fs::create_dir_all(dir).map_err(io(dir, "creating cache directory"))?;
-        let data_path = dir.join(name);
-        let map_path = dir.join(format!("{name}.ready"));
+        let data_path = dir.join(id.to_string());
+        let map_path = dir.join(format!("{id}.ready"));
         let data = files
             .open(&data_path)
             .map_err(io(&data_path, "opening cache file"))?;
@@ -201,7 +202,7 @@ impl BlobCache {
             Vec::new()
         };
         Ok(BlobCache {
-            name: name.to_string(),
+            name: *id,
             blocks,
             data_path,
             map_path,
@@ -316,7 +317,7 @@ impl BlobCache {
     /// What a waiter on the chunk `e` is told when its flight failed.
     fn flight_error(&self, e: &ChunkEntry, source: FlightError) -> CoreError {
         CoreError::Flight {
-            blob: self.name.clone(),
+            blob: self.name.to_string(),
             offset: u64::from(e.blkaddr.get()) * BLOCK,
             len: u64::from(e.nblocks.get()) * BLOCK,
             source,
@@ -325,7 +326,7 @@ impl BlobCache {
 
     fn fetch_error(&self, e: &ChunkEntry, why: String) -> CoreError {
         CoreError::Fetch {
-            blob: self.name.clone(),
+            blob: self.name.to_string(),
             offset: u64::from(e.blkaddr.get()) * BLOCK,
             len: u64::from(e.nblocks.get()) * BLOCK,
             why,
@@ -447,7 +448,7 @@ impl BlobCache {
                 let mut wire = fetch::Wire::default();
                 let misses = fetch::fetch_from(
                     src,
-                    &self.name,
+                    &self.name.to_string(),
                     &sub,
                     max_run,
                     &mut |e, b| self.store(e, b),
@@ -578,7 +579,8 @@ mod tests {
     #[test]
     fn waiters_get_typed_flight_errors() {
         let tmp = tempfile::tempdir().unwrap();
-        let cache = BlobCache::open(tmp.path(), &"ab".repeat(32), 4).unwrap();
+        let id = BlobId::parse(&"ab".repeat(32)).unwrap();
+        let cache = BlobCache::open(tmp.path(), &id, 4).unwrap();
         let e = entry(1);
 
         let leader = cache.claim(&[e], true);

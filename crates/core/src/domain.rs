@@ -9,7 +9,7 @@ use crate::cache::{BlobCache, BlobStats, DataFiles, PlainFiles};
 use crate::error::CoreError;
 use crate::fetch::Source;
 use crate::fingerprint::ContentProof;
-use crate::names::check_blob;
+use crate::names::BlobId;
 use crate::remote::{self, HttpOptions, Remote, Retrying};
 use erofs::chunktable::ChunkEntry;
 use erofs::Image;
@@ -43,7 +43,7 @@ pub struct Domain {
 #[derive(Default)]
 struct DomainState {
     images: BTreeMap<String, Arc<BoundImage>>,
-    blobs: HashMap<String, DomainBlob>,
+    blobs: HashMap<BlobId, DomainBlob>,
     fingerprints: crate::fingerprint::DomainFingerprints,
 }
 
@@ -56,7 +56,7 @@ struct DomainBlob {
 /// One device of an image being bound: the blob, its size, the chunks the
 /// image pins in it, and where the image says it can be fetched from.
 struct WantedBlob {
-    name: String,
+    name: BlobId,
     blocks: u32,
     entries: Vec<ChunkEntry>,
     source: Source,
@@ -73,11 +73,11 @@ fn wanted_blobs(
     let mut wanted = Vec::new();
     for (i, slot) in image.devices.iter().enumerate() {
         let dev = i as u16 + 1;
-        let name = image.device_tag(dev).ok_or_else(|| CoreError::Unusable {
+        let tag = image.device_tag(dev).ok_or_else(|| CoreError::Unusable {
             path: spec.bootstrap.clone(),
             why: format!("device {dev} has no tag"),
         })?;
-        check_blob(&name)?;
+        let name = BlobId::parse(&tag)?;
         // A blob the image stores compressed is fetched as its object
         // (which is all the remote may hold); others by their tag.
         let source = Source {
@@ -141,8 +141,8 @@ impl Domain {
         st: &DomainState,
         wanted: &[WantedBlob],
         opts: &RegistryOptions,
-    ) -> Result<HashMap<String, DomainBlob>, CoreError> {
-        let mut opened: HashMap<String, DomainBlob> = HashMap::new();
+    ) -> Result<HashMap<BlobId, DomainBlob>, CoreError> {
+        let mut opened: HashMap<BlobId, DomainBlob> = HashMap::new();
         for w in wanted {
             if st.blobs.contains_key(&w.name) || opened.contains_key(&w.name) {
                 continue;
@@ -160,7 +160,7 @@ impl Domain {
                 blob: Arc::new(SharedBlob::new(cache)),
                 refs: 0,
             };
-            opened.insert(w.name.clone(), blob);
+            opened.insert(w.name, blob);
         }
         Ok(opened)
     }
@@ -235,7 +235,7 @@ impl DomainState {
 
     /// Drop one reference to a blob; the last one takes it out of the
     /// domain. Returns whether it was the last.
-    fn drop_ref(&mut self, name: &str) -> bool {
+    fn drop_ref(&mut self, name: &BlobId) -> bool {
         let Some(b) = self.blobs.get_mut(name) else {
             return false;
         };
@@ -250,7 +250,7 @@ impl DomainState {
 
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct BlobStatus {
-    pub name: String,
+    pub name: BlobId,
     pub refs: usize,
     pub size: u64,
     pub cached_bytes: u64,
@@ -266,7 +266,7 @@ pub struct ImageStatus {
     pub bootstrap: PathBuf,
     pub remote: String,
     pub reference: Option<String>,
-    pub blobs: Vec<String>,
+    pub blobs: Vec<BlobId>,
 }
 
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
@@ -280,7 +280,7 @@ pub struct DomainStatus {
 
 #[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct GcReport {
-    pub evicted: Vec<String>,
+    pub evicted: Vec<BlobId>,
     pub freed_bytes: u64,
     pub remaining_bytes: u64,
 }
@@ -488,7 +488,8 @@ impl Registry {
         if let Some(img) = st.images.get(cookie) {
             return Some(Cookie::Bootstrap(img.clone()));
         }
-        st.blobs.get(cookie).map(|b| Cookie::Blob(b.blob.clone()))
+        let blob = BlobId::parse(cookie).ok()?;
+        st.blobs.get(&blob).map(|b| Cookie::Blob(b.blob.clone()))
     }
 
     /// Every blob of every domain.
@@ -574,7 +575,7 @@ impl Registry {
                     .blobs
                     .values()
                     .map(|DomainBlob { blob: b, refs }| BlobStatus {
-                        name: b.cache.name.clone(),
+                        name: b.cache.name,
                         refs: *refs,
                         size: u64::from(b.cache.blocks) * BLOCK,
                         cached_bytes: b.cache.ready_blocks() * BLOCK,
@@ -589,7 +590,7 @@ impl Registry {
                         stats: b.cache.stats(),
                     })
                     .collect();
-                blobs.sort_by(|a, b| a.name.cmp(&b.name));
+                blobs.sort_by_key(|b| b.name);
                 DomainStatus {
                     domain_id: d.key.domain_id().map(str::to_string),
                     volume_key: d.key.volume_key(),
@@ -601,7 +602,7 @@ impl Registry {
                             bootstrap: i.spec.bootstrap.clone(),
                             remote: i.spec.remote.clone(),
                             reference: i.spec.reference.clone(),
-                            blobs: i.blobs.iter().map(|b| b.cache.name.clone()).collect(),
+                            blobs: i.blobs.iter().map(|b| b.cache.name).collect(),
                         })
                         .collect(),
                     blobs,
@@ -681,9 +682,9 @@ impl Registry {
                 for f in files.flatten() {
                     let p = f.path();
                     let name = f.file_name().to_string_lossy().into_owned();
-                    if check_blob(&name).is_err() {
+                    let Ok(id) = BlobId::parse(&name) else {
                         continue;
-                    }
+                    };
                     let Ok(md) = std::fs::metadata(&p) else {
                         continue;
                     };
@@ -694,7 +695,7 @@ impl Registry {
                     let bytes = md.blocks() * 512;
                     total += bytes;
                     if !in_use.contains(&p) {
-                        candidates.push((used, p, ready, bytes, name));
+                        candidates.push((used, p, ready, bytes, id));
                     }
                 }
             }

@@ -121,7 +121,7 @@ impl SharedBlob {
         }
         if covered <= last {
             return Err(CoreError::Fetch {
-                blob: self.cache.name.clone(),
+                blob: self.cache.name.to_string(),
                 offset,
                 len,
                 why: format!("block {covered} is not pinned by any bound image's chunk digests"),
