@@ -12,6 +12,7 @@
 use crate::error::{CoreError, FlightError};
 use crate::fetch::{self, Source};
 use crate::names::BlobId;
+use crate::workdir::BlobFiles;
 use erofs::chunktable::ChunkEntry;
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -175,8 +176,11 @@ impl BlobCache {
         files: &dyn DataFiles,
     ) -> Result<Self, CoreError> {
         std::fs::create_dir_all(dir).map_err(io(dir, "creating cache directory"))?;
-        let data_path = dir.join(id.to_string());
-        let map_path = dir.join(format!("{id}.ready"));
+        let BlobFiles {
+            data: data_path,
+            ready: map_path,
+            ..
+        } = BlobFiles::in_dir(dir, id);
         let data = files
             .open(&data_path)
             .map_err(io(&data_path, "opening cache file"))?;

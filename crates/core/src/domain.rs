@@ -11,6 +11,7 @@ use crate::fetch::Source;
 use crate::fingerprint::ContentProof;
 use crate::names::BlobId;
 use crate::remote::{self, HttpOptions, Remote, Retrying};
+use crate::workdir::WorkDir;
 use erofs::chunktable::ChunkEntry;
 use erofs::Image;
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -31,7 +32,8 @@ pub enum Cookie {
 }
 pub struct Domain {
     pub key: DomainKey,
-    pub dir: PathBuf,
+    /// Where the volume keeps its blob caches (see [`WorkDir::blob_dir`]).
+    pub blob_dir: PathBuf,
     state: Mutex<DomainState>,
 }
 
@@ -147,12 +149,7 @@ impl Domain {
             if st.blobs.contains_key(&w.name) || opened.contains_key(&w.name) {
                 continue;
             }
-            let cache = BlobCache::open_with(
-                &self.dir.join("blobs"),
-                &w.name,
-                w.blocks,
-                &*opts.data_files,
-            )?;
+            let cache = BlobCache::open_with(&self.blob_dir, &w.name, w.blocks, &*opts.data_files)?;
             // The leader's budget, one attempt that may start at its
             // end, and a margin for the write and sync.
             cache.set_flight_wait(opts.http.deadline * 2 + Duration::from_secs(5));
@@ -306,7 +303,7 @@ impl Default for RegistryOptions {
 
 /// All domains of one daemon, rooted at its work directory.
 pub struct Registry {
-    pub work_dir: PathBuf,
+    pub work_dir: WorkDir,
     opts: RegistryOptions,
     domains: Mutex<BTreeMap<DomainKey, Arc<Domain>>>,
     /// Serializes saves of bindings.json (each writes the whole list).
@@ -353,9 +350,10 @@ impl Registry {
             what: "creating work directory".into(),
             source,
         })?;
-        crate::state::take_reserve(work_dir);
+        let work_dir = WorkDir::new(work_dir);
+        crate::state::take_reserve(&work_dir);
         Ok(Registry {
-            work_dir: work_dir.to_path_buf(),
+            work_dir,
             opts,
             domains: Mutex::new(BTreeMap::new()),
             state_lock: Mutex::new(()),
@@ -402,7 +400,7 @@ impl Registry {
             .entry(key.clone())
             .or_insert_with(|| {
                 Arc::new(Domain {
-                    dir: key.dir(&self.work_dir),
+                    blob_dir: self.work_dir.blob_dir(key),
                     key: key.clone(),
                     state: Mutex::new(DomainState::default()),
                 })
@@ -612,7 +610,7 @@ impl Registry {
     }
 
     fn state_path(&self) -> PathBuf {
-        self.work_dir.join("bindings.json")
+        self.work_dir.bindings()
     }
 
     /// Persist the bindings (atomically, into the reserve on a full disk)
@@ -671,48 +669,33 @@ impl Registry {
         }
         let mut total = 0u64;
         let mut candidates = Vec::new();
-        for kind in ["domains", "private"] {
-            let Ok(rd) = std::fs::read_dir(self.work_dir.join(kind)) else {
+        for files in self.work_dir.cached_blobs() {
+            let Ok(md) = std::fs::metadata(&files.data) else {
                 continue;
             };
-            for vol in rd.flatten() {
-                let Ok(files) = std::fs::read_dir(vol.path().join("blobs")) else {
-                    continue;
-                };
-                for f in files.flatten() {
-                    let p = f.path();
-                    let name = f.file_name().to_string_lossy().into_owned();
-                    let Ok(id) = BlobId::parse(&name) else {
-                        continue;
-                    };
-                    let Ok(md) = std::fs::metadata(&p) else {
-                        continue;
-                    };
-                    let ready = p.with_file_name(format!("{name}.ready"));
-                    let used = std::fs::metadata(&ready)
-                        .and_then(|m| m.modified())
-                        .unwrap_or(std::time::UNIX_EPOCH);
-                    let bytes = md.blocks() * 512;
-                    total += bytes;
-                    if !in_use.contains(&p) {
-                        candidates.push((used, p, ready, bytes, id));
-                    }
-                }
+            // A readiness map is touched when its blob's last user goes.
+            let used = std::fs::metadata(&files.ready)
+                .and_then(|m| m.modified())
+                .unwrap_or(std::time::UNIX_EPOCH);
+            let bytes = md.blocks() * 512;
+            total += bytes;
+            if !in_use.contains(&files.data) {
+                candidates.push((used, files, bytes));
             }
         }
-        candidates.sort();
+        candidates.sort_by(|a, b| (a.0, &a.1.data).cmp(&(b.0, &b.1.data)));
         let mut report = GcReport::default();
-        for (_, data, ready, bytes, name) in candidates {
+        for (_, files, bytes) in candidates {
             if total <= max_bytes {
                 break;
             }
             // The readiness map goes first: a crash in between leaves an
             // orphan data file, never a map claiming bytes that are gone.
-            let _ = std::fs::remove_file(&ready);
-            let _ = std::fs::remove_file(&data);
+            let _ = std::fs::remove_file(&files.ready);
+            let _ = std::fs::remove_file(&files.data);
             total -= bytes;
             report.freed_bytes += bytes;
-            report.evicted.push(name);
+            report.evicted.push(files.id);
         }
         report.remaining_bytes = total;
         tracing::info!(
@@ -728,19 +711,54 @@ impl Registry {
 mod tests {
     use super::*;
 
+    /// A one-file image built into `dir`: (bootstrap, blob directory).
+    fn build(dir: &Path) -> (PathBuf, PathBuf) {
+        let (src, blobs, boot) = (dir.join("src"), dir.join("blobs"), dir.join("i.boot"));
+        std::fs::create_dir_all(&src).unwrap();
+        std::fs::write(src.join("f"), vec![7u8; 10_000]).unwrap();
+        erofs::build(&[src], &blobs, &boot, &Default::default()).unwrap();
+        (boot, blobs)
+    }
+
+    /// GC finds cache files through the work directory's layout: an
+    /// unbound blob is evicted with its readiness map, a bound one stays.
+    #[test]
+    fn gc_evicts_unbound_blobs_and_their_maps() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (boot, blobs) = build(tmp.path());
+        let reg = Registry::new(&tmp.path().join("work"), RegistryOptions::default()).unwrap();
+        let spec = |fsid: &str| BindSpec {
+            domain: Some("d".into()),
+            fsid: fsid.into(),
+            bootstrap: boot.clone(),
+            remote: format!("file://{}", blobs.display()),
+            reference: None,
+        };
+        let img = reg.bind(spec("a")).unwrap();
+        reg.bind(spec("b")).unwrap();
+        let id = img.blobs[0].cache.name;
+        let files = reg.work_dir.blob(&img.key, &id);
+        assert_eq!(img.blobs[0].cache.data_path(), files.data);
+        assert_eq!(reg.status()[0].blobs[0].refs, 2);
+        // Cached bytes take room (a sparse file with none takes none).
+        assert!(img.prefetch(&[], 1).unwrap() > 0);
+        drop(img);
+        reg.unbind(Some("d"), "a").unwrap();
+        assert_eq!(reg.status()[0].blobs[0].refs, 1);
+        assert!(reg.gc(0).unwrap().evicted.is_empty(), "in use");
+        reg.unbind(Some("d"), "b").unwrap();
+        assert!(reg.status().is_empty());
+        let report = reg.gc(0).unwrap();
+        assert_eq!(report.evicted, [id]);
+        assert!(!files.data.exists() && !files.ready.exists());
+    }
+
     /// Core counts chunks and readiness in 4 KiB blocks: an image of
     /// another block size is refused at bind, naming it and its size.
     #[test]
     fn binding_refuses_other_block_sizes() {
         let tmp = tempfile::tempdir().unwrap();
-        let (src, blobs, boot) = (
-            tmp.path().join("src"),
-            tmp.path().join("blobs"),
-            tmp.path().join("i.boot"),
-        );
-        std::fs::create_dir_all(&src).unwrap();
-        std::fs::write(src.join("f"), vec![7u8; 10_000]).unwrap();
-        erofs::build(&[src], &blobs, &boot, &Default::default()).unwrap();
+        let (boot, blobs) = build(tmp.path());
         let mut img = std::fs::read(&boot).unwrap();
         // blkszbits 11 (2 KiB), the superblock checksum resealed.
         img[1024 + 12] = 11;

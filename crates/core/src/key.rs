@@ -5,7 +5,7 @@
 
 use crate::error::CoreError;
 use crate::names::check_id;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 /// Which volume an image lives in.
 #[derive(
@@ -40,13 +40,6 @@ impl DomainKey {
         match self {
             DomainKey::Shared(d) => Some(d),
             DomainKey::Private(_) => None,
-        }
-    }
-
-    pub(crate) fn dir(&self, work: &Path) -> PathBuf {
-        match self {
-            DomainKey::Shared(d) => work.join("domains").join(d),
-            DomainKey::Private(f) => work.join("private").join(f),
         }
     }
 }

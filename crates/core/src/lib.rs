@@ -17,6 +17,9 @@ pub mod readiness;
 pub mod remote;
 mod shared;
 pub mod state;
+pub mod workdir;
 
 pub use domain::{BindSpec, BoundImage, DomainKey, Registry, RegistryOptions};
 pub use error::CoreError;
+pub use names::BlobId;
+pub use workdir::WorkDir;
