@@ -105,44 +105,87 @@ fn version(release: &str) -> (u32, u32) {
     (it.next().unwrap_or(0), it.next().unwrap_or(0))
 }
 
+/// What the probes read once: the running kernel's release, version and
+/// build configuration (when /proc/config.gz or /boot has it).
+struct Probed {
+    release: String,
+    version: (u32, u32),
+    config: Option<String>,
+}
+
 pub fn detect(work_dir: &Path) -> Features {
-    let kernel = rustix::system::uname()
+    let release = rustix::system::uname()
         .release()
         .to_string_lossy()
         .into_owned();
-    let config = kernel_config(&kernel);
-    let (major, minor) = version(&kernel);
+    let k = Probed {
+        config: kernel_config(&release),
+        version: version(&release),
+        release,
+    };
+    let features = vec![
+        probe_erofs(&k),
+        probe_file_backed(&k),
+        feature(
+            Kernel::Fanotify,
+            shoal_fanotify::probe(&work_dir.join("probe"))
+                .map(|()| "FAN_CLASS_PRE_CONTENT group and FAN_PRE_ACCESS mark work".to_string()),
+        ),
+        probe_cachefiles(&k),
+        feature(
+            Kernel::Fuse,
+            if Path::new("/dev/fuse").exists() {
+                Ok("/dev/fuse".into())
+            } else {
+                Err("no /dev/fuse".into())
+            },
+        ),
+        probe_directio(&k),
+        probe_inode_share(&k),
+    ];
+    let (auto, reasons) = choose_frontend(&features);
+    Features {
+        kernel: k.release,
+        features,
+        auto,
+        reasons,
+    }
+}
+
+fn probe_erofs(k: &Probed) -> Feature {
     let filesystems = std::fs::read_to_string("/proc/filesystems").unwrap_or_default();
-    let erofs = feature(
+    feature(
         Kernel::Erofs,
         if filesystems.lines().any(|l| l.trim_end().ends_with("erofs")) {
             Ok("in /proc/filesystems".into())
-        } else if config_has(&config, "CONFIG_EROFS_FS") == Some(true) {
+        } else if config_has(&k.config, "CONFIG_EROFS_FS") == Some(true) {
             Ok("module (CONFIG_EROFS_FS=m)".into())
         } else {
             Err("not in /proc/filesystems".into())
         },
-    );
-    let file_backed = feature(
+    )
+}
+
+fn probe_file_backed(k: &Probed) -> Feature {
+    let release = &k.release;
+    feature(
         Kernel::FileBacked,
-        match config_has(&config, "CONFIG_EROFS_FS_BACKED_BY_FILE") {
+        match config_has(&k.config, "CONFIG_EROFS_FS_BACKED_BY_FILE") {
             Some(true) => Ok("CONFIG_EROFS_FS_BACKED_BY_FILE".into()),
             Some(false) => Err("kernel built without CONFIG_EROFS_FS_BACKED_BY_FILE".into()),
-            None if (major, minor) >= (6, 12) => Ok(format!("assumed from kernel {kernel}")),
-            None => Err(format!("kernel {kernel} predates 6.12")),
+            None if k.version >= (6, 12) => Ok(format!("assumed from kernel {release}")),
+            None => Err(format!("kernel {release} predates 6.12")),
         },
-    );
-    let fanotify = feature(
-        Kernel::Fanotify,
-        shoal_fanotify::probe(&work_dir.join("probe"))
-            .map(|()| "FAN_CLASS_PRE_CONTENT group and FAN_PRE_ACCESS mark work".to_string()),
-    );
-    let cachefiles = feature(
+    )
+}
+
+fn probe_cachefiles(k: &Probed) -> Feature {
+    feature(
         Kernel::Cachefiles,
         match (
             Path::new("/dev/cachefiles").exists(),
-            config_has(&config, "CONFIG_CACHEFILES_ONDEMAND"),
-            config_has(&config, "CONFIG_EROFS_FS_ONDEMAND"),
+            config_has(&k.config, "CONFIG_CACHEFILES_ONDEMAND"),
+            config_has(&k.config, "CONFIG_EROFS_FS_ONDEMAND"),
         ) {
             (_, Some(false), _) => Err("kernel built without CONFIG_CACHEFILES_ONDEMAND".into()),
             (_, _, Some(false)) => Err("kernel built without CONFIG_EROFS_FS_ONDEMAND".into()),
@@ -150,47 +193,56 @@ pub fn detect(work_dir: &Path) -> Features {
             (true, Some(true), _) => Ok("/dev/cachefiles, CONFIG_CACHEFILES_ONDEMAND".into()),
             (true, None, _) => Ok("/dev/cachefiles (config unknown)".into()),
         },
-    );
-    let fuse = feature(
-        Kernel::Fuse,
-        if Path::new("/dev/fuse").exists() {
-            Ok("/dev/fuse".into())
-        } else {
-            Err("no /dev/fuse".into())
-        },
-    );
-    // erofs refuses a parameter it does not know at fsconfig time, so
-    // setting it on a throw-away context tells what this kernel has.
-    let directio = feature(
+    )
+}
+
+/// erofs refuses a parameter it does not know at fsconfig time, so
+/// setting it on a throw-away context tells what this kernel has.
+fn probe_directio(k: &Probed) -> Feature {
+    feature(
         Kernel::Directio,
         if shoal_sys::erofs_knows_flag("directio") {
             Ok("erofs can read backing files with direct I/O (used with `directio = true`)".into())
         } else {
             Err(format!(
-                "kernel {kernel} has no erofs directio (Linux 6.13+)"
+                "kernel {} has no erofs directio (Linux 6.13+)",
+                k.release
             ))
         },
-    );
-    let ishare = feature(
+    )
+}
+
+fn probe_inode_share(k: &Probed) -> Feature {
+    feature(
         Kernel::InodeShare,
         match (
             shoal_sys::erofs_knows_flag("inode_share"),
-            config_has(&config, "CONFIG_EROFS_FS_PAGE_CACHE_SHARE"),
+            config_has(&k.config, "CONFIG_EROFS_FS_PAGE_CACHE_SHARE"),
         ) {
             (false, _) => Err(format!(
-                "kernel {kernel} has no erofs inode_share (Linux 7.0+): each mount caches its own pages"
+                "kernel {} has no erofs inode_share (Linux 7.0+): each mount caches its own pages",
+                k.release
             )),
             (true, Some(false)) => {
                 Err("kernel built without CONFIG_EROFS_FS_PAGE_CACHE_SHARE".into())
             }
             (true, _) => Ok(
-                "mounts of one domain share the page cache of files with equal fingerprints"
-                    .into(),
+                "mounts of one domain share the page cache of files with equal fingerprints".into(),
             ),
         },
+    )
+}
+
+/// The frontend `auto` picks (fanotify, else fscache, else FUSE), and a
+/// line for every frontend: chosen, passed over, or impossible.
+fn choose_frontend(features: &[Feature]) -> (Option<Frontend>, Vec<String>) {
+    let get = |kind| features.iter().find(|f| f.kind == kind).expect("probed");
+    let (erofs, file_backed, fanotify) = (
+        get(Kernel::Erofs),
+        get(Kernel::FileBacked),
+        get(Kernel::Fanotify),
     );
-    // Every frontend gets a line: chosen, passed over, or impossible.
-    let mut reasons = Vec::new();
+    let (cachefiles, fuse) = (get(Kernel::Cachefiles), get(Kernel::Fuse));
     let missing = |fs: &[&Feature]| {
         fs.iter()
             .filter(|f| !f.available)
@@ -198,21 +250,20 @@ pub fn detect(work_dir: &Path) -> Features {
             .collect::<Vec<_>>()
             .join("; ")
     };
-    let fanotify_ok = erofs.available && file_backed.available && fanotify.available;
-    let fscache_ok = erofs.available && cachefiles.available;
+    let mut reasons = Vec::new();
     let mut auto = None;
-    if fanotify_ok {
+    if erofs.available && file_backed.available && fanotify.available {
         reasons
             .push("fanotify: chosen (erofs file-backed mounts and pre-content events work)".into());
         auto = Some(Frontend::Fanotify);
     } else {
         reasons.push(format!(
             "fanotify: unavailable ({})",
-            missing(&[&erofs, &file_backed, &fanotify])
+            missing(&[erofs, file_backed, fanotify])
         ));
     }
-    match (fscache_ok, auto) {
-        (false, _) => reasons.push(format!("not fscache: {}", missing(&[&erofs, &cachefiles]))),
+    match (erofs.available && cachefiles.available, auto) {
+        (false, _) => reasons.push(format!("not fscache: {}", missing(&[erofs, cachefiles]))),
         (true, None) => {
             reasons
                 .push("fscache: chosen (cachefiles on-demand; erofs fsid/domain_id mounts)".into());
@@ -232,18 +283,5 @@ pub fn detect(work_dir: &Path) -> Features {
         }
         (_, false) => reasons.push("not fuse: no /dev/fuse".into()),
     }
-    Features {
-        kernel,
-        features: vec![
-            erofs,
-            file_backed,
-            fanotify,
-            cachefiles,
-            fuse,
-            directio,
-            ishare,
-        ],
-        auto,
-        reasons,
-    }
+    (auto, reasons)
 }

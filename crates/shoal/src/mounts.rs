@@ -157,6 +157,66 @@ impl Kind {
     }
 }
 
+/// A FUSE mount dies with its daemon: detach the dead one and serve the
+/// same image at the same place again.
+fn revive_fuse(reg: &Arc<Registry>, r: &Record) -> Option<Kind> {
+    let _ = shoal_sys::umount_lazy(&r.mountpoint);
+    let session = reg
+        .get(r.domain.as_deref(), &r.fsid)
+        .map_err(|e| e.to_string())
+        .and_then(|img| shoal_fuse::mount(img, &r.mountpoint).map_err(|e| e.to_string()));
+    match session {
+        Ok(session) => {
+            tracing::info!(mountpoint = %r.mountpoint.display(), fsid = %r.fsid, "fuse mount re-established");
+            Some(Kind::Fuse { _session: session })
+        }
+        Err(e) => {
+            tracing::error!(mountpoint = %r.mountpoint.display(), error = %e, "fuse mount not re-established");
+            None
+        }
+    }
+}
+
+/// A kernel mount (fanotify, fscache) outlives its daemon: adopt it when
+/// it is still mounted, rebinding it if bindings.json missed it; release
+/// the binding of one unmounted while no daemon ran (or before the daemon
+/// could record the umount).
+fn adopt_kernel_mount(
+    reg: &Arc<Registry>,
+    fan: &Arc<FanotifyFrontend>,
+    r: &Record,
+) -> Option<Kind> {
+    if !mounted(&r.mountpoint) {
+        if reg.get(r.domain.as_deref(), &r.fsid).is_ok() {
+            tracing::info!(mountpoint = %r.mountpoint.display(), fsid = %r.fsid, "mount gone: its binding is released");
+            let _ = reg.unbind(r.domain.as_deref(), &r.fsid);
+        }
+        return None;
+    }
+    let bound = reg
+        .get(r.domain.as_deref(), &r.fsid)
+        .or_else(|e| match &r.bind {
+            Some(spec) => reg.bind(spec.clone()),
+            None => Err(e),
+        });
+    match bound {
+        Ok(img) => {
+            let kind = if r.frontend == Frontend::Fanotify {
+                fan.adopt(&img);
+                Kind::Fanotify
+            } else {
+                Kind::Fscache
+            };
+            tracing::info!(mountpoint = %r.mountpoint.display(), fsid = %r.fsid, frontend = %r.frontend, "mount adopted");
+            Some(kind)
+        }
+        Err(e) => {
+            tracing::error!(mountpoint = %r.mountpoint.display(), error = %e, "mount without binding");
+            None
+        }
+    }
+}
+
 impl Mounts {
     /// Load the records of an earlier run and adopt the fanotify mounts that
     /// are still mounted and whose binding was restored.
@@ -175,76 +235,19 @@ impl Mounts {
             .unwrap_or_default();
         let mut map = BTreeMap::new();
         for r in records {
-            if r.frontend == Frontend::Fuse {
-                // A FUSE mount dies with its daemon: detach the dead one and
-                // serve the same image at the same place again.
-                let _ = shoal_sys::umount_lazy(&r.mountpoint);
-                match reg
-                    .get(r.domain.as_deref(), &r.fsid)
-                    .map_err(|e| e.to_string())
-                    .and_then(|img| {
-                        shoal_fuse::mount(img, &r.mountpoint).map_err(|e| e.to_string())
-                    }) {
-                    Ok(session) => {
-                        tracing::info!(mountpoint = %r.mountpoint.display(), fsid = %r.fsid, "fuse mount re-established");
-                        map.insert(
-                            r.mountpoint,
-                            Entry {
-                                domain: r.domain,
-                                fsid: r.fsid,
-                                kind: Kind::Fuse { _session: session },
-                                bind: r.bind,
-                            },
-                        );
-                    }
-                    Err(e) => {
-                        tracing::error!(mountpoint = %r.mountpoint.display(), error = %e, "fuse mount not re-established")
-                    }
-                }
-                continue;
-            }
-            if !matches!(r.frontend, Frontend::Fanotify | Frontend::Fscache) {
-                continue;
-            }
-            if !mounted(&r.mountpoint) {
-                // Unmounted while no daemon ran, or the daemon stopped
-                // before it could record the umount: the binding the
-                // mount made goes with it.
-                if reg.get(r.domain.as_deref(), &r.fsid).is_ok() {
-                    tracing::info!(mountpoint = %r.mountpoint.display(), fsid = %r.fsid, "mount gone: its binding is released");
-                    let _ = reg.unbind(r.domain.as_deref(), &r.fsid);
-                }
-                continue;
-            }
-            let bound = reg
-                .get(r.domain.as_deref(), &r.fsid)
-                .or_else(|e| match &r.bind {
-                    // Mounted, but bindings.json missed it: bind it again.
-                    Some(spec) => reg.bind(spec.clone()),
-                    None => Err(e),
-                });
-            match bound {
-                Ok(img) => {
-                    let kind = if r.frontend == Frontend::Fanotify {
-                        fan.adopt(&img);
-                        Kind::Fanotify
-                    } else {
-                        Kind::Fscache
-                    };
-                    tracing::info!(mountpoint = %r.mountpoint.display(), fsid = %r.fsid, frontend = %r.frontend, "mount adopted");
-                    map.insert(
-                        r.mountpoint,
-                        Entry {
-                            domain: r.domain,
-                            fsid: r.fsid,
-                            kind,
-                            bind: r.bind,
-                        },
-                    );
-                }
-                Err(e) => {
-                    tracing::error!(mountpoint = %r.mountpoint.display(), error = %e, "mount without binding")
-                }
+            let kind = match r.frontend {
+                Frontend::Fuse => revive_fuse(reg, &r),
+                Frontend::Fanotify | Frontend::Fscache => adopt_kernel_mount(reg, fan, &r),
+                _ => None,
+            };
+            if let Some(kind) = kind {
+                let entry = Entry {
+                    domain: r.domain,
+                    fsid: r.fsid,
+                    kind,
+                    bind: r.bind,
+                };
+                map.insert(r.mountpoint, entry);
             }
         }
         let m = Mounts {
