@@ -11,7 +11,7 @@ pub use config::Config;
 
 use crate::mounts::CACHEFILES_KEY;
 use anyhow::{Context, Result};
-use shoal_core::{Registry, RegistryOptions};
+use shoal_core::{Registry, RegistryOptions, WorkDir};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::Arc;
@@ -41,14 +41,15 @@ type Shared = Arc<Daemon>;
 /// restored, bindings before events are answered, mounts before the socket
 /// exists (so a client that can connect sees them).
 pub fn run(socket: &Path, work_dir: &Path, cfg: &Config) -> Result<()> {
-    let features = crate::features::detect(work_dir);
+    let work = WorkDir::new(work_dir);
+    let features = crate::features::detect(&work);
     let policy =
         crate::mounts::KernelMountPolicy::new(&features, cfg.directio, cfg.page_cache_share);
     for f in &features.features {
         tracing::info!(feature = f.name, available = f.available, detail = %f.detail, "kernel feature");
     }
     make_private_dir(work_dir)?;
-    let fan = fanotify_frontend(work_dir, cfg)?;
+    let fan = fanotify_frontend(&work, cfg)?;
     let reg = restore_registry(work_dir, cfg, &fan)?;
     fan.serve(&reg);
     let fscache = restore_cachefiles(&fan, &reg);
@@ -56,7 +57,7 @@ pub fn run(socket: &Path, work_dir: &Path, cfg: &Config) -> Result<()> {
     claim_socket(socket)?;
     let daemon = Arc::new(Daemon {
         reg: reg.clone(),
-        mounts: crate::mounts::Mounts::load(work_dir, &reg, &fan, features, policy, fscache),
+        mounts: crate::mounts::Mounts::load(&reg, &fan, features, policy, fscache),
     });
     serve(socket, work_dir, daemon)?;
     reg.flush_all();
@@ -75,8 +76,8 @@ fn make_private_dir(work_dir: &Path) -> Result<()> {
 /// keeps the cachefiles device everywhere; connecting to a running one
 /// comes before restoring bindings, since its stored fds are the cache
 /// files' pre-mark descriptors.
-fn fanotify_frontend(work_dir: &Path, cfg: &Config) -> Result<Arc<shoal_fanotify::Frontend>> {
-    let pump_socket = work_dir.join("fanotify-pump.sock");
+fn fanotify_frontend(work: &WorkDir, cfg: &Config) -> Result<Arc<shoal_fanotify::Frontend>> {
+    let pump_socket = work.pump_socket();
     let launcher = shoal_fanotify::PumpLauncher {
         program: std::env::current_exe().context("locating the shoal binary")?,
         args: vec![
@@ -84,7 +85,7 @@ fn fanotify_frontend(work_dir: &Path, cfg: &Config) -> Result<Arc<shoal_fanotify
             "--socket".into(),
             pump_socket.to_string_lossy().into_owned(),
         ],
-        log: work_dir.join("fanotify-pump.log"),
+        log: work.pump_log(),
     };
     Ok(shoal_fanotify::Frontend::new(
         &pump_socket,
