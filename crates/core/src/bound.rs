@@ -1,9 +1,9 @@
 //! An image bound into a domain: reads through the domain's blob caches,
 //! the access order it records, and prefetch.
 
-use crate::cache::BLOCK;
-use crate::domain::{BindSpec, DomainKey};
+use crate::blocks::BLOCK;
 use crate::error::CoreError;
+use crate::key::{BindSpec, DomainKey};
 use crate::shared::SharedBlob;
 use erofs::chunktable::ChunkEntry;
 use erofs::Image;

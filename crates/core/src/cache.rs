@@ -9,8 +9,10 @@
 //! Bits only ever go from 0 to 1, so a torn bitmap write leaves a mix of old
 //! and new bits, each of which is still true.
 
-use crate::error::CoreError;
+use crate::error::{CoreError, FlightError};
 use crate::fetch::{self, Source};
+use crate::names::BlobId;
+use crate::workdir::BlobFiles;
 use erofs::chunktable::ChunkEntry;
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -20,7 +22,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
-pub const BLOCK: u64 = 4096;
+pub use crate::blocks::{block_span, BLOCK};
 /// Fetch-and-verify attempts before a chunk read fails (wrong bytes from a
 /// remote are retried like transient errors).
 const VERIFY_ATTEMPTS: u32 = 3;
@@ -56,23 +58,20 @@ struct Counters {
 /// One in-progress fetch; concurrent readers of the same chunk wait on it.
 #[derive(Default)]
 struct Flight {
-    done: Mutex<Option<Result<(), String>>>,
+    done: Mutex<Option<Result<(), FlightError>>>,
     cv: Condvar,
 }
 
 impl Flight {
     /// The leader's result, or an error once `max` has passed: a waiter
     /// never waits on a stuck flight longer than a fetch may take.
-    fn wait(&self, max: Duration) -> Result<(), String> {
+    fn wait(&self, max: Duration) -> Result<(), FlightError> {
         let until = std::time::Instant::now() + max;
         let mut done = self.done.lock().unwrap();
         while done.is_none() {
             let left = until.saturating_duration_since(std::time::Instant::now());
             if left.is_zero() {
-                return Err(format!(
-                    "the fetch in flight took longer than {} s",
-                    max.as_secs()
-                ));
+                return Err(FlightError::TimedOut { after: max });
             }
             done = self.cv.wait_timeout(done, left).unwrap().0;
         }
@@ -99,12 +98,8 @@ impl Claim<'_> {
 impl Drop for Claim<'_> {
     fn drop(&mut self) {
         for (e, flight) in std::mem::take(&mut self.led) {
-            let why = "the fetch was abandoned".to_string();
-            self.cache.land(
-                e.blkaddr.get(),
-                &flight,
-                &Err(self.cache.fetch_error(&e, why)),
-            );
+            self.cache
+                .land(e.blkaddr.get(), &flight, Err(FlightError::Abandoned));
         }
     }
 }
@@ -113,7 +108,7 @@ impl Drop for Claim<'_> {
 const DEFAULT_FLIGHT_WAIT: Duration = Duration::from_secs(90);
 
 pub struct BlobCache {
-    pub name: String,
+    pub name: BlobId,
     pub blocks: u32,
     data_path: PathBuf,
     map_path: PathBuf,
@@ -159,16 +154,6 @@ impl DataFiles for PlainFiles {
     }
 }
 
-/// The blocks `(first, count)` that bytes `[offset, offset + len)` touch:
-/// the one conversion from a byte range (a kernel read, a file extent) to
-/// the readiness map's unit.
-pub fn block_span(offset: u64, len: u64) -> (u32, u32) {
-    let first = offset / BLOCK;
-    let last = offset.saturating_add(len).div_ceil(BLOCK);
-    let clamp = |x: u64| x.min(u64::from(u32::MAX)) as u32;
-    (clamp(first), clamp(last - first))
-}
-
 /// Whether bytes `[offset, offset + len)` of a cache file are ready by its
 /// readiness map alone (see [`crate::readiness::map_ready`]).
 pub fn map_range_ready(map: &File, offset: u64, len: u64) -> bool {
@@ -177,22 +162,25 @@ pub fn map_range_ready(map: &File, offset: u64, len: u64) -> bool {
 }
 
 impl BlobCache {
-    /// Open (or create) the cache of blob `name` in `dir`, reusing whatever
+    /// Open (or create) the cache of blob `id` in `dir`, reusing whatever
     /// an earlier run left ready.
-    pub fn open(dir: &Path, name: &str, blocks: u32) -> Result<Self, CoreError> {
-        Self::open_with(dir, name, blocks, &PlainFiles)
+    pub fn open(dir: &Path, id: &BlobId, blocks: u32) -> Result<Self, CoreError> {
+        Self::open_with(dir, id, blocks, &PlainFiles)
     }
 
     /// [`BlobCache::open`] with the data file from `files`.
     pub fn open_with(
         dir: &Path,
-        name: &str,
+        id: &BlobId,
         blocks: u32,
         files: &dyn DataFiles,
     ) -> Result<Self, CoreError> {
         std::fs::create_dir_all(dir).map_err(io(dir, "creating cache directory"))?;
-        let data_path = dir.join(name);
-        let map_path = dir.join(format!("{name}.ready"));
+        let BlobFiles {
+            data: data_path,
+            ready: map_path,
+            ..
+        } = BlobFiles::in_dir(dir, id);
         let data = files
             .open(&data_path)
             .map_err(io(&data_path, "opening cache file"))?;
@@ -218,7 +206,7 @@ impl BlobCache {
             Vec::new()
         };
         Ok(BlobCache {
-            name: name.to_string(),
+            name: *id,
             blocks,
             data_path,
             map_path,
@@ -321,18 +309,28 @@ impl BlobCache {
 
     /// End the flight for the chunk at `start`: count a failure, retire
     /// the flight and wake its waiters with the leader's result.
-    fn land(&self, start: u32, flight: &Flight, result: &Result<(), CoreError>) {
+    fn land(&self, start: u32, flight: &Flight, result: Result<(), FlightError>) {
         if result.is_err() {
             self.counters.failures.fetch_add(1, Ordering::Relaxed);
         }
         self.inflight.lock().unwrap().remove(&start);
-        *flight.done.lock().unwrap() = Some(result.as_ref().map(|_| ()).map_err(|e| e.to_string()));
+        *flight.done.lock().unwrap() = Some(result);
         flight.cv.notify_all();
+    }
+
+    /// What a waiter on the chunk `e` is told when its flight failed.
+    fn flight_error(&self, e: &ChunkEntry, source: FlightError) -> CoreError {
+        CoreError::Flight {
+            blob: self.name.to_string(),
+            offset: u64::from(e.blkaddr.get()) * BLOCK,
+            len: u64::from(e.nblocks.get()) * BLOCK,
+            source,
+        }
     }
 
     fn fetch_error(&self, e: &ChunkEntry, why: String) -> CoreError {
         CoreError::Fetch {
-            blob: self.name.clone(),
+            blob: self.name.to_string(),
             offset: u64::from(e.blkaddr.get()) * BLOCK,
             len: u64::from(e.nblocks.get()) * BLOCK,
             why,
@@ -403,14 +401,20 @@ impl BlobCache {
                 None => Ok(()),
                 Some(why) => Err(self.fetch_error(e, why)),
             };
-            self.land(e.blkaddr.get(), flight, &result);
+            let landed = result
+                .as_ref()
+                .map(|_| ())
+                .map_err(|e| FlightError::Failed {
+                    cause: e.to_string(),
+                });
+            self.land(e.blkaddr.get(), flight, landed);
             if let Err(err) = result {
                 first_err.get_or_insert(err);
             }
         }
         for (e, f) in std::mem::take(&mut claim.waits) {
             if let Err(why) = f.wait(self.flight_wait()) {
-                first_err.get_or_insert(self.fetch_error(&e, why));
+                first_err.get_or_insert(self.flight_error(&e, why));
             }
         }
         first_err.map_or(Ok(()), Err)
@@ -448,7 +452,7 @@ impl BlobCache {
                 let mut wire = fetch::Wire::default();
                 let misses = fetch::fetch_from(
                     src,
-                    &self.name,
+                    &self.name.to_string(),
                     &sub,
                     max_run,
                     &mut |e, b| self.store(e, b),
@@ -559,5 +563,80 @@ impl BlobCache {
         self.data
             .read_exact_at(buf, offset)
             .map_err(io(&self.data_path, "reading cache"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(blkaddr: u32) -> ChunkEntry {
+        ChunkEntry {
+            blkaddr: blkaddr.into(),
+            nblocks: 1.into(),
+            digest: [0; 32],
+        }
+    }
+
+    /// A waiter learns why the chunk it waited for did not come: the
+    /// leader dropped its claim, or took too long.
+    #[test]
+    fn waiters_get_typed_flight_errors() {
+        let tmp = tempfile::tempdir().unwrap();
+        let id = BlobId::parse(&"ab".repeat(32)).unwrap();
+        let cache = BlobCache::open(tmp.path(), &id, 4).unwrap();
+        let e = entry(1);
+
+        let leader = cache.claim(&[e], true);
+        let waiter = cache.claim(&[e], true);
+        assert!(!leader.is_empty() && waiter.is_empty());
+        drop(leader);
+        let err = cache.complete(waiter, &[], BLOCK).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                CoreError::Flight {
+                    source: FlightError::Abandoned,
+                    offset: BLOCK,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(
+            err.to_string().ends_with(": the fetch was abandoned"),
+            "{err}"
+        );
+
+        cache.set_flight_wait(Duration::from_millis(20));
+        let leader = cache.claim(&[e], true);
+        let waiter = cache.claim(&[e], true);
+        let err = cache.complete(waiter, &[], BLOCK).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                CoreError::Flight {
+                    source: FlightError::TimedOut { .. },
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(err
+            .to_string()
+            .contains("the fetch in flight took longer than"));
+
+        // The leader's own failure reaches its waiters as their cause.
+        let waiter = cache.claim(&[e], true);
+        let led = cache.complete(leader, &[], BLOCK).unwrap_err();
+        assert!(led.to_string().contains("no remote"), "{led}");
+        match cache.complete(waiter, &[], BLOCK) {
+            Err(CoreError::Flight {
+                source: FlightError::Failed { cause },
+                ..
+            }) => assert_eq!(cause, led.to_string()),
+            r => panic!("{r:?}"),
+        }
+        assert_eq!(cache.stats().failures, 2);
     }
 }

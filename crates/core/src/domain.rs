@@ -4,86 +4,26 @@
 //! user and released with its last, fetched and stored once however many
 //! images share it. An image bound without a domain gets a private volume.
 
-use crate::cache::{BlobCache, BlobStats, DataFiles, PlainFiles, BLOCK};
+use crate::blocks::{BLOCK, BLOCK_BITS};
+use crate::cache::{BlobCache, BlobStats, DataFiles, PlainFiles};
 use crate::error::CoreError;
 use crate::fetch::Source;
-use crate::names::{check_blob, check_id};
+use crate::fingerprint::ContentProof;
+use crate::names::BlobId;
 use crate::remote::{self, HttpOptions, Remote, Retrying};
+use crate::workdir::WorkDir;
+use erofs::chunktable::ChunkEntry;
 use erofs::Image;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::bound::AccessLog;
 pub use crate::bound::{BoundImage, ChunkKey};
+pub use crate::key::{BindSpec, DomainKey};
 pub use crate::shared::SharedBlob;
-
-/// Which volume an image lives in.
-#[derive(
-    Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
-)]
-pub enum DomainKey {
-    Shared(String),
-    /// No domain: a volume of the image's own, keyed by its fsid.
-    Private(String),
-}
-
-impl DomainKey {
-    pub fn new(domain: Option<&str>, fsid: &str) -> Result<Self, CoreError> {
-        check_id("fsid", fsid)?;
-        match domain {
-            Some(d) => {
-                check_id("domain id", d)?;
-                Ok(DomainKey::Shared(d.to_string()))
-            }
-            None => Ok(DomainKey::Private(fsid.to_string())),
-        }
-    }
-
-    /// The cachefiles volume key the kernel uses.
-    pub fn volume_key(&self) -> String {
-        match self {
-            DomainKey::Shared(d) | DomainKey::Private(d) => format!("erofs,{d}"),
-        }
-    }
-
-    pub fn domain_id(&self) -> Option<&str> {
-        match self {
-            DomainKey::Shared(d) => Some(d),
-            DomainKey::Private(_) => None,
-        }
-    }
-
-    fn dir(&self, work: &Path) -> PathBuf {
-        match self {
-            DomainKey::Shared(d) => work.join("domains").join(d),
-            DomainKey::Private(f) => work.join("private").join(f),
-        }
-    }
-}
-
-impl std::fmt::Display for DomainKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            DomainKey::Shared(d) => write!(f, "domain {d}"),
-            DomainKey::Private(fsid) => write!(f, "the private volume of {fsid}"),
-        }
-    }
-}
-
-/// What an image is bound from; persisted so a restarted daemon rebinds.
-#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
-pub struct BindSpec {
-    pub domain: Option<String>,
-    pub fsid: String,
-    pub bootstrap: PathBuf,
-    pub remote: String,
-    /// The `oci://` reference the bootstrap was pulled from, if any.
-    #[serde(default)]
-    pub reference: Option<String>,
-}
 
 /// See [`Registry::find_cookie`].
 pub enum Cookie {
@@ -92,20 +32,222 @@ pub enum Cookie {
 }
 pub struct Domain {
     pub key: DomainKey,
-    pub dir: PathBuf,
+    /// Where the volume keeps its blob caches (see [`WorkDir::blob_dir`]).
+    pub blob_dir: PathBuf,
     state: Mutex<DomainState>,
 }
 
+/// What a domain holds, under its one lock: images, blobs with their
+/// reference counts, fingerprints. A blob's count lives beside the map it
+/// decides membership of (as `fs/erofs/fscache.c` keeps cookie refcounts
+/// under the domain list lock), so a bind taking a reference and the last
+/// unbind dropping one can never disagree on whether the blob is there.
 #[derive(Default)]
 struct DomainState {
     images: BTreeMap<String, Arc<BoundImage>>,
-    blobs: HashMap<String, Arc<SharedBlob>>,
+    blobs: HashMap<BlobId, DomainBlob>,
     fingerprints: crate::fingerprint::DomainFingerprints,
+}
+
+/// A blob of a domain and how many bound images reference it.
+struct DomainBlob {
+    blob: Arc<SharedBlob>,
+    refs: usize,
+}
+
+/// One device of an image being bound: the blob, its size, the chunks the
+/// image pins in it, and where the image says it can be fetched from.
+struct WantedBlob {
+    name: BlobId,
+    blocks: u32,
+    entries: Vec<ChunkEntry>,
+    source: Source,
+}
+
+/// The blobs an image's devices name, in device order, each checked to be
+/// a blob name (it becomes a path) before anything touches the domain.
+fn wanted_blobs(
+    spec: &BindSpec,
+    image: &Image<File>,
+    remote: &Arc<dyn Remote>,
+) -> Result<Vec<WantedBlob>, CoreError> {
+    let table = image.chunk_table.as_ref().expect("checked by open_image");
+    let mut wanted = Vec::new();
+    for (i, slot) in image.devices.iter().enumerate() {
+        let dev = i as u16 + 1;
+        let tag = image.device_tag(dev).ok_or_else(|| CoreError::Unusable {
+            path: spec.bootstrap.clone(),
+            why: format!("device {dev} has no tag"),
+        })?;
+        let name = BlobId::parse(&tag)?;
+        // A blob the image stores compressed is fetched as its object
+        // (which is all the remote may hold); others by their tag.
+        let source = Source {
+            remote: remote.clone(),
+            frames: table.frames(dev).cloned().map(Arc::new),
+        };
+        wanted.push(WantedBlob {
+            name,
+            blocks: slot.blocks.get(),
+            entries: table.entries(dev).unwrap_or(&[]).to_vec(),
+            source,
+        });
+    }
+    Ok(wanted)
+}
+
+impl Domain {
+    /// Add an image to the domain, all or nothing: every blob is checked
+    /// and every new cache opened before the domain changes.
+    fn attach(
+        &self,
+        spec: BindSpec,
+        image: Image<File>,
+        wanted: Vec<WantedBlob>,
+        fingerprints: crate::fingerprint::Fingerprints,
+        opts: &RegistryOptions,
+    ) -> Result<Arc<BoundImage>, CoreError> {
+        let mut st = self.state.lock().unwrap();
+        if st.images.contains_key(&spec.fsid) {
+            return Err(CoreError::Exists {
+                domain: self.key.to_string(),
+                fsid: spec.fsid.clone(),
+            });
+        }
+        for w in &wanted {
+            st.check_agrees(&spec.bootstrap, w)?;
+        }
+        let opened = self.open_new_blobs(&st, &wanted, opts)?;
+        st.blobs.extend(opened);
+        let blobs = wanted.into_iter().map(|w| st.take_ref(w)).collect();
+        let (page_cache_share, fingerprints) =
+            st.admit_fingerprints(&spec, &self.key, fingerprints);
+        let bound = Arc::new(BoundImage {
+            spec: spec.clone(),
+            key: self.key.clone(),
+            image,
+            blobs,
+            access: Mutex::new(AccessLog::default()),
+            page_cache_share,
+            fingerprints,
+        });
+        st.images.insert(spec.fsid, bound.clone());
+        Ok(bound)
+    }
+
+    /// Open the caches of the wanted blobs the domain does not hold yet.
+    /// Nothing is added to the domain here, so a failure leaves it as it
+    /// was.
+    fn open_new_blobs(
+        &self,
+        st: &DomainState,
+        wanted: &[WantedBlob],
+        opts: &RegistryOptions,
+    ) -> Result<HashMap<BlobId, DomainBlob>, CoreError> {
+        let mut opened: HashMap<BlobId, DomainBlob> = HashMap::new();
+        for w in wanted {
+            if st.blobs.contains_key(&w.name) || opened.contains_key(&w.name) {
+                continue;
+            }
+            let cache = BlobCache::open_with(&self.blob_dir, &w.name, w.blocks, &*opts.data_files)?;
+            // The leader's budget, one attempt that may start at its
+            // end, and a margin for the write and sync.
+            cache.set_flight_wait(opts.http.deadline * 2 + Duration::from_secs(5));
+            let blob = DomainBlob {
+                blob: Arc::new(SharedBlob::new(cache)),
+                refs: 0,
+            };
+            opened.insert(w.name, blob);
+        }
+        Ok(opened)
+    }
+}
+
+impl DomainState {
+    /// Refuse a blob that disagrees with what the domain's bound images
+    /// say of it (its size, or a chunk's digest at the same address):
+    /// one cache cannot serve both.
+    fn check_agrees(&self, bootstrap: &Path, w: &WantedBlob) -> Result<(), CoreError> {
+        let Some(b) = self.blobs.get(&w.name) else {
+            return Ok(());
+        };
+        let unusable = |why| CoreError::Unusable {
+            path: bootstrap.into(),
+            why,
+        };
+        let (name, have) = (&w.name, b.blob.cache.blocks);
+        if have != w.blocks {
+            let why = format!(
+                "blob {name}: {} blocks, but bound images say {have}",
+                w.blocks
+            );
+            return Err(unusable(why));
+        }
+        let chunks = b.blob.chunks.read().unwrap();
+        for e in &w.entries {
+            if chunks.get(&e.blkaddr.get()).is_some_and(|c| c != e) {
+                return Err(unusable(format!(
+                    "blob {name}: chunk at block {} disagrees with bound images",
+                    e.blkaddr.get()
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// A new reference to a blob the domain holds: the image's chunks
+    /// are pinned and its source added.
+    fn take_ref(&mut self, w: WantedBlob) -> Arc<SharedBlob> {
+        let b = self.blobs.get_mut(&w.name).expect("opened before");
+        {
+            let mut chunks = b.blob.chunks.write().unwrap();
+            for e in w.entries {
+                chunks.insert(e.blkaddr.get(), e);
+            }
+        }
+        b.blob.add_source(w.source);
+        b.refs += 1;
+        b.blob.clone()
+    }
+
+    /// Whether an image may share page cache in this domain, and the
+    /// fingerprints it then holds (released on unbind).
+    fn admit_fingerprints(
+        &mut self,
+        spec: &BindSpec,
+        key: &DomainKey,
+        fingerprints: crate::fingerprint::Fingerprints,
+    ) -> (Result<(), String>, HashMap<Vec<u8>, ContentProof>) {
+        match fingerprints {
+            Ok(fps) => match self.fingerprints.admit(&fps) {
+                Ok(()) => (Ok(()), fps),
+                Err(why) => {
+                    tracing::warn!(fsid = %spec.fsid, domain = %key, %why, "page cache not shared");
+                    (Err(why), HashMap::new())
+                }
+            },
+            Err(why) => (Err(why), HashMap::new()),
+        }
+    }
+
+    /// Drop one reference to a blob; the last one takes it out of the
+    /// domain. Returns whether it was the last.
+    fn drop_ref(&mut self, name: &BlobId) -> bool {
+        let Some(b) = self.blobs.get_mut(name) else {
+            return false;
+        };
+        b.refs -= 1;
+        if b.refs > 0 {
+            return false;
+        }
+        self.blobs.remove(name);
+        true
+    }
 }
 
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct BlobStatus {
-    pub name: String,
+    pub name: BlobId,
     pub refs: usize,
     pub size: u64,
     pub cached_bytes: u64,
@@ -121,7 +263,7 @@ pub struct ImageStatus {
     pub bootstrap: PathBuf,
     pub remote: String,
     pub reference: Option<String>,
-    pub blobs: Vec<String>,
+    pub blobs: Vec<BlobId>,
 }
 
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
@@ -135,7 +277,7 @@ pub struct DomainStatus {
 
 #[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct GcReport {
-    pub evicted: Vec<String>,
+    pub evicted: Vec<BlobId>,
     pub freed_bytes: u64,
     pub remaining_bytes: u64,
 }
@@ -161,7 +303,7 @@ impl Default for RegistryOptions {
 
 /// All domains of one daemon, rooted at its work directory.
 pub struct Registry {
-    pub work_dir: PathBuf,
+    pub work_dir: WorkDir,
     opts: RegistryOptions,
     domains: Mutex<BTreeMap<DomainKey, Arc<Domain>>>,
     /// Serializes saves of bindings.json (each writes the whole list).
@@ -180,6 +322,18 @@ fn open_image(path: &Path) -> Result<Image<File>, CoreError> {
         path: path.into(),
         source,
     })?;
+    // Chunk addresses, readiness bits and cache offsets all count 4 KiB
+    // blocks: an image of another block size would be served wrong bytes.
+    if img.sb.blkszbits != BLOCK_BITS {
+        return Err(CoreError::Unusable {
+            path: path.into(),
+            why: format!(
+                "block size {} bytes (blkszbits {}): only {BLOCK}-byte blocks can be served",
+                img.block_size(),
+                img.sb.blkszbits
+            ),
+        });
+    }
     if img.chunk_table.is_none() {
         return Err(CoreError::Unusable {
             path: path.into(),
@@ -196,9 +350,10 @@ impl Registry {
             what: "creating work directory".into(),
             source,
         })?;
-        crate::state::take_reserve(work_dir);
+        let work_dir = WorkDir::new(work_dir);
+        crate::state::take_reserve(&work_dir);
         Ok(Registry {
-            work_dir: work_dir.to_path_buf(),
+            work_dir,
             opts,
             domains: Mutex::new(BTreeMap::new()),
             state_lock: Mutex::new(()),
@@ -231,147 +386,40 @@ impl Registry {
             DomainKey::Shared(_) => crate::fingerprint::image_fingerprints(&image)?,
             DomainKey::Private(_) => Err("no domain: mounts without one never share".into()),
         };
-        let table = image.chunk_table.clone().unwrap();
-        let mut wanted = Vec::new();
-        for (i, slot) in image.devices.iter().enumerate() {
-            let dev = i as u16 + 1;
-            let name = image.device_tag(dev).ok_or_else(|| CoreError::Unusable {
-                path: spec.bootstrap.clone(),
-                why: format!("device {dev} has no tag"),
-            })?;
-            check_blob(&name)?;
-            // A blob the image stores compressed is fetched as its object
-            // (which is all the remote may hold); others by their tag.
-            let source = Source {
-                remote: remote.clone(),
-                frames: table.frames(dev).cloned().map(Arc::new),
-            };
-            wanted.push((
-                name,
-                slot.blocks.get(),
-                table.entries(dev).unwrap_or(&[]).to_vec(),
-                source,
-            ));
-        }
-        let domain = {
-            let mut domains = self.domains.lock().unwrap();
-            domains
-                .entry(key.clone())
-                .or_insert_with(|| {
-                    Arc::new(Domain {
-                        dir: key.dir(&self.work_dir),
-                        key: key.clone(),
-                        state: Mutex::new(DomainState::default()),
-                    })
+        let wanted = wanted_blobs(&spec, &image, &remote)?;
+        let domain = self.domain(&key);
+        let bound = domain.attach(spec, image, wanted, fingerprints, &self.opts)?;
+        self.persist_bind(&bound)?;
+        Ok(bound)
+    }
+
+    /// The domain of `key`, created empty on its first image.
+    fn domain(&self, key: &DomainKey) -> Arc<Domain> {
+        let mut domains = self.domains.lock().unwrap();
+        domains
+            .entry(key.clone())
+            .or_insert_with(|| {
+                Arc::new(Domain {
+                    blob_dir: self.work_dir.blob_dir(key),
+                    key: key.clone(),
+                    state: Mutex::new(DomainState::default()),
                 })
-                .clone()
-        };
-        let mut st = domain.state.lock().unwrap();
-        if st.images.contains_key(&spec.fsid) {
-            return Err(CoreError::Exists {
-                domain: key.to_string(),
-                fsid: spec.fsid.clone(),
-            });
-        }
-        // Check every blob before changing anything.
-        for (name, blocks, entries, _) in &wanted {
-            if let Some(b) = st.blobs.get(name) {
-                if b.cache.blocks != *blocks {
-                    return Err(CoreError::Unusable {
-                        path: spec.bootstrap.clone(),
-                        why: format!(
-                            "blob {name}: {blocks} blocks, but bound images say {}",
-                            b.cache.blocks
-                        ),
-                    });
-                }
-                let chunks = b.chunks.read().unwrap();
-                for e in entries {
-                    if chunks.get(&e.blkaddr.get()).is_some_and(|c| c != e) {
-                        return Err(CoreError::Unusable {
-                            path: spec.bootstrap.clone(),
-                            why: format!(
-                                "blob {name}: chunk at block {} disagrees with bound images",
-                                e.blkaddr.get()
-                            ),
-                        });
-                    }
-                }
-            }
-        }
-        // Open every new cache first, so a failure leaves the domain as it was.
-        let mut opened: HashMap<String, Arc<SharedBlob>> = HashMap::new();
-        for (name, blocks, _, _) in &wanted {
-            if !st.blobs.contains_key(name) && !opened.contains_key(name) {
-                let cache = BlobCache::open_with(
-                    &domain.dir.join("blobs"),
-                    name,
-                    *blocks,
-                    &*self.opts.data_files,
-                )?;
-                // The leader's budget, one attempt that may start at its
-                // end, and a margin for the write and sync.
-                cache.set_flight_wait(self.opts.http.deadline * 2 + Duration::from_secs(5));
-                opened.insert(
-                    name.clone(),
-                    Arc::new(SharedBlob {
-                        cache,
-                        chunks: RwLock::new(BTreeMap::new()),
-                        sources: RwLock::new(Vec::new()),
-                        refs: Mutex::new(0),
-                        last_fill_end: Default::default(),
-                        window: Default::default(),
-                        ahead_end: Default::default(),
-                        ahead_running: Default::default(),
-                        touched: Default::default(),
-                    }),
-                );
-            }
-        }
-        st.blobs.extend(opened);
-        let mut blobs = Vec::new();
-        for (name, _, entries, source) in wanted {
-            let blob = st.blobs[&name].clone();
-            {
-                let mut chunks = blob.chunks.write().unwrap();
-                for e in entries {
-                    chunks.insert(e.blkaddr.get(), e);
-                }
-            }
-            blob.add_source(source);
-            *blob.refs.lock().unwrap() += 1;
-            blobs.push(blob);
-        }
-        let (page_cache_share, fingerprints) = match fingerprints {
-            Ok(fps) => match st.fingerprints.admit(&fps) {
-                Ok(()) => (Ok(()), fps),
-                Err(why) => {
-                    tracing::warn!(fsid = %spec.fsid, domain = %key, %why, "page cache not shared");
-                    (Err(why), HashMap::new())
-                }
-            },
-            Err(why) => (Err(why), HashMap::new()),
-        };
-        let bound = Arc::new(BoundImage {
-            spec: spec.clone(),
-            key: key.clone(),
-            image,
-            blobs,
-            access: Mutex::new(AccessLog::default()),
-            page_cache_share,
-            fingerprints,
-        });
-        st.images.insert(spec.fsid.clone(), bound.clone());
-        drop(st);
-        // A binding the disk does not hold would be lost by a restart under
-        // a live mount: if it cannot be saved, it is undone.
+            })
+            .clone()
+    }
+
+    /// Save the bindings with a new one. A binding the disk does not hold
+    /// would be lost by a restart under a live mount: if it cannot be
+    /// saved, it is undone.
+    fn persist_bind(&self, bound: &BoundImage) -> Result<(), CoreError> {
+        let (key, spec) = (&bound.key, &bound.spec);
         if let Err(e) = self.save_state() {
-            let _ = self.detach(&key, &spec.fsid);
+            let _ = self.detach(key, &spec.fsid);
             tracing::error!(fsid = %spec.fsid, domain = %key, error = %e, "binding undone: state not saved");
             return Err(e);
         }
         tracing::info!(fsid = %spec.fsid, domain = %key, remote = %spec.remote, "image bound");
-        Ok(bound)
+        Ok(())
     }
 
     /// Unbind an image; blobs whose last user it was leave the domain (their
@@ -407,10 +455,7 @@ impl Registry {
             if let Err(e) = b.cache.flush() {
                 tracing::warn!(blob = %b.cache.name, error = %e, "flushing readiness on unbind");
             }
-            let mut refs = b.refs.lock().unwrap();
-            *refs -= 1;
-            if *refs == 0 {
-                st.blobs.remove(&b.cache.name);
+            if st.drop_ref(&b.cache.name) {
                 // Last use, for least-recently-used eviction.
                 if let Ok(f) = File::options().write(true).open(b.cache.map_path()) {
                     let _ = f.set_modified(std::time::SystemTime::now());
@@ -441,7 +486,8 @@ impl Registry {
         if let Some(img) = st.images.get(cookie) {
             return Some(Cookie::Bootstrap(img.clone()));
         }
-        st.blobs.get(cookie).map(|b| Cookie::Blob(b.clone()))
+        let blob = BlobId::parse(cookie).ok()?;
+        st.blobs.get(&blob).map(|b| Cookie::Blob(b.blob.clone()))
     }
 
     /// Every blob of every domain.
@@ -462,7 +508,7 @@ impl Registry {
                     .unwrap()
                     .blobs
                     .values()
-                    .cloned()
+                    .map(|b| b.blob.clone())
                     .collect::<Vec<_>>()
             })
             .collect()
@@ -526,9 +572,9 @@ impl Registry {
                 let mut blobs: Vec<BlobStatus> = st
                     .blobs
                     .values()
-                    .map(|b| BlobStatus {
-                        name: b.cache.name.clone(),
-                        refs: b.refs(),
+                    .map(|DomainBlob { blob: b, refs }| BlobStatus {
+                        name: b.cache.name,
+                        refs: *refs,
                         size: u64::from(b.cache.blocks) * BLOCK,
                         cached_bytes: b.cache.ready_blocks() * BLOCK,
                         chunks: b.chunks.read().unwrap().len(),
@@ -542,7 +588,7 @@ impl Registry {
                         stats: b.cache.stats(),
                     })
                     .collect();
-                blobs.sort_by(|a, b| a.name.cmp(&b.name));
+                blobs.sort_by_key(|b| b.name);
                 DomainStatus {
                     domain_id: d.key.domain_id().map(str::to_string),
                     volume_key: d.key.volume_key(),
@@ -554,7 +600,7 @@ impl Registry {
                             bootstrap: i.spec.bootstrap.clone(),
                             remote: i.spec.remote.clone(),
                             reference: i.spec.reference.clone(),
-                            blobs: i.blobs.iter().map(|b| b.cache.name.clone()).collect(),
+                            blobs: i.blobs.iter().map(|b| b.cache.name).collect(),
                         })
                         .collect(),
                     blobs,
@@ -564,7 +610,7 @@ impl Registry {
     }
 
     fn state_path(&self) -> PathBuf {
-        self.work_dir.join("bindings.json")
+        self.work_dir.bindings()
     }
 
     /// Persist the bindings (atomically, into the reserve on a full disk)
@@ -618,53 +664,38 @@ impl Registry {
         let mut in_use: HashSet<PathBuf> = HashSet::new();
         for d in domains.values() {
             for b in d.state.lock().unwrap().blobs.values() {
-                in_use.insert(b.cache.data_path().to_path_buf());
+                in_use.insert(b.blob.cache.data_path().to_path_buf());
             }
         }
         let mut total = 0u64;
         let mut candidates = Vec::new();
-        for kind in ["domains", "private"] {
-            let Ok(rd) = std::fs::read_dir(self.work_dir.join(kind)) else {
+        for files in self.work_dir.cached_blobs() {
+            let Ok(md) = std::fs::metadata(&files.data) else {
                 continue;
             };
-            for vol in rd.flatten() {
-                let Ok(files) = std::fs::read_dir(vol.path().join("blobs")) else {
-                    continue;
-                };
-                for f in files.flatten() {
-                    let p = f.path();
-                    let name = f.file_name().to_string_lossy().into_owned();
-                    if check_blob(&name).is_err() {
-                        continue;
-                    }
-                    let Ok(md) = std::fs::metadata(&p) else {
-                        continue;
-                    };
-                    let ready = p.with_file_name(format!("{name}.ready"));
-                    let used = std::fs::metadata(&ready)
-                        .and_then(|m| m.modified())
-                        .unwrap_or(std::time::UNIX_EPOCH);
-                    let bytes = md.blocks() * 512;
-                    total += bytes;
-                    if !in_use.contains(&p) {
-                        candidates.push((used, p, ready, bytes, name));
-                    }
-                }
+            // A readiness map is touched when its blob's last user goes.
+            let used = std::fs::metadata(&files.ready)
+                .and_then(|m| m.modified())
+                .unwrap_or(std::time::UNIX_EPOCH);
+            let bytes = md.blocks() * 512;
+            total += bytes;
+            if !in_use.contains(&files.data) {
+                candidates.push((used, files, bytes));
             }
         }
-        candidates.sort();
+        candidates.sort_by(|a, b| (a.0, &a.1.data).cmp(&(b.0, &b.1.data)));
         let mut report = GcReport::default();
-        for (_, data, ready, bytes, name) in candidates {
+        for (_, files, bytes) in candidates {
             if total <= max_bytes {
                 break;
             }
             // The readiness map goes first: a crash in between leaves an
             // orphan data file, never a map claiming bytes that are gone.
-            let _ = std::fs::remove_file(&ready);
-            let _ = std::fs::remove_file(&data);
+            let _ = std::fs::remove_file(&files.ready);
+            let _ = std::fs::remove_file(&files.data);
             total -= bytes;
             report.freed_bytes += bytes;
-            report.evicted.push(name);
+            report.evicted.push(files.id);
         }
         report.remaining_bytes = total;
         tracing::info!(
@@ -673,5 +704,87 @@ impl Registry {
             "gc"
         );
         Ok(report)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A one-file image built into `dir`: (bootstrap, blob directory).
+    fn build(dir: &Path) -> (PathBuf, PathBuf) {
+        let (src, blobs, boot) = (dir.join("src"), dir.join("blobs"), dir.join("i.boot"));
+        std::fs::create_dir_all(&src).unwrap();
+        std::fs::write(src.join("f"), vec![7u8; 10_000]).unwrap();
+        erofs::build(&[src], &blobs, &boot, &Default::default()).unwrap();
+        (boot, blobs)
+    }
+
+    /// GC finds cache files through the work directory's layout: an
+    /// unbound blob is evicted with its readiness map, a bound one stays.
+    #[test]
+    fn gc_evicts_unbound_blobs_and_their_maps() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (boot, blobs) = build(tmp.path());
+        let reg = Registry::new(&tmp.path().join("work"), RegistryOptions::default()).unwrap();
+        let spec = |fsid: &str| BindSpec {
+            domain: Some("d".into()),
+            fsid: fsid.into(),
+            bootstrap: boot.clone(),
+            remote: format!("file://{}", blobs.display()),
+            reference: None,
+        };
+        let img = reg.bind(spec("a")).unwrap();
+        reg.bind(spec("b")).unwrap();
+        let id = img.blobs[0].cache.name;
+        let files = reg.work_dir.blob(&img.key, &id);
+        assert_eq!(img.blobs[0].cache.data_path(), files.data);
+        assert_eq!(reg.status()[0].blobs[0].refs, 2);
+        // Cached bytes take room (a sparse file with none takes none).
+        assert!(img.prefetch(&[], 1).unwrap() > 0);
+        drop(img);
+        reg.unbind(Some("d"), "a").unwrap();
+        assert_eq!(reg.status()[0].blobs[0].refs, 1);
+        assert!(reg.gc(0).unwrap().evicted.is_empty(), "in use");
+        reg.unbind(Some("d"), "b").unwrap();
+        assert!(reg.status().is_empty());
+        let report = reg.gc(0).unwrap();
+        assert_eq!(report.evicted, [id]);
+        assert!(!files.data.exists() && !files.ready.exists());
+    }
+
+    /// Core counts chunks and readiness in 4 KiB blocks: an image of
+    /// another block size is refused at bind, naming it and its size.
+    #[test]
+    fn binding_refuses_other_block_sizes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (boot, blobs) = build(tmp.path());
+        let mut img = std::fs::read(&boot).unwrap();
+        // blkszbits 11 (2 KiB), the superblock checksum resealed.
+        img[1024 + 12] = 11;
+        img[1028..1032].fill(0);
+        // (over the superblock block, now 2048 bytes from offset 0)
+        let c = erofs::ondisk::sb_checksum(&img[1024..2048]);
+        img[1028..1032].copy_from_slice(&c.to_le_bytes());
+        std::fs::write(&boot, &img).unwrap();
+        let reg = Registry::new(&tmp.path().join("work"), RegistryOptions::default()).unwrap();
+        let err = reg
+            .bind(BindSpec {
+                domain: Some("d".into()),
+                fsid: "i".into(),
+                bootstrap: boot.clone(),
+                remote: format!("file://{}", blobs.display()),
+                reference: None,
+            })
+            .err()
+            .expect("a 2 KiB-block image is refused");
+        let msg = err.to_string();
+        assert!(matches!(err, CoreError::Unusable { .. }), "{msg}");
+        assert!(msg.contains(&boot.display().to_string()), "{msg}");
+        assert!(
+            msg.contains("block size 2048 bytes (blkszbits 11)"),
+            "{msg}"
+        );
+        assert!(reg.status().is_empty());
     }
 }

@@ -1,4 +1,5 @@
 use std::path::PathBuf;
+use std::time::Duration;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CoreError {
@@ -34,6 +35,15 @@ pub enum CoreError {
         len: u64,
         why: String,
     },
+    /// A chunk another reader was fetching did not arrive.
+    #[error("blob {blob} bytes {offset}+{len}: {source}")]
+    Flight {
+        blob: String,
+        offset: u64,
+        len: u64,
+        #[source]
+        source: FlightError,
+    },
     #[error(transparent)]
     Remote(#[from] crate::remote::RemoteError),
     #[error("state file {path}: {why}")]
@@ -50,4 +60,21 @@ impl CoreError {
             _ => 5,                              // EIO
         }
     }
+}
+
+/// Why a reader that waited on another's fetch of a chunk (single flight,
+/// see [`crate::cache`]) did not get it: typed, so a waiter can tell a
+/// failed fetch from one that was dropped or is stuck.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum FlightError {
+    /// The leader's fetch failed; `cause` is its error.
+    #[error("{cause}")]
+    Failed { cause: String },
+    /// The leader gave up its claim before completing it (a panic, an
+    /// early return).
+    #[error("the fetch was abandoned")]
+    Abandoned,
+    /// The leader did not finish within the bound a fetch may take.
+    #[error("the fetch in flight took longer than {} s", .after.as_secs())]
+    TimedOut { after: Duration },
 }

@@ -7,7 +7,7 @@
 //! decompressed length, then every chunk's own digest. Readiness and
 //! single flight are the cache's business ([`crate::cache`]).
 
-use crate::cache::BLOCK;
+use crate::blocks::BLOCK;
 use crate::error::CoreError;
 use crate::remote::Remote;
 use erofs::chunktable::ChunkEntry;

@@ -4,8 +4,9 @@
 
 use crate::error::CoreError;
 use crate::remote::{HttpOptions, RemoteError};
+use crate::workdir::WorkDir;
 use shoal_registry::{shoal, Client, Platform, Reference};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 fn bad_ref(url: &str, why: String) -> CoreError {
     CoreError::Remote(RemoteError::Permanent {
@@ -15,10 +16,10 @@ fn bad_ref(url: &str, why: String) -> CoreError {
 }
 
 /// Resolve `reference`, fetch and verify its bootstrap into
-/// `work_dir/bootstraps/`, and return (bootstrap path, remote URL).
+/// the work directory's bootstraps, and return (bootstrap path, remote URL).
 pub fn pull_bootstrap(
     reference: &str,
-    work_dir: &Path,
+    work: &WorkDir,
     http: &HttpOptions,
 ) -> Result<(PathBuf, String), CoreError> {
     let r = Reference::parse(reference).map_err(|e| bad_ref(reference, e))?;
@@ -31,7 +32,7 @@ pub fn pull_bootstrap(
                 .into(),
         )
     })?;
-    let dir = work_dir.join("bootstraps");
+    let dir = work.bootstraps();
     std::fs::create_dir_all(&dir).map_err(|source| CoreError::Io {
         path: dir.clone(),
         what: "creating".into(),

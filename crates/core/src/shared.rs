@@ -1,8 +1,8 @@
 //! A data blob as a domain holds it: one verified cache shared by every
 //! image of the domain that references the blob.
 
+use crate::blocks::BLOCK;
 use crate::cache::BlobCache;
-use crate::cache::BLOCK;
 use crate::error::CoreError;
 use crate::fetch::Source;
 use erofs::chunktable::ChunkEntry;
@@ -16,7 +16,6 @@ pub struct SharedBlob {
     pub cache: BlobCache,
     pub(crate) chunks: RwLock<BTreeMap<u32, ChunkEntry>>,
     pub(crate) sources: RwLock<Vec<Source>>,
-    pub(crate) refs: Mutex<usize>,
     /// Where the last fill ended, to spot sequential readers.
     pub(crate) last_fill_end: std::sync::atomic::AtomicU64,
     /// How far the next read-ahead reads (adaptive).
@@ -52,6 +51,21 @@ const WINDOW_MAX: u64 = 8 << 20;
 const READ_AHEAD_SLACK: u64 = 512 << 10;
 
 impl SharedBlob {
+    /// A blob with nothing pinned and nowhere to fetch from yet: binds
+    /// add both (and the domain counts its references).
+    pub(crate) fn new(cache: BlobCache) -> Self {
+        SharedBlob {
+            cache,
+            chunks: RwLock::new(BTreeMap::new()),
+            sources: RwLock::new(Vec::new()),
+            last_fill_end: Default::default(),
+            window: Default::default(),
+            ahead_end: Default::default(),
+            ahead_running: Default::default(),
+            touched: Default::default(),
+        }
+    }
+
     /// The remote this blob is fetched from first: what fairness between
     /// slow and healthy remotes is keyed by.
     pub fn remote_key(&self) -> String {
@@ -80,9 +94,6 @@ impl SharedBlob {
             v.insert(at, src);
         }
     }
-    pub fn refs(&self) -> usize {
-        *self.refs.lock().unwrap()
-    }
 
     /// The pinned chunks covering bytes `[offset, offset + len)`.
     pub fn chunks_for(&self, offset: u64, len: u64) -> Result<Vec<ChunkEntry>, CoreError> {
@@ -110,7 +121,7 @@ impl SharedBlob {
         }
         if covered <= last {
             return Err(CoreError::Fetch {
-                blob: self.cache.name.clone(),
+                blob: self.cache.name.to_string(),
                 offset,
                 len,
                 why: format!("block {covered} is not pinned by any bound image's chunk digests"),

@@ -5,27 +5,24 @@
 //! write retried, so state still reaches the disk when cache fills have
 //! taken every other block; the reserve is taken again once there is room.
 
+use crate::workdir::WorkDir;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
 /// Room for many state writes: a binding is a few hundred bytes.
 pub const RESERVE: u64 = 1 << 20;
 
-fn reserve_path(work_dir: &Path) -> PathBuf {
-    work_dir.join(".state-reserve")
-}
-
 /// Allocate the reserve if it is missing and the disk has room for it
 /// several times over (best effort: on a full disk it stays missing until
 /// there is room again).
-pub fn take_reserve(work_dir: &Path) {
-    let path = reserve_path(work_dir);
+pub fn take_reserve(work: &WorkDir) {
+    let path = work.state_reserve();
     if std::fs::metadata(&path).is_ok_and(|m| m.len() >= RESERVE) {
         return;
     }
     // Taken back only with room to spare: a reserve just given up must not
     // be re-taken from its own freed blocks while the disk is still full.
-    let room = rustix::fs::statvfs(work_dir)
+    let room = rustix::fs::statvfs(work.root())
         .map(|v| v.f_bavail.saturating_mul(v.f_frsize))
         .unwrap_or(0);
     if room < 4 * RESERVE {
@@ -57,12 +54,12 @@ fn write_once(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     r
 }
 
-/// Write `bytes` to `path` atomically, using the reserve of `work_dir`
+/// Write `bytes` to `path` atomically, using the reserve of `work`
 /// when the disk is full.
-pub fn write_atomic(work_dir: &Path, path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+pub fn write_atomic(work: &WorkDir, path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     match write_once(path, bytes) {
         Err(e) if e.raw_os_error() == Some(rustix::io::Errno::NOSPC.raw_os_error()) => {
-            let reserve = reserve_path(work_dir);
+            let reserve = work.state_reserve();
             if std::fs::remove_file(&reserve).is_err() {
                 return Err(e);
             }
@@ -71,7 +68,7 @@ pub fn write_atomic(work_dir: &Path, path: &Path, bytes: &[u8]) -> std::io::Resu
         }
         r => {
             if r.is_ok() {
-                take_reserve(work_dir);
+                take_reserve(work);
             }
             r
         }
@@ -85,11 +82,14 @@ mod tests {
     #[test]
     fn writes_atomically_and_keeps_a_reserve() {
         let dir = tempfile::tempdir().unwrap();
+        let work = WorkDir::new(dir.path());
         let p = dir.path().join("state.json");
-        write_atomic(dir.path(), &p, b"[1]").unwrap();
+        write_atomic(&work, &p, b"[1]").unwrap();
         assert_eq!(std::fs::read(&p).unwrap(), b"[1]");
         assert_eq!(
-            std::fs::metadata(reserve_path(dir.path())).unwrap().len(),
+            std::fs::metadata(dir.path().join(".state-reserve"))
+                .unwrap()
+                .len(),
             RESERVE
         );
         assert!(!dir.path().join("state.json.tmp").exists());

@@ -4,6 +4,7 @@
 use erofs::chunktable::ChunkEntry;
 use shoal_core::cache::BlobCache;
 use shoal_core::fetch::Source;
+use shoal_core::names::BlobId;
 use shoal_core::remote::{FileRemote, Remote, RemoteError};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -63,6 +64,10 @@ fn fixture(dir: &Path) -> (PathBuf, String, u32, Vec<ChunkEntry>) {
     (blobs, name, image.devices[0].blocks.get(), entries)
 }
 
+fn id(name: &str) -> BlobId {
+    name.parse().unwrap()
+}
+
 fn remote(blobs: &Path, corrupt: bool) -> Arc<Counting> {
     Arc::new(Counting {
         inner: FileRemote::new(blobs.to_path_buf()),
@@ -75,7 +80,7 @@ fn remote(blobs: &Path, corrupt: bool) -> Arc<Counting> {
 fn concurrent_readers_of_a_missing_chunk_fetch_it_once() {
     let tmp = tempfile::tempdir().unwrap();
     let (blobs, name, blocks, entries) = fixture(tmp.path());
-    let cache = BlobCache::open(&tmp.path().join("cache"), &name, blocks).unwrap();
+    let cache = BlobCache::open(&tmp.path().join("cache"), &id(&name), blocks).unwrap();
     let r = remote(&blobs, false);
     let remotes: Vec<Source> = vec![Source::raw(r.clone())];
     std::thread::scope(|s| {
@@ -97,7 +102,7 @@ fn wrong_bytes_are_never_written_or_marked() {
     let tmp = tempfile::tempdir().unwrap();
     let (blobs, name, blocks, entries) = fixture(tmp.path());
     let dir = tmp.path().join("cache");
-    let cache = BlobCache::open(&dir, &name, blocks).unwrap();
+    let cache = BlobCache::open(&dir, &id(&name), blocks).unwrap();
     let r = remote(&blobs, true);
     let remotes: Vec<Source> = vec![Source::raw(r.clone())];
     let err = cache.ensure(&entries[1], &remotes).unwrap_err().to_string();
@@ -126,7 +131,7 @@ fn readiness_survives_reopen_only_once_flushed() {
     let dir = tmp.path().join("cache");
     let remotes: Vec<Source> = vec![Source::raw(remote(&blobs, false))];
     {
-        let cache = BlobCache::open(&dir, &name, blocks).unwrap();
+        let cache = BlobCache::open(&dir, &id(&name), blocks).unwrap();
         cache.ensure(&entries[0], &remotes).unwrap();
         cache.flush().unwrap();
         cache.ensure(&entries[1], &remotes).unwrap();
@@ -135,7 +140,7 @@ fn readiness_survives_reopen_only_once_flushed() {
     let (a, b) = (&entries[0], &entries[1]);
     // The process died, the kernel did not: the unflushed chunk's bytes
     // are in the page cache, so its volatile bit still counts.
-    let cache = BlobCache::open(&dir, &name, blocks).unwrap();
+    let cache = BlobCache::open(&dir, &id(&name), blocks).unwrap();
     assert!(cache.is_ready(a.blkaddr.get(), a.nblocks.get()));
     if shoal_core::readiness::boot_id() != [0; 16] {
         assert!(cache.is_ready(b.blkaddr.get(), b.nblocks.get()));
@@ -151,12 +156,12 @@ fn readiness_survives_reopen_only_once_flushed() {
         let boot_at = 16 + u64::from(blocks).div_ceil(8);
         map.write_all_at(&[0x5a; 16], boot_at).unwrap();
     }
-    let cache = BlobCache::open(&dir, &name, blocks).unwrap();
+    let cache = BlobCache::open(&dir, &id(&name), blocks).unwrap();
     assert!(cache.is_ready(a.blkaddr.get(), a.nblocks.get()));
     assert!(!cache.is_ready(b.blkaddr.get(), b.nblocks.get()));
     // A map for a blob of another size is not trusted.
     drop(cache);
-    let other = BlobCache::open(&dir, &name, blocks + 1).unwrap();
+    let other = BlobCache::open(&dir, &id(&name), blocks + 1).unwrap();
     assert_eq!(other.ready_blocks(), 0);
 }
 
@@ -165,7 +170,7 @@ fn batches_fetch_adjacent_chunks_with_one_request_and_verify_each() {
     let tmp = tempfile::tempdir().unwrap();
     let (blobs, name, blocks, entries) = fixture(tmp.path());
     let dir = tmp.path().join("cache");
-    let cache = BlobCache::open(&dir, &name, blocks).unwrap();
+    let cache = BlobCache::open(&dir, &id(&name), blocks).unwrap();
     let r = remote(&blobs, false);
     let remotes: Vec<Source> = vec![Source::raw(r.clone())];
     cache.ensure_batch(&entries, &remotes, 8 << 20).unwrap();
@@ -183,7 +188,7 @@ fn batches_fetch_adjacent_chunks_with_one_request_and_verify_each() {
     // only the first chunk is wrong. Each chunk is checked on its own: the
     // first is refused (its own re-fetches are wrong too), the rest are kept.
     let other = tempfile::tempdir().unwrap();
-    let cache = BlobCache::open(other.path(), &name, blocks).unwrap();
+    let cache = BlobCache::open(other.path(), &id(&name), blocks).unwrap();
     let bad: Vec<Source> = vec![Source::raw(remote(&blobs, true))];
     assert!(cache.ensure_batch(&entries, &bad, 8 << 20).is_err());
     let first = &entries[0];

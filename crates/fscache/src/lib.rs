@@ -23,7 +23,7 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
@@ -303,9 +303,4 @@ impl Frontend {
             .map(|o| o.name.clone())
             .collect()
     }
-}
-
-/// The cache directory cachefiles uses under a work directory.
-pub fn cache_dir(work_dir: &Path) -> PathBuf {
-    work_dir.join("fscache")
 }

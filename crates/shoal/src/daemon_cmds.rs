@@ -122,7 +122,7 @@ pub fn doctor(socket: &Path, as_json: bool) -> Result<()> {
         Some(v) => v,
         None => {
             let dir = std::env::temp_dir().join(format!("shoal-doctor-{}", std::process::id()));
-            let features = crate::features::detect(&dir);
+            let features = crate::features::detect(&shoal_core::WorkDir::new(&dir));
             let _ = std::fs::remove_dir_all(&dir);
             DoctorReply {
                 features,
@@ -268,7 +268,7 @@ fn print_domain(d: &DomainStatus) {
         let s = &b.stats;
         println!(
             "  blob {} refs={} cached={}/{} fetched={} wire={} requests={} hits={} misses={} failures={} inflight={}",
-            &b.name[..16.min(b.name.len())],
+            &b.name.to_string()[..16],
             b.refs,
             mib(b.cached_bytes),
             mib(b.size),

@@ -329,7 +329,7 @@ fn mounted_under(dir: &Path) -> Option<PathBuf> {
 fn stop_pump(work: &Path) {
     let pattern = format!(
         "fanotify-pump --socket {}",
-        work.join("fanotify-pump.sock").display()
+        shoal_core::WorkDir::new(work).pump_socket().display()
     );
     let _ = Command::new("pkill").arg("-f").arg(pattern).status();
 }

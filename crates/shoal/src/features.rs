@@ -2,6 +2,7 @@
 //! picks: fanotify pre-content where it works, else cachefiles on-demand,
 //! else FUSE. `shoal doctor` prints this; the daemon decides with it.
 
+use shoal_core::WorkDir;
 use std::io::Read;
 use std::path::Path;
 
@@ -57,7 +58,7 @@ struct Probed {
     config: Option<String>,
 }
 
-pub fn detect(work_dir: &Path) -> Features {
+pub fn detect(work: &WorkDir) -> Features {
     let release = rustix::system::uname()
         .release()
         .to_string_lossy()
@@ -72,7 +73,7 @@ pub fn detect(work_dir: &Path) -> Features {
         probe_file_backed(&k),
         feature(
             Kernel::Fanotify,
-            shoal_fanotify::probe(&work_dir.join("probe"))
+            shoal_fanotify::probe(&work.probe())
                 .map(|()| "FAN_CLASS_PRE_CONTENT group and FAN_PRE_ACCESS mark work".to_string()),
         ),
         probe_cachefiles(&k),

@@ -226,7 +226,6 @@ impl Mounts {
     /// Load the records of an earlier run and adopt the fanotify mounts that
     /// are still mounted and whose binding was restored.
     pub fn load(
-        work_dir: &Path,
         reg: &Arc<Registry>,
         fan: &Arc<FanotifyFrontend>,
         pool: Arc<WorkerPool>,
@@ -234,7 +233,7 @@ impl Mounts {
         policy: KernelMountPolicy,
         fscache: Option<Arc<shoal_fscache::Frontend>>,
     ) -> Mounts {
-        let path = work_dir.join("mounts.json");
+        let path = reg.work_dir.mounts();
         let records: Vec<Record> = std::fs::read(&path)
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok())
@@ -281,9 +280,8 @@ impl Mounts {
                 bind: e.bind.clone(),
             })
             .collect();
-        let work_dir = self.path.parent().unwrap_or(Path::new("."));
         let r = shoal_core::state::write_atomic(
-            work_dir,
+            &self.reg.work_dir,
             &self.path,
             &serde_json::to_vec_pretty(&records).unwrap(),
         );
@@ -443,7 +441,7 @@ impl Mounts {
         if let Some(f) = g.as_ref() {
             return Ok(f.clone());
         }
-        let dir = shoal_fscache::cache_dir(&self.reg.work_dir);
+        let dir = self.reg.work_dir.fscache();
         let dev = shoal_fscache::open_device(&dir, "shoal").map_err(|e| e.to_string())?;
         // The pump keeps the bound device across daemon restarts: closing
         // it would unbind the cache under live mounts.

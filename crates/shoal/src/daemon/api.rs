@@ -73,10 +73,7 @@ async fn blocking<T: Send + 'static>(
 }
 
 fn access_file(reg: &Registry, domain: Option<&str>, fsid: &str) -> PathBuf {
-    reg.work_dir
-        .join("access")
-        .join(domain.unwrap_or("-"))
-        .join(format!("{fsid}.order"))
+    reg.work_dir.access_order(domain, fsid)
 }
 
 /// Keep an image's access order so far (chunks in first-touch order) for

@@ -12,7 +12,7 @@ pub use config::Config;
 use crate::mounts::CACHEFILES_KEY;
 use anyhow::{Context, Result};
 use shoal_core::pool::WorkerPool;
-use shoal_core::{Registry, RegistryOptions};
+use shoal_core::{Registry, RegistryOptions, WorkDir};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::Arc;
@@ -42,7 +42,8 @@ type Shared = Arc<Daemon>;
 /// restored, bindings before events are answered, mounts before the socket
 /// exists (so a client that can connect sees them).
 pub fn run(socket: &Path, work_dir: &Path, cfg: &Config) -> Result<()> {
-    let features = crate::features::detect(work_dir);
+    let work = WorkDir::new(work_dir);
+    let features = crate::features::detect(&work);
     let policy =
         crate::mounts::KernelMountPolicy::new(&features, cfg.directio, cfg.page_cache_share);
     for f in &features.features {
@@ -52,7 +53,7 @@ pub fn run(socket: &Path, work_dir: &Path, cfg: &Config) -> Result<()> {
     // One pool of workers serves every frontend's reads, fairly by remote.
     let pool = WorkerPool::new("shoal-read", cfg.read_threads.unwrap_or(8))
         .context("starting the read workers")?;
-    let fan = fanotify_frontend(work_dir, pool.clone())?;
+    let fan = fanotify_frontend(&work, pool.clone())?;
     let reg = restore_registry(work_dir, cfg, &fan)?;
     fan.serve(&reg);
     let fscache = restore_cachefiles(&fan, &reg, &pool);
@@ -60,7 +61,7 @@ pub fn run(socket: &Path, work_dir: &Path, cfg: &Config) -> Result<()> {
     claim_socket(socket)?;
     let daemon = Arc::new(Daemon {
         reg: reg.clone(),
-        mounts: crate::mounts::Mounts::load(work_dir, &reg, &fan, pool, features, policy, fscache),
+        mounts: crate::mounts::Mounts::load(&reg, &fan, pool, features, policy, fscache),
     });
     serve(socket, work_dir, daemon)?;
     reg.flush_all();
@@ -80,10 +81,10 @@ fn make_private_dir(work_dir: &Path) -> Result<()> {
 /// comes before restoring bindings, since its stored fds are the cache
 /// files' pre-mark descriptors.
 fn fanotify_frontend(
-    work_dir: &Path,
+    work: &WorkDir,
     pool: Arc<WorkerPool>,
 ) -> Result<Arc<shoal_fanotify::Frontend>> {
-    let pump_socket = work_dir.join("fanotify-pump.sock");
+    let pump_socket = work.pump_socket();
     let launcher = shoal_fanotify::PumpLauncher {
         program: std::env::current_exe().context("locating the shoal binary")?,
         args: vec![
@@ -91,7 +92,7 @@ fn fanotify_frontend(
             "--socket".into(),
             pump_socket.to_string_lossy().into_owned(),
         ],
-        log: work_dir.join("fanotify-pump.log"),
+        log: work.pump_log(),
     };
     Ok(shoal_fanotify::Frontend::new(
         &pump_socket,
