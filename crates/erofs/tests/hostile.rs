@@ -146,8 +146,9 @@ fn lookup(img: &Image<Vec<u8>>, path: &str) -> Inode {
 /// Image offset of a directory's (single) block and its bytes.
 fn dir_block(img: &Image<Vec<u8>>, dir: &Inode) -> (u64, Vec<u8>) {
     assert!(dir.size <= 4096, "fixture directories fit one block");
-    let ((start, end), ext) = img.map(dir, 0).unwrap();
-    assert_eq!((start, end), (0, dir.size));
+    let m = img.map(dir, 0).unwrap();
+    assert_eq!((m.la, m.end()), (0, dir.size));
+    let ext = m.extent;
     let Extent::Image { offset } = ext else {
         panic!("directory data not in the image: {ext:?}")
     };
@@ -510,7 +511,7 @@ fn tampered_blob_fails_verification() {
     let img = f.img();
     let tag = img.device_tag(1).unwrap();
     let a = lookup(&img, "a.txt");
-    let ((_, _), ext) = img.map(&a, 4096).unwrap();
+    let ext = img.map(&a, 4096).unwrap().extent;
     let Extent::Chunk {
         device_id: 1,
         blkaddr,
@@ -736,7 +737,7 @@ fn duplicate_and_unsorted_names() {
     }
     // Across blocks: block 1 of "many" starts with a name from block 0.
     let many = lookup(&img, "many");
-    let ((_, _), Extent::Image { offset }) = img.map(&many, 4096).unwrap() else {
+    let Extent::Image { offset } = img.map(&many, 4096).unwrap().extent else {
         panic!("directory block not in the image")
     };
     let blk1 = img.source()[offset as usize..offset as usize + 4096].to_vec();
