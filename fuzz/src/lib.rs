@@ -131,8 +131,8 @@ pub fn walk<R: ReadAt>(
                 // Map a few positions, then read the whole file if it fits
                 // the budget, checking the sink sees exactly `size` bytes.
                 for pos in [0, ino.size / 2, ino.size.saturating_sub(1), ino.size] {
-                    if let Ok(((start, end), _)) = img.map(&ino, pos) {
-                        assert!(start <= pos && pos < end && end <= ino.size);
+                    if let Ok(m) = img.map(&ino, pos) {
+                        assert!(m.la <= pos && pos < m.end() && m.end() <= ino.size);
                     }
                 }
                 if ino.size > budget.file_bytes {

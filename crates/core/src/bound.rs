@@ -78,12 +78,12 @@ impl BoundImage {
             source,
         };
         let end = ino.size.min(offset.saturating_add(buf.len() as u64));
-        let mut pos = offset;
-        while pos < end {
-            let ((start, ext_end), ext) = self.image.map(ino, pos).map_err(img_err)?;
-            let n = (ext_end.min(end) - pos) as usize;
+        for m in self.image.extents_in(ino, offset..end) {
+            let m = m.map_err(img_err)?;
+            let (start, pos) = (m.la, m.la.max(offset));
+            let n = (m.end().min(end) - pos) as usize;
             let out = &mut buf[(pos - offset) as usize..][..n];
-            match ext {
+            match m.extent {
                 erofs::Extent::Hole => out.fill(0),
                 erofs::Extent::Image { offset: at } => self
                     .image
@@ -113,7 +113,6 @@ impl BoundImage {
                     blob.cache.read_at(out, physical)?;
                 }
             }
-            pos += n as u64;
         }
         Ok(Some((end.saturating_sub(offset)) as usize))
     }

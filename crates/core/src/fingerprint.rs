@@ -25,26 +25,11 @@ pub type Fingerprints = Result<HashMap<Vec<u8>, ContentProof>, String>;
 pub fn image_fingerprints(img: &Image<File>) -> Result<Fingerprints, CoreError> {
     let mut out = HashMap::new();
     let mut unverifiable = None;
-    let walk = img.for_each_inode(|ino| {
-        if unverifiable.is_some() || !ino.is_reg() {
-            return Ok(());
-        }
-        let Some(fp) = img.fingerprint(ino)? else {
-            return Ok(());
-        };
-        match proof(img, ino)? {
-            Ok(p) => {
-                // One image naming two contents by one fingerprint lies too.
-                if out.insert(fp, p).is_some_and(|old| old != p) {
-                    unverifiable = Some(format!(
-                        "nid {}: one fingerprint on files of different content",
-                        ino.nid
-                    ));
-                }
-            }
-            Err(why) => unverifiable = Some(format!("nid {}: {why}", ino.nid)),
-        }
-        Ok(())
+    let root = img.inode(img.root_nid());
+    let walk = root.and_then(|root| {
+        img.walk(root, b"", |e| {
+            fingerprint_of(img, e, &mut out, &mut unverifiable)
+        })
     });
     walk.map_err(|e| CoreError::Unusable {
         path: "bootstrap".into(),
@@ -56,17 +41,47 @@ pub fn image_fingerprints(img: &Image<File>) -> Result<Fingerprints, CoreError> 
     })
 }
 
+/// Record the fingerprint of one file reached by the walk (each inode
+/// once), or why the image's fingerprints cannot be trusted.
+fn fingerprint_of(
+    img: &Image<File>,
+    e: &erofs::WalkEntry,
+    out: &mut HashMap<Vec<u8>, ContentProof>,
+    unverifiable: &mut Option<String>,
+) -> erofs::Result<()> {
+    let ino = &e.inode;
+    if !e.first || unverifiable.is_some() || !ino.is_reg() {
+        return Ok(());
+    }
+    let Some(fp) = img.fingerprint(ino)? else {
+        return Ok(());
+    };
+    match proof(img, ino)? {
+        Ok(p) => {
+            // One image naming two contents by one fingerprint lies too.
+            if out.insert(fp, p).is_some_and(|old| old != p) {
+                *unverifiable = Some(format!(
+                    "nid {}: one fingerprint on files of different content",
+                    ino.nid
+                ));
+            }
+        }
+        Err(why) => *unverifiable = Some(format!("nid {}: {why}", ino.nid)),
+    }
+    Ok(())
+}
+
 fn proof(img: &Image<File>, ino: &erofs::Inode) -> erofs::Result<Result<ContentProof, String>> {
     let Some(table) = img.chunk_table.as_ref() else {
         return Ok(Err("the image has no chunk digests".into()));
     };
     let mut h = Sha256::new();
     h.update(ino.size.to_le_bytes());
-    let mut pos = 0;
-    while pos < ino.size {
-        let ((start, end), ext) = img.map(ino, pos)?;
-        h.update((end - start).to_le_bytes());
-        match ext {
+    for m in img.extents(ino) {
+        let m = m?;
+        let pos = m.la;
+        h.update(m.llen.to_le_bytes());
+        match m.extent {
             Extent::Hole => h.update([0u8; 32]),
             Extent::Chunk { device_id, blkaddr } => match table.find(device_id, blkaddr) {
                 Some(e) => h.update(e.digest),
@@ -78,7 +93,6 @@ fn proof(img: &Image<File>, ino: &erofs::Inode) -> erofs::Result<Result<ContentP
                 )))
             }
         }
-        pos = end;
     }
     Ok(Ok(h.finalize().into()))
 }

@@ -155,7 +155,7 @@ fn every_byte_from_the_compressed_object_and_one_cache_for_both_encodings() {
 fn frame_of(boot: &Path, path: &str) -> (usize, u64, u64) {
     let img = Image::open(std::fs::File::open(boot).unwrap()).unwrap();
     let ino = img.lookup(path).unwrap();
-    let ((_, _), erofs::Extent::Chunk { blkaddr, .. }) = img.map(&ino, 0).unwrap() else {
+    let erofs::Extent::Chunk { blkaddr, .. } = img.map(&ino, 0).unwrap().extent else {
         panic!("{path} is not in a blob")
     };
     let table = img.chunk_table.unwrap();
@@ -234,7 +234,10 @@ fn hostile_remotes_get_eio_cache_nothing_and_recover() {
 fn erofs_blocks(b: &shoal_core::BoundImage, path: &str) -> (u32, u32) {
     let ino = b.image.lookup(path).unwrap();
     match b.image.map(&ino, 0).unwrap() {
-        ((s, e), erofs::Extent::Chunk { blkaddr, .. }) => (blkaddr, (e - s).div_ceil(4096) as u32),
+        m @ erofs::Mapping {
+            extent: erofs::Extent::Chunk { blkaddr, .. },
+            ..
+        } => (blkaddr, (m.end() - m.la).div_ceil(4096) as u32),
         other => panic!("{path}: {other:?}"),
     }
 }

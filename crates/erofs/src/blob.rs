@@ -296,16 +296,7 @@ impl ChunkStore {
         tree: &Tree,
         keep_dead: bool,
     ) -> Result<(Vec<FinalBlob>, Placement), BuildError> {
-        // Only nodes reachable from the root count: the others were hidden
-        // or replaced by later layers.
-        let mut used: Vec<HashSet<u32>> = vec![HashSet::new(); self.blobs.len()];
-        for id in tree.reachable() {
-            if let Data::File { chunks, .. } = &tree.nodes[id].data {
-                for c in chunks.iter().flatten() {
-                    used[c.blob as usize].insert(c.blkaddr);
-                }
-            }
-        }
+        let used = used_chunks(tree, self.blobs.len());
         let mut out = Vec::new();
         let mut map = HashMap::new();
         for (idx, draft) in std::mem::take(&mut self.blobs).into_iter().enumerate() {
@@ -324,71 +315,74 @@ impl ChunkStore {
                 .ok()
                 .filter(|&d| d < u16::MAX)
                 .ok_or_else(|| BuildError::Limit("too many data blobs".into()))?;
-            let blob = match draft.body {
-                Body::Reused => {
-                    let entries: Vec<ChunkEntry> = draft
-                        .entries
-                        .into_iter()
-                        .filter(|e| used.contains(&e.blkaddr.get()))
-                        .collect();
-                    for e in &entries {
-                        let b = e.blkaddr.get();
-                        map.insert((idx as u32, b), (device_id, b));
-                    }
-                    FinalBlob {
-                        tag: draft.tag.unwrap(),
-                        blocks: draft.blocks,
-                        written: false,
-                        entries,
-                    }
-                }
-                Body::New { file } => {
-                    let draft_len = draft.entries.len();
-                    let first_blocks: Vec<u32> =
-                        draft.entries.iter().map(|e| e.blkaddr.get()).collect();
-                    let (tmp, w) = file.expect("new blobs with chunks have a file");
-                    let f = w.into_inner().map_err(|e| BuildError::Io {
-                        path: tmp.path().to_path_buf(),
-                        source: e.into_error(),
-                    })?;
-                    // The chunks to keep, in read order.
-                    let mut keep: Vec<(Origin, ChunkEntry)> = draft
-                        .origins
-                        .into_iter()
-                        .zip(draft.entries)
-                        .filter(|(_, e)| keep_dead || used.contains(&e.blkaddr.get()))
-                        .collect();
-                    let n = keep.len();
-                    keep.sort_by(|a, b| a.0.cmp(&b.0));
-                    let keep: Vec<ChunkEntry> = keep.into_iter().map(|(_, e)| e).collect();
-                    let in_place = n == draft_len
-                        && keep
-                            .iter()
-                            .enumerate()
-                            .all(|(i, e)| e.blkaddr.get() == first_blocks[i]);
-                    let (tmp, entries, blocks) = if in_place {
-                        let pairs = keep.into_iter().map(|e| (e.blkaddr.get(), e));
-                        (tmp, pairs.collect(), draft.blocks)
-                    } else {
-                        self.rewrite(f, tmp, keep)?
-                    };
-                    for (old, e) in &entries {
-                        map.insert((idx as u32, *old), (device_id, e.blkaddr.get()));
-                    }
-                    let entries: Vec<ChunkEntry> = entries.into_iter().map(|(_, e)| e).collect();
-                    let tag = hash_file(tmp.as_file(), tmp.path())?;
-                    publish(tmp, &self.blob_dir.join(&tag))?;
-                    FinalBlob {
-                        tag,
-                        blocks,
-                        written: true,
-                        entries,
-                    }
-                }
+            // (old block address, final entry) of every chunk kept.
+            let (blob, moved) = match draft.body {
+                Body::Reused => finish_reused(draft, used),
+                Body::New { .. } => self.finish_new(draft, used, keep_dead)?,
             };
+            for (old, e) in moved {
+                map.insert((idx as u32, old), (device_id, e));
+            }
             out.push(blob);
         }
         Ok((out, Placement { map }))
+    }
+
+    /// A new blob: its kept chunks in read order (rewritten to a new file
+    /// unless they already are, as they are when every chunk is kept in
+    /// order), then published under its sha256. Returns the blob and each
+    /// chunk's (old, new) block address.
+    fn finish_new(
+        &self,
+        draft: Draft,
+        used: &HashSet<u32>,
+        keep_dead: bool,
+    ) -> Result<(FinalBlob, Vec<(u32, u32)>), BuildError> {
+        let Body::New { file } = draft.body else {
+            unreachable!("finish_new is for new blobs")
+        };
+        let draft_len = draft.entries.len();
+        let first_blocks: Vec<u32> = draft.entries.iter().map(|e| e.blkaddr.get()).collect();
+        let (tmp, w) = file.expect("new blobs with chunks have a file");
+        let f = w.into_inner().map_err(|e| BuildError::Io {
+            path: tmp.path().to_path_buf(),
+            source: e.into_error(),
+        })?;
+        // The chunks to keep, in read order.
+        let mut keep: Vec<(Origin, ChunkEntry)> = draft
+            .origins
+            .into_iter()
+            .zip(draft.entries)
+            .filter(|(_, e)| keep_dead || used.contains(&e.blkaddr.get()))
+            .collect();
+        let n = keep.len();
+        keep.sort_by(|a, b| a.0.cmp(&b.0));
+        let keep: Vec<ChunkEntry> = keep.into_iter().map(|(_, e)| e).collect();
+        let in_place = n == draft_len
+            && keep
+                .iter()
+                .enumerate()
+                .all(|(i, e)| e.blkaddr.get() == first_blocks[i]);
+        let (tmp, entries, blocks) = if in_place {
+            let pairs = keep.into_iter().map(|e| (e.blkaddr.get(), e));
+            (tmp, pairs.collect(), draft.blocks)
+        } else {
+            self.rewrite(f, tmp, keep)?
+        };
+        let moved = entries
+            .iter()
+            .map(|(old, e)| (*old, e.blkaddr.get()))
+            .collect();
+        let entries: Vec<ChunkEntry> = entries.into_iter().map(|(_, e)| e).collect();
+        let tag = hash_file(tmp.as_file(), tmp.path())?;
+        publish(tmp, &self.blob_dir.join(&tag))?;
+        let blob = FinalBlob {
+            tag,
+            blocks,
+            written: true,
+            entries,
+        };
+        Ok((blob, moved))
     }
 
     /// Copy the chunks `keep` to a new blob file, in that order.
@@ -460,4 +454,41 @@ fn hash_file(mut f: &File, path: &Path) -> Result<String, BuildError> {
         h.update(&buf[..n]);
     }
     Ok(hex::encode(h.finalize()))
+}
+
+/// The chunks (block addresses, per blob) of the files reachable from the
+/// root: only those count, the others were hidden or replaced by later
+/// layers.
+fn used_chunks(tree: &Tree, nblobs: usize) -> Vec<HashSet<u32>> {
+    let mut used: Vec<HashSet<u32>> = vec![HashSet::new(); nblobs];
+    for id in tree.reachable() {
+        if let Data::File { chunks, .. } = &tree.nodes[id].data {
+            for c in chunks.iter().flatten() {
+                used[c.blob as usize].insert(c.blkaddr);
+            }
+        }
+    }
+    used
+}
+
+/// A blob of an earlier image: referenced as it is, with the digests of
+/// the chunks this image uses. Returns the blob and each chunk's (old,
+/// new) block address, which are the same.
+fn finish_reused(draft: Draft, used: &HashSet<u32>) -> (FinalBlob, Vec<(u32, u32)>) {
+    let entries: Vec<ChunkEntry> = draft
+        .entries
+        .into_iter()
+        .filter(|e| used.contains(&e.blkaddr.get()))
+        .collect();
+    let moved = entries
+        .iter()
+        .map(|e| (e.blkaddr.get(), e.blkaddr.get()))
+        .collect();
+    let blob = FinalBlob {
+        tag: draft.tag.unwrap(),
+        blocks: draft.blocks,
+        written: false,
+        entries,
+    };
+    (blob, moved)
 }

@@ -11,7 +11,7 @@ use std::fs::File;
 use std::io::{BufRead, BufReader, Read};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// Where a file's bytes come from while its chunks are stored (a tar
 /// entry, a file on disk), with what it knows of its holes.
@@ -351,17 +351,7 @@ fn apply_entry<R: Read>(
             // Symlinks have no mode of their own on Linux: whatever the
             // header says, containerd's unpacked symlink is 0777.
             meta.mode = S_IFLNK | 0o777;
-            let target = &e.link;
-            if target.is_empty() {
-                return Err(bad("symlink without target".into()));
-            }
-            if target.contains(&0) {
-                return Err(bad("symlink target contains NUL".into()));
-            }
-            if target.len() > 4095 {
-                return Err(bad(format!("symlink target of {} bytes", target.len())));
-            }
-            Data::Symlink(target.clone())
+            symlink_data(&e.link).map_err(bad)?
         }
         Kind::HardLink => {
             if e.link.is_empty() {
@@ -379,11 +369,7 @@ fn apply_entry<R: Read>(
             } else {
                 S_IFBLK
             };
-            let (major, minor) = (e.devmajor, e.devminor);
-            if !(0..=0xfff).contains(&major) || !(0..=0xfffff).contains(&minor) {
-                return Err(bad(format!("device number {major}:{minor} too large")));
-            }
-            Data::Device(encode_rdev(major as u32, minor as u32))
+            device_data(e.devmajor, e.devminor).map_err(bad)?
         }
         Kind::Fifo => {
             meta.mode |= S_IFIFO;
@@ -398,6 +384,30 @@ fn apply_entry<R: Read>(
     };
     tree.apply(&comps, Node { meta, data })
         .map_err(|err| bad(err.to_string()))
+}
+
+/// A tar symlink's target, refused where Linux could not create it:
+/// empty, with a NUL, or `PATH_MAX` (4096) bytes or more.
+fn symlink_data(target: &[u8]) -> Result<Data, String> {
+    if target.is_empty() {
+        return Err("symlink without target".into());
+    }
+    if target.contains(&0) {
+        return Err("symlink target contains NUL".into());
+    }
+    if target.len() > 4095 {
+        return Err(format!("symlink target of {} bytes", target.len()));
+    }
+    Ok(Data::Symlink(target.to_vec()))
+}
+
+/// A tar device node's number, refused when it does not fit the 12-bit
+/// major and 20-bit minor of a Linux `dev_t` (`new_encode_dev`).
+fn device_data(major: i64, minor: i64) -> Result<Data, String> {
+    if !(0..=0xfff).contains(&major) || !(0..=0xfffff).contains(&minor) {
+        return Err(format!("device number {major}:{minor} too large"));
+    }
+    Ok(Data::Device(encode_rdev(major as u32, minor as u32)))
 }
 
 /// A file on disk: holes found with SEEK_DATA when the file is sparse.
@@ -437,102 +447,161 @@ impl FileSource for DiskFile {
 /// sparse files read around their holes.
 pub fn apply_dir(tree: &mut Tree, store: &mut ChunkStore, root: &Path) -> Result<(), BuildError> {
     tree.begin_layer();
-    let mut links: HashMap<(u64, u64), Vec<Vec<u8>>> = HashMap::new();
-    let mut buf = Vec::new();
-    let mut stack: Vec<(std::path::PathBuf, Vec<u8>)> = vec![(root.to_path_buf(), Vec::new())];
-    let lname = root.display().to_string();
-    while let Some((path, rel)) = stack.pop() {
+    let mut layer = DirLayer {
+        tree,
+        store,
+        name: root.display().to_string(),
+        links: HashMap::new(),
+        stack: vec![(root.to_path_buf(), Vec::new())],
+        buf: Vec::new(),
+    };
+    while let Some((path, rel)) = layer.stack.pop() {
+        layer.apply(&path, &rel)?;
+    }
+    layer.tree.end_layer();
+    Ok(())
+}
+
+/// A directory being applied as a layer ([`apply_dir`]).
+struct DirLayer<'a> {
+    tree: &'a mut Tree,
+    store: &'a mut ChunkStore,
+    /// The layer in errors: its root's path.
+    name: String,
+    /// The paths of each multiply-linked non-directory by (dev, ino): the
+    /// first one met is the one later names link to.
+    links: HashMap<(u64, u64), Vec<Vec<u8>>>,
+    /// Entries still to apply (path on disk, path in the layer), next last.
+    stack: Vec<(PathBuf, Vec<u8>)>,
+    /// Chunk buffer, reused across files.
+    buf: Vec<u8>,
+}
+
+impl DirLayer<'_> {
+    /// Apply one entry: a further name of a hard-linked file becomes a
+    /// link to the first; a directory queues its entries.
+    fn apply(&mut self, path: &Path, rel: &[u8]) -> Result<(), BuildError> {
         let io_err = |source| BuildError::Io {
-            path: path.clone(),
+            path: path.to_path_buf(),
             source,
         };
-        let md = std::fs::symlink_metadata(&path).map_err(io_err)?;
-        let comps = split_path(&rel).map_err(|why| BuildError::UnsafePath {
-            layer: lname.clone(),
-            entry: String::from_utf8_lossy(&rel).into_owned(),
+        let md = std::fs::symlink_metadata(path).map_err(io_err)?;
+        let comps = split_path(rel).map_err(|why| BuildError::UnsafePath {
+            layer: self.name.clone(),
+            entry: String::from_utf8_lossy(rel).into_owned(),
             why,
         })?;
+        let layer = self.name.clone();
         let bad = |why: String| BuildError::BadEntry {
-            layer: lname.clone(),
-            entry: String::from_utf8_lossy(&rel).into_owned(),
+            layer: layer.clone(),
+            entry: String::from_utf8_lossy(rel).into_owned(),
             why,
         };
-        let mut xattrs = BTreeMap::new();
-        for name in xattr::list(&path).map_err(io_err)? {
-            if let Some(v) = xattr::get(&path, &name).map_err(io_err)? {
-                xattrs.insert(name.as_bytes().to_vec(), v);
-            }
-        }
-        let meta = Meta {
-            mode: md.mode(),
-            uid: md.uid(),
-            gid: md.gid(),
-            mtime: md.mtime(),
-            mtime_nsec: md.mtime_nsec() as u32,
-            xattrs,
-        };
-        let ft = md.file_type();
-        if !ft.is_dir() && md.nlink() > 1 {
+        let meta = disk_meta(path, &md)?;
+        if !md.file_type().is_dir() && md.nlink() > 1 {
             let key = (md.dev(), md.ino());
-            if let Some(first) = links.get(&key).and_then(|v| v.first()) {
+            if let Some(first) = self.links.get(&key).and_then(|v| v.first()) {
                 let target = split_path(first).unwrap();
-                tree.link(&comps, &target).map_err(|e| bad(e.to_string()))?;
-                continue;
+                return self
+                    .tree
+                    .link(&comps, &target)
+                    .map_err(|e| bad(e.to_string()));
             }
-            links.entry(key).or_default().push(rel.clone());
+            self.links.entry(key).or_default().push(rel.to_vec());
         }
         let data = match meta.mode & S_IFMT {
             S_IFDIR => {
-                let mut names: Vec<_> = std::fs::read_dir(&path)
-                    .map_err(io_err)?
-                    .map(|e| e.map(|e| e.file_name()))
-                    .collect::<Result<_, _>>()
-                    .map_err(io_err)?;
-                names.sort_by(|a, b| b.as_bytes().cmp(a.as_bytes()));
-                for n in names {
-                    let mut r = rel.clone();
-                    if !r.is_empty() {
-                        r.push(b'/');
-                    }
-                    r.extend_from_slice(n.as_bytes());
-                    stack.push((path.join(&n), r));
-                }
+                self.queue_dir(path, rel)?;
                 Data::Dir(BTreeMap::new())
             }
             S_IFREG => {
                 let size = md.len();
                 let mut src = DiskFile {
-                    f: File::open(&path).map_err(io_err)?,
+                    f: File::open(path).map_err(io_err)?,
                     pos: 0,
                     sparse: md.blocks() * 512 < size,
                 };
-                store.begin_file(&comps);
-                store_data(store, &mut src, size, &mut buf).map_err(|e| {
+                self.store.begin_file(&comps);
+                store_data(self.store, &mut src, size, &mut self.buf).map_err(|e| {
                     e.at(|why| BuildError::Io {
-                        path: path.clone(),
+                        path: path.to_path_buf(),
                         source: std::io::Error::other(why),
                     })
                 })?
             }
-            S_IFLNK => Data::Symlink(
-                std::fs::read_link(&path)
-                    .map_err(io_err)?
-                    .as_os_str()
-                    .as_bytes()
-                    .to_vec(),
-            ),
-            S_IFCHR | S_IFBLK => {
-                let rdev = md.rdev();
-                Data::Device(encode_rdev(
-                    rustix::fs::major(rdev),
-                    rustix::fs::minor(rdev),
-                ))
-            }
-            _ => Data::Special,
+            _ => special_data(path, &md)?,
         };
-        tree.apply(&comps, Node { meta, data })
-            .map_err(|e| bad(e.to_string()))?;
+        self.tree
+            .apply(&comps, Node { meta, data })
+            .map_err(|e| bad(e.to_string()))
     }
-    tree.end_layer();
-    Ok(())
+
+    /// Queue a directory's entries so they pop in byte order of name.
+    fn queue_dir(&mut self, path: &Path, rel: &[u8]) -> Result<(), BuildError> {
+        let io_err = |source| BuildError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let mut names: Vec<_> = std::fs::read_dir(path)
+            .map_err(io_err)?
+            .map(|e| e.map(|e| e.file_name()))
+            .collect::<Result<_, _>>()
+            .map_err(io_err)?;
+        names.sort_by(|a, b| b.as_bytes().cmp(a.as_bytes()));
+        for n in names {
+            let mut r = rel.to_vec();
+            if !r.is_empty() {
+                r.push(b'/');
+            }
+            r.extend_from_slice(n.as_bytes());
+            self.stack.push((path.join(&n), r));
+        }
+        Ok(())
+    }
+}
+
+/// An entry's metadata on disk, xattrs included.
+fn disk_meta(path: &Path, md: &std::fs::Metadata) -> Result<Meta, BuildError> {
+    let io_err = |source| BuildError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut xattrs = BTreeMap::new();
+    for name in xattr::list(path).map_err(io_err)? {
+        if let Some(v) = xattr::get(path, &name).map_err(io_err)? {
+            xattrs.insert(name.as_bytes().to_vec(), v);
+        }
+    }
+    Ok(Meta {
+        mode: md.mode(),
+        uid: md.uid(),
+        gid: md.gid(),
+        mtime: md.mtime(),
+        mtime_nsec: md.mtime_nsec() as u32,
+        xattrs,
+    })
+}
+
+/// The data of a symlink, device node, fifo or socket on disk.
+fn special_data(path: &Path, md: &std::fs::Metadata) -> Result<Data, BuildError> {
+    Ok(match md.mode() & S_IFMT {
+        S_IFLNK => Data::Symlink(
+            std::fs::read_link(path)
+                .map_err(|source| BuildError::Io {
+                    path: path.to_path_buf(),
+                    source,
+                })?
+                .as_os_str()
+                .as_bytes()
+                .to_vec(),
+        ),
+        S_IFCHR | S_IFBLK => {
+            let rdev = md.rdev();
+            Data::Device(encode_rdev(
+                rustix::fs::major(rdev),
+                rustix::fs::minor(rdev),
+            ))
+        }
+        _ => Data::Special,
+    })
 }

@@ -19,4 +19,8 @@ pub mod writer;
 pub use build::{build, build_sources, BuildOptions, BuildReport, Source};
 pub use compress::Compression;
 pub use error::{BuildError, Error, Result};
-pub use reader::{BlobFiles, BlobSource, DirEntry, Extent, Image, Inode, NoBlobs, ReadAt};
+pub use ondisk::{ChunkFormat, DataLayout};
+pub use reader::{
+    BlobFiles, BlobSource, BlockMap, DirEntry, Extent, Extents, Image, Inode, Mapping, NoBlobs,
+    ReadAt, WalkEntry,
+};

@@ -86,9 +86,108 @@ pub const EROFS_INODE_FLAT_INLINE: u16 = 2;
 pub const EROFS_INODE_COMPRESSED_COMPACT: u16 = 3;
 pub const EROFS_INODE_CHUNK_BASED: u16 = 4;
 
+/// `i_format` bits the format defines (`EROFS_I_ALL`): version and layout.
+pub const EROFS_I_ALL_BIT: u16 = 4;
+pub const EROFS_I_ALL: u16 = (1 << EROFS_I_ALL_BIT) - 1;
+
 /// Chunk format bits in `i_u` of a chunk-based inode.
 pub const EROFS_CHUNK_FORMAT_BLKBITS_MASK: u16 = 0x001F;
 pub const EROFS_CHUNK_FORMAT_INDEXES: u16 = 0x0020;
+
+/// A block map entry (`EROFS_BLOCK_MAP_ENTRY_SIZE`): the bare `__le32`
+/// block address a chunk-based inode without `EROFS_CHUNK_FORMAT_INDEXES`
+/// has per chunk.
+pub const EROFS_BLOCK_MAP_ENTRY_SIZE: u64 = 4;
+
+/// How an inode's data is stored: its `i_format` layout bits, decoded once
+/// so readers match on names rather than on shifted numbers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DataLayout {
+    /// `EROFS_INODE_FLAT_PLAIN`: whole blocks from `i_u`, the last padded.
+    FlatPlain,
+    /// `EROFS_INODE_COMPRESSED_FULL`: compressed, full lcluster indexes.
+    CompressedFull,
+    /// `EROFS_INODE_FLAT_INLINE`: whole blocks, then a tail inline after
+    /// the inode (in the inode's block).
+    FlatInline,
+    /// `EROFS_INODE_COMPRESSED_COMPACT`: compressed, compacted indexes.
+    CompressedCompact,
+    /// `EROFS_INODE_CHUNK_BASED`: a chunk index (or block map) per chunk.
+    ChunkBased,
+}
+
+impl DataLayout {
+    /// The layout of an `i_format`, or `Err(bits)` for the reserved layout
+    /// values 5..=7.
+    pub fn from_i_format(i_format: u16) -> std::result::Result<Self, u16> {
+        match (i_format >> EROFS_I_DATALAYOUT_BIT) & EROFS_I_DATALAYOUT_MASK {
+            EROFS_INODE_FLAT_PLAIN => Ok(Self::FlatPlain),
+            EROFS_INODE_COMPRESSED_FULL => Ok(Self::CompressedFull),
+            EROFS_INODE_FLAT_INLINE => Ok(Self::FlatInline),
+            EROFS_INODE_COMPRESSED_COMPACT => Ok(Self::CompressedCompact),
+            EROFS_INODE_CHUNK_BASED => Ok(Self::ChunkBased),
+            other => Err(other),
+        }
+    }
+
+    /// The on-disk value (`EROFS_INODE_*`).
+    pub fn raw(self) -> u16 {
+        match self {
+            Self::FlatPlain => EROFS_INODE_FLAT_PLAIN,
+            Self::CompressedFull => EROFS_INODE_COMPRESSED_FULL,
+            Self::FlatInline => EROFS_INODE_FLAT_INLINE,
+            Self::CompressedCompact => EROFS_INODE_COMPRESSED_COMPACT,
+            Self::ChunkBased => EROFS_INODE_CHUNK_BASED,
+        }
+    }
+
+    /// The `i_format` of an inode with this layout (`extended`: the 64-byte
+    /// inode version).
+    pub fn i_format(self, extended: bool) -> u16 {
+        let version = if extended {
+            EROFS_INODE_LAYOUT_EXTENDED
+        } else {
+            EROFS_INODE_LAYOUT_COMPACT
+        };
+        version | (self.raw() << EROFS_I_DATALAYOUT_BIT)
+    }
+}
+
+/// Compare with an `EROFS_INODE_*` value.
+impl PartialEq<u16> for DataLayout {
+    fn eq(&self, raw: &u16) -> bool {
+        self.raw() == *raw
+    }
+}
+
+/// The chunk format of a chunk-based inode (`i_u`), decoded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChunkFormat {
+    /// log2 of the chunk size in bytes (block size bits + `BLKBITS`).
+    pub chunkbits: u32,
+    /// Each chunk has a `struct erofs_inode_chunk_index` (device id and
+    /// block address) rather than a bare block map entry.
+    pub indexes: bool,
+}
+
+impl ChunkFormat {
+    pub fn decode(i_u: u32, blkszbits: u8) -> Self {
+        let format = i_u as u16;
+        ChunkFormat {
+            chunkbits: u32::from(format & EROFS_CHUNK_FORMAT_BLKBITS_MASK) + u32::from(blkszbits),
+            indexes: format & EROFS_CHUNK_FORMAT_INDEXES != 0,
+        }
+    }
+
+    /// Bytes per chunk entry: a chunk index or a block map entry.
+    pub fn unit(self) -> u64 {
+        if self.indexes {
+            core::mem::size_of::<ChunkIndex>() as u64
+        } else {
+            EROFS_BLOCK_MAP_ENTRY_SIZE
+        }
+    }
+}
 
 /// `struct erofs_inode_compact`, 32 bytes; mtime comes from the superblock.
 #[derive(Clone, Copy, Debug, Default, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]

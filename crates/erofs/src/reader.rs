@@ -7,7 +7,9 @@ use crate::error::{Error, Result};
 use crate::ondisk::*;
 use crate::tree::{S_IFBLK, S_IFCHR, S_IFDIR, S_IFIFO, S_IFLNK, S_IFMT, S_IFREG, S_IFSOCK};
 use sha2::{Digest, Sha256};
+use std::collections::HashSet;
 use std::fs::File;
+use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use zerocopy::FromBytes;
 
@@ -92,7 +94,8 @@ pub type DataSink<'a> = dyn FnMut(Option<&[u8]>, u64) -> std::io::Result<()> + '
 pub struct Inode {
     pub nid: u64,
     pub extended: bool,
-    pub datalayout: u16,
+    /// How the data is stored, decoded from `i_format`.
+    pub datalayout: DataLayout,
     pub mode: u32,
     pub nlink: u32,
     pub size: u64,
@@ -148,6 +151,103 @@ pub enum Extent {
     Image { offset: u64 },
     /// A chunk in a data blob: device slot, block address.
     Chunk { device_id: u16, blkaddr: u32 },
+}
+
+/// Where a run of a file's bytes is: what [`Image::map`] returns, the
+/// kernel's `struct erofs_map_blocks` once `erofs_map_dev` has resolved it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Mapping {
+    /// Logical start in the file (`m_la`).
+    pub la: u64,
+    /// Logical length (`m_llen`), cut at the file's end (the kernel rounds
+    /// it up to a block).
+    pub llen: u64,
+    /// Where the bytes are (`m_deviceid`, `m_pa`, or unmapped).
+    pub extent: Extent,
+}
+
+impl Mapping {
+    /// The logical end: the next mapping starts here.
+    pub fn end(&self) -> u64 {
+        self.la + self.llen
+    }
+
+    /// The logical range mapped.
+    pub fn logical(&self) -> Range<u64> {
+        self.la..self.end()
+    }
+}
+
+/// What [`Image::map_blocks`] (`erofs_map_blocks`) finds before the device
+/// is resolved: a logical range and, unless it is a hole, a physical byte
+/// address on a device slot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlockMap {
+    /// Logical start in the file (`m_la`).
+    pub la: u64,
+    /// Logical length (`m_llen`), cut at the file's end.
+    pub llen: u64,
+    /// Physical byte address (`m_pa`); `None` for a hole (the kernel's
+    /// map without `EROFS_MAP_MAPPED`).
+    pub pa: Option<u64>,
+    /// Device slot (`m_deviceid`), masked: 0 is the image itself, or with
+    /// unified addressing whichever device `mapped_blkaddr` says.
+    pub deviceid: u16,
+    /// The chunk number for a chunk-based file; `None` for flat data,
+    /// which is always in the image (never remapped to a device).
+    pub chunk: Option<u64>,
+}
+
+impl BlockMap {
+    fn flat(la: u64, llen: u64, pa: u64) -> Self {
+        BlockMap {
+            la,
+            llen,
+            pa: Some(pa),
+            deviceid: 0,
+            chunk: None,
+        }
+    }
+}
+
+/// The mappings of a file in logical order ([`Image::extents`]): one
+/// [`Image::map`] per extent rather than hand-written position loops.
+pub struct Extents<'a, R> {
+    img: &'a Image<R>,
+    ino: &'a Inode,
+    pos: u64,
+    end: u64,
+}
+
+impl<R: ReadAt> Iterator for Extents<'_, R> {
+    type Item = Result<Mapping>;
+
+    fn next(&mut self) -> Option<Result<Mapping>> {
+        if self.pos >= self.end {
+            return None;
+        }
+        let m = self.img.map(self.ino, self.pos);
+        // After an error (or a mapping that would not advance) the walk
+        // ends: the next position is unknown.
+        self.pos = match &m {
+            Ok(m) if m.end() > self.pos => m.end(),
+            _ => self.end,
+        };
+        Some(m)
+    }
+}
+
+/// An inode reached by [`Image::walk`].
+#[derive(Clone, Debug)]
+pub struct WalkEntry {
+    /// The path it was reached by, from the walk's start and after its
+    /// prefix (`""` for the root).
+    pub path: Vec<u8>,
+    pub inode: Inode,
+    /// Whether this is the first time the walk reached this inode: later
+    /// reaches are further hard links, or for a directory a cycle or a
+    /// hard-linked directory (not entered again).
+    pub first: bool,
 }
 
 pub struct Image<R> {
@@ -428,14 +528,15 @@ impl<R: ReadAt> Image<R> {
         let c = InodeCompact::read_from_bytes(&b).unwrap();
         let format = c.i_format.get();
         let extended = format & EROFS_I_VERSION_MASK == EROFS_INODE_LAYOUT_EXTENDED;
-        if format >> 4 != 0 {
+        if format & !EROFS_I_ALL != 0 {
             return Err(Error::corrupt(nid, format!("unknown i_format {format:#x}")));
         }
-        let datalayout = (format >> EROFS_I_DATALAYOUT_BIT) & EROFS_I_DATALAYOUT_MASK;
+        if extended && offset + 64 > self.image_size {
+            return Err(Error::corrupt(nid, "extended inode beyond the image end"));
+        }
+        let datalayout = DataLayout::from_i_format(format)
+            .map_err(|n| Error::corrupt(nid, format!("unknown data layout {n}")))?;
         let mut ino = if extended {
-            if offset + 64 > self.image_size {
-                return Err(Error::corrupt(nid, "extended inode beyond the image end"));
-            }
             let b = self.read("inode", offset, 64)?;
             let e = InodeExtended::read_from_bytes(&b).unwrap();
             Inode {
@@ -475,12 +576,6 @@ impl<R: ReadAt> Image<R> {
             }
         };
         ino.xattr_isize = xattr_ibody_size(ino.xattr_icount);
-        if datalayout > EROFS_INODE_CHUNK_BASED {
-            return Err(Error::corrupt(
-                nid,
-                format!("unknown data layout {datalayout}"),
-            ));
-        }
         match ino.file_type() {
             S_IFREG | S_IFDIR | S_IFLNK | S_IFCHR | S_IFBLK | S_IFIFO | S_IFSOCK => {}
             t => return Err(Error::corrupt(nid, format!("unknown file type {t:#o}"))),
@@ -613,146 +708,197 @@ impl<R: ReadAt> Image<R> {
         ))
     }
 
-    /// Read `len` bytes of a flat (uncompressed, non-chunked) inode's data,
-    /// i.e. directories, symlinks and erofs-utils' plain files.
-    fn read_flat(&self, ino: &Inode, offset: u64, len: u64) -> Result<Vec<u8>> {
-        let mut out = Vec::with_capacity(len.min(1 << 20) as usize);
-        let mut pos = offset;
-        let end = offset + len;
-        while pos < end {
-            let ext = self.map(ino, pos)?;
-            let chunk_end = match ext.1 {
-                Extent::Image { .. } if ext.0 .1 > pos => ext.0 .1.min(end),
-                _ => {
-                    return Err(Error::corrupt(
-                        ino.nid,
-                        "flat data is not mapped in the image",
-                    ))
-                }
+    /// Read a flat (uncompressed, non-chunked) inode's data whole, i.e.
+    /// directories, symlinks and erofs-utils' plain files: all of it must
+    /// be in the image itself.
+    fn read_flat(&self, ino: &Inode) -> Result<Vec<u8>> {
+        let mut out = Vec::with_capacity(ino.size.min(1 << 20) as usize);
+        for m in self.extents(ino) {
+            let m = m?;
+            let Extent::Image { offset } = m.extent else {
+                return Err(Error::corrupt(
+                    ino.nid,
+                    "flat data is not mapped in the image",
+                ));
             };
-            let Extent::Image { offset } = ext.1 else {
-                unreachable!()
-            };
-            out.extend(self.read("inode data", offset + (pos - ext.0 .0), chunk_end - pos)?);
-            pos = chunk_end;
+            out.extend(self.read("inode data", offset, m.llen)?);
         }
         Ok(out)
     }
 
-    /// Map the byte at `pos` of a file: ((extent start, extent end), where).
-    pub fn map(&self, ino: &Inode, pos: u64) -> Result<((u64, u64), Extent)> {
-        let nid = ino.nid;
+    /// Map the byte at `pos` of a file, as the kernel does: the block map
+    /// ([`Image::map_blocks`]), then the device ([`Image::map_dev`]).
+    pub fn map(&self, ino: &Inode, pos: u64) -> Result<Mapping> {
+        let m = self.map_blocks(ino, pos)?;
+        Ok(Mapping {
+            la: m.la,
+            llen: m.llen,
+            extent: self.map_dev(ino.nid, &m)?,
+        })
+    }
+
+    /// Every extent of a file's data, in order: the mappings that together
+    /// cover `0..size`. Ends after the first error.
+    pub fn extents<'a>(&'a self, ino: &'a Inode) -> Extents<'a, R> {
+        self.extents_in(ino, 0..ino.size)
+    }
+
+    /// The extents that cover `range` of a file (cut at its size), whole:
+    /// the first may start before `range.start`, the last end after
+    /// `range.end`.
+    pub fn extents_in<'a>(&'a self, ino: &'a Inode, range: Range<u64>) -> Extents<'a, R> {
+        Extents {
+            img: self,
+            ino,
+            pos: range.start,
+            end: range.end.min(ino.size),
+        }
+    }
+
+    /// `erofs_map_blocks`: find which logical range of the file `pos`
+    /// falls in and where its bytes are, as a device slot and a physical
+    /// address on it (not yet resolved to a blob: see [`Image::map_dev`]).
+    pub fn map_blocks(&self, ino: &Inode, pos: u64) -> Result<BlockMap> {
         if pos >= ino.size {
-            return Err(Error::corrupt(nid, "read past the end of the file"));
+            return Err(Error::corrupt(ino.nid, "read past the end of the file"));
         }
-        let bs = self.blksz;
         match ino.datalayout {
-            EROFS_INODE_FLAT_PLAIN | EROFS_INODE_FLAT_INLINE => {
-                let inline = ino.datalayout == EROFS_INODE_FLAT_INLINE;
-                let nblocks = ino.size.div_ceil(bs);
-                let last = nblocks - u64::from(inline);
-                let block_end = last
-                    .checked_mul(bs)
-                    .ok_or_else(|| Error::corrupt(nid, format!("file size {}", ino.size)))?;
-                if pos < block_end {
-                    let start = u64::from(ino.i_u) * bs;
-                    if start
-                        .checked_add(block_end)
-                        .is_none_or(|e| e > self.image_size)
-                    {
-                        return Err(Error::corrupt(nid, "data blocks beyond the image end"));
-                    }
-                    // A plain layout's last block is padded: the file ends first.
-                    Ok((
-                        (0, block_end.min(ino.size)),
-                        Extent::Image { offset: start },
-                    ))
-                } else {
-                    let at = ino.data_offset();
-                    let tail = ino.size - block_end;
-                    // The tail shares the inode's block (as fs/erofs
-                    // requires); `at % bs` alone would accept a tail that
-                    // starts exactly at the next block.
-                    let inode_block_end = (ino.offset / bs + 1) * bs;
-                    if tail > 0 && at + tail > inode_block_end {
-                        return Err(Error::corrupt(nid, "inline data crosses a block boundary"));
-                    }
-                    Ok(((block_end, ino.size), Extent::Image { offset: at }))
-                }
-            }
-            EROFS_INODE_CHUNK_BASED => {
-                let fmt = ino.i_u as u16;
-                let chunkbits =
-                    u32::from(fmt & EROFS_CHUNK_FORMAT_BLKBITS_MASK) + self.sb.blkszbits as u32;
-                if chunkbits > 40 {
-                    return Err(Error::corrupt(nid, format!("chunk size 2^{chunkbits}")));
-                }
-                let indexes = fmt & EROFS_CHUNK_FORMAT_INDEXES != 0;
-                let unit = if indexes { 8 } else { 4 };
-                let chunknr = pos >> chunkbits;
-                let nchunks = ino.size.div_ceil(1 << chunkbits);
-                let base = ino.data_offset().div_ceil(unit) * unit;
-                if base + nchunks * unit > self.image_size {
-                    return Err(Error::corrupt(nid, "chunk indexes beyond the image end"));
-                }
-                let b = self.read("chunk index", base + chunknr * unit, unit)?;
-                let start = chunknr << chunkbits;
-                let range = (start, (start + (1 << chunkbits)).min(ino.size));
-                let (device_id, blkaddr) = if indexes {
-                    let ci = ChunkIndex::read_from_bytes(&b).unwrap();
-                    (ci.device_id.get(), ci.blkaddr.get())
-                } else {
-                    (0, u32::from_le_bytes(b.try_into().unwrap()))
-                };
-                if blkaddr == EROFS_NULL_ADDR {
-                    return Ok((range, Extent::Hole));
-                }
-                let mask = (usize::from(self.sb.extra_devices.get()) + 1).next_power_of_two() - 1;
-                let device_id = device_id & mask as u16;
-                if usize::from(device_id) > self.devices.len() {
-                    return Err(Error::corrupt(
-                        nid,
-                        format!("chunk {chunknr}: device {device_id} does not exist"),
-                    ));
-                }
-                let nblocks = (range.1 - range.0).div_ceil(bs);
-                if device_id == 0 {
-                    // Flat multi-device addressing through mapped_blkaddr.
-                    for (i, d) in self.devices.iter().enumerate() {
-                        let m = u64::from(d.mapped_blkaddr.get());
-                        if m != 0
-                            && (m..m + u64::from(d.blocks.get())).contains(&u64::from(blkaddr))
-                        {
-                            return Ok((
-                                range,
-                                Extent::Chunk {
-                                    device_id: i as u16 + 1,
-                                    blkaddr: (u64::from(blkaddr) - m) as u32,
-                                },
-                            ));
-                        }
-                    }
-                    let off = u64::from(blkaddr) * bs;
-                    if off + nblocks * bs > self.image_size.div_ceil(bs) * bs {
-                        return Err(Error::corrupt(
-                            nid,
-                            format!("chunk {chunknr} beyond the image end"),
-                        ));
-                    }
-                    return Ok((range, Extent::Image { offset: off }));
-                }
-                let dev_blocks = u64::from(self.devices[usize::from(device_id) - 1].blocks.get());
-                // erofs-utils 1.5 leaves `blocks` 0 for --blobdev: size unknown.
-                if dev_blocks != 0 && u64::from(blkaddr) + nblocks > dev_blocks {
-                    return Err(Error::corrupt(
-                        nid,
-                        format!("chunk {chunknr}: blocks {blkaddr}+{nblocks} beyond device {device_id} ({dev_blocks} blocks)"),
-                    ));
-                }
-                Ok((range, Extent::Chunk { device_id, blkaddr }))
-            }
-            layout => Err(Error::Compressed { nid, layout }),
+            DataLayout::FlatPlain | DataLayout::FlatInline => self.map_flat(ino, pos),
+            DataLayout::ChunkBased => self.map_chunk(ino, pos),
+            layout => Err(Error::Compressed {
+                nid: ino.nid,
+                layout: layout.raw(),
+            }),
         }
+    }
+
+    /// Flat layouts: whole blocks from `i_u` (the last one padded, so the
+    /// range ends at the file's end), then for `FlatInline` a tail right
+    /// after the inode, in the inode's own block.
+    fn map_flat(&self, ino: &Inode, pos: u64) -> Result<BlockMap> {
+        let (nid, bs) = (ino.nid, self.blksz);
+        let inline = ino.datalayout == DataLayout::FlatInline;
+        let last = ino.size.div_ceil(bs) - u64::from(inline);
+        let block_end = last
+            .checked_mul(bs)
+            .ok_or_else(|| Error::corrupt(nid, format!("file size {}", ino.size)))?;
+        if pos < block_end {
+            let start = u64::from(ino.i_u) * bs;
+            if start
+                .checked_add(block_end)
+                .is_none_or(|e| e > self.image_size)
+            {
+                return Err(Error::corrupt(nid, "data blocks beyond the image end"));
+            }
+            return Ok(BlockMap::flat(0, block_end.min(ino.size), start));
+        }
+        let at = ino.data_offset();
+        let tail = ino.size - block_end;
+        // The tail shares the inode's block (as fs/erofs requires); `at %
+        // bs` alone would accept a tail that starts exactly at the next
+        // block.
+        let inode_block_end = (ino.offset / bs + 1) * bs;
+        if tail > 0 && at + tail > inode_block_end {
+            return Err(Error::corrupt(nid, "inline data crosses a block boundary"));
+        }
+        Ok(BlockMap::flat(block_end, tail, at))
+    }
+
+    /// Chunk-based layout: one chunk index (or bare block map entry) per
+    /// chunk, aligned after the inode's xattrs. The device id is masked as
+    /// the kernel masks it (`device_id_mask`).
+    fn map_chunk(&self, ino: &Inode, pos: u64) -> Result<BlockMap> {
+        let nid = ino.nid;
+        let format = ChunkFormat::decode(ino.i_u, self.sb.blkszbits);
+        let chunkbits = format.chunkbits;
+        if chunkbits > 40 {
+            return Err(Error::corrupt(nid, format!("chunk size 2^{chunkbits}")));
+        }
+        let unit = format.unit();
+        let chunknr = pos >> chunkbits;
+        let nchunks = ino.size.div_ceil(1 << chunkbits);
+        let base = ino.data_offset().div_ceil(unit) * unit;
+        if base + nchunks * unit > self.image_size {
+            return Err(Error::corrupt(nid, "chunk indexes beyond the image end"));
+        }
+        let b = self.read("chunk index", base + chunknr * unit, unit)?;
+        let la = chunknr << chunkbits;
+        let llen = (la + (1 << chunkbits)).min(ino.size) - la;
+        let (deviceid, blkaddr) = if format.indexes {
+            let ci = ChunkIndex::read_from_bytes(&b).unwrap();
+            (ci.device_id.get(), ci.blkaddr.get())
+        } else {
+            (0, u32::from_le_bytes(b.try_into().unwrap()))
+        };
+        let pa = (blkaddr != EROFS_NULL_ADDR).then(|| u64::from(blkaddr) * self.blksz);
+        let mask = (usize::from(self.sb.extra_devices.get()) + 1).next_power_of_two() - 1;
+        Ok(BlockMap {
+            la,
+            llen,
+            pa,
+            deviceid: deviceid & mask as u16,
+            chunk: Some(chunknr),
+        })
+    }
+
+    /// `erofs_map_dev`: resolve where a block map points. Flat data is the
+    /// image's own; a chunk names a device slot (checked to exist and to
+    /// hold the chunk), or with device 0 an address that unified
+    /// addressing (`mapped_blkaddr`) may place on a device.
+    pub fn map_dev(&self, nid: u64, m: &BlockMap) -> Result<Extent> {
+        let Some(pa) = m.pa else {
+            return Ok(Extent::Hole);
+        };
+        let Some(chunknr) = m.chunk else {
+            return Ok(Extent::Image { offset: pa });
+        };
+        let (bs, device_id) = (self.blksz, m.deviceid);
+        let blkaddr = pa / bs;
+        if usize::from(device_id) > self.devices.len() {
+            return Err(Error::corrupt(
+                nid,
+                format!("chunk {chunknr}: device {device_id} does not exist"),
+            ));
+        }
+        let nblocks = m.llen.div_ceil(bs);
+        if device_id == 0 {
+            if let Some(extent) = self.map_unified(blkaddr) {
+                return Ok(extent);
+            }
+            if pa + nblocks * bs > self.image_size.div_ceil(bs) * bs {
+                return Err(Error::corrupt(
+                    nid,
+                    format!("chunk {chunknr} beyond the image end"),
+                ));
+            }
+            return Ok(Extent::Image { offset: pa });
+        }
+        let dev_blocks = u64::from(self.devices[usize::from(device_id) - 1].blocks.get());
+        // erofs-utils 1.5 leaves `blocks` 0 for --blobdev: size unknown.
+        if dev_blocks != 0 && blkaddr + nblocks > dev_blocks {
+            return Err(Error::corrupt(
+                nid,
+                format!("chunk {chunknr}: blocks {blkaddr}+{nblocks} beyond device {device_id} ({dev_blocks} blocks)"),
+            ));
+        }
+        Ok(Extent::Chunk {
+            device_id,
+            blkaddr: blkaddr as u32,
+        })
+    }
+
+    /// Flat multi-device addressing: the device whose `mapped_blkaddr`
+    /// range holds `blkaddr`, and the block within it.
+    fn map_unified(&self, blkaddr: u64) -> Option<Extent> {
+        self.devices.iter().zip(1u16..).find_map(|(d, device_id)| {
+            let m = u64::from(d.mapped_blkaddr.get());
+            (m != 0 && (m..m + u64::from(d.blocks.get())).contains(&blkaddr)).then(|| {
+                Extent::Chunk {
+                    device_id,
+                    blkaddr: (blkaddr - m) as u32,
+                }
+            })
+        })
     }
 
     pub fn read_link(&self, ino: &Inode) -> Result<Vec<u8>> {
@@ -765,30 +911,50 @@ impl<R: ReadAt> Image<R> {
                 format!("symlink size {}", ino.size),
             ));
         }
-        self.read_flat(ino, 0, ino.size)
+        self.read_flat(ino)
     }
 
-    /// Visit every inode reachable from the root once (hard links and a
-    /// directory named twice are visited once; cycles end), directories
-    /// before their entries.
-    pub fn for_each_inode(&self, mut f: impl FnMut(&Inode) -> Result<()>) -> Result<()> {
-        let mut seen = std::collections::HashSet::new();
-        let mut stack = vec![self.root_nid()];
-        while let Some(nid) = stack.pop() {
-            if !seen.insert(nid) {
-                continue;
-            }
-            let ino = self.inode(nid)?;
-            f(&ino)?;
-            if ino.is_dir() {
-                for e in self.read_dir(&ino)? {
-                    if e.name != b"." && e.name != b".." {
-                        stack.push(e.nid);
-                    }
-                }
+    /// Walk the tree under `start` (its path `prefix`) once, pre-order: a
+    /// directory before its entries, entries in on-disk (sorted) order.
+    /// Every name is reported, but a directory is entered only the first
+    /// time, so cycles and hard-linked directories in a hostile image
+    /// cannot make the walk loop; [`WalkEntry::first`] tells the caller,
+    /// which decides whether a directory reached twice is an error.
+    pub fn walk(
+        &self,
+        start: Inode,
+        prefix: &[u8],
+        mut f: impl FnMut(&WalkEntry) -> Result<()>,
+    ) -> Result<()> {
+        let mut seen = HashSet::new();
+        let mut stack = vec![(prefix.to_vec(), start)];
+        while let Some((path, inode)) = stack.pop() {
+            let first = seen.insert(inode.nid);
+            let entry = WalkEntry { path, inode, first };
+            f(&entry)?;
+            if first && entry.inode.is_dir() {
+                let children = self.children(&entry)?;
+                stack.extend(children.into_iter().rev());
             }
         }
         Ok(())
+    }
+
+    /// A directory's entries (without `.` and `..`) as (path, inode).
+    fn children(&self, dir: &WalkEntry) -> Result<Vec<(Vec<u8>, Inode)>> {
+        let mut out = Vec::new();
+        for e in self.read_dir(&dir.inode)? {
+            if e.name == b"." || e.name == b".." {
+                continue;
+            }
+            let mut path = dir.path.clone();
+            if !path.is_empty() {
+                path.push(b'/');
+            }
+            path.extend_from_slice(&e.name);
+            out.push((path, self.inode(e.nid)?));
+        }
+        Ok(out)
     }
 
     /// A directory's entries in on-disk order. Names must be strictly
@@ -807,7 +973,7 @@ impl<R: ReadAt> Image<R> {
                 format!("directory size {} exceeds the image", ino.size),
             ));
         }
-        let data = self.read_flat(ino, 0, ino.size)?;
+        let data = self.read_flat(ino)?;
         let bs = self.blksz as usize;
         let mut out: Vec<DirEntry> = Vec::new();
         for (bi, blk) in data.chunks(bs).enumerate() {
@@ -889,27 +1055,25 @@ impl<R: ReadAt> Image<R> {
         if ino.file_type() != S_IFREG {
             return Err(Error::corrupt(ino.nid, "not a regular file"));
         }
-        let mut pos = 0;
-        while pos < ino.size {
-            let ((start, end), ext) = self.map(ino, pos)?;
-            // Flat data streams in pieces: one extent may be the whole file.
-            let end = match ext {
-                Extent::Image { .. } => end.min(pos.saturating_add(1 << 20)),
-                _ => end,
-            };
-            let len = end - pos;
-            let bytes = match ext {
-                Extent::Hole => None,
+        for m in self.extents(ino) {
+            let m = m?;
+            match m.extent {
+                Extent::Hole => sink(None, m.llen).map_err(io("output", m.la))?,
+                // Flat data streams in pieces: one extent may be the whole file.
                 Extent::Image { offset } => {
-                    Some(self.read("file data", offset + (pos - start), len)?)
+                    let mut pos = m.la;
+                    while pos < m.end() {
+                        let len = (m.end() - pos).min(1 << 20);
+                        let bytes = self.read("file data", offset + (pos - m.la), len)?;
+                        sink(Some(&bytes), len).map_err(io("output", pos))?;
+                        pos += len;
+                    }
                 }
                 Extent::Chunk { device_id, blkaddr } => {
-                    let chunk = self.read_chunk(device_id, blkaddr, end - start, blobs)?;
-                    Some(chunk[(pos - start) as usize..(end - start) as usize].to_vec())
+                    let chunk = self.read_chunk(device_id, blkaddr, m.llen, blobs)?;
+                    sink(Some(&chunk[..m.llen as usize]), m.llen).map_err(io("output", m.la))?;
                 }
-            };
-            sink(bytes.as_deref(), len).map_err(io("output", pos))?;
-            pos = end;
+            }
         }
         Ok(())
     }

@@ -146,8 +146,9 @@ fn lookup(img: &Image<Vec<u8>>, path: &str) -> Inode {
 /// Image offset of a directory's (single) block and its bytes.
 fn dir_block(img: &Image<Vec<u8>>, dir: &Inode) -> (u64, Vec<u8>) {
     assert!(dir.size <= 4096, "fixture directories fit one block");
-    let ((start, end), ext) = img.map(dir, 0).unwrap();
-    assert_eq!((start, end), (0, dir.size));
+    let m = img.map(dir, 0).unwrap();
+    assert_eq!((m.la, m.end()), (0, dir.size));
+    let ext = m.extent;
     let Extent::Image { offset } = ext else {
         panic!("directory data not in the image: {ext:?}")
     };
@@ -510,7 +511,7 @@ fn tampered_blob_fails_verification() {
     let img = f.img();
     let tag = img.device_tag(1).unwrap();
     let a = lookup(&img, "a.txt");
-    let ((_, _), ext) = img.map(&a, 4096).unwrap();
+    let ext = img.map(&a, 4096).unwrap().extent;
     let Extent::Chunk {
         device_id: 1,
         blkaddr,
@@ -736,7 +737,7 @@ fn duplicate_and_unsorted_names() {
     }
     // Across blocks: block 1 of "many" starts with a name from block 0.
     let many = lookup(&img, "many");
-    let ((_, _), Extent::Image { offset }) = img.map(&many, 4096).unwrap() else {
+    let Extent::Image { offset } = img.map(&many, 4096).unwrap().extent else {
         panic!("directory block not in the image")
     };
     let blk1 = img.source()[offset as usize..offset as usize + 4096].to_vec();
@@ -1592,4 +1593,51 @@ fn write_frame_table_seed(dir: &Path) {
     seed.extend_from_slice(section);
     seed.extend_from_slice(&object[..f.frames[0].clen.get() as usize]);
     std::fs::write(dir.join("built"), seed).unwrap();
+}
+
+/// The extents of every file tile it exactly (each starts where the last
+/// ended, the last ends at the size), each is what `map` says at its
+/// start, and `map` is `map_blocks` then `map_dev`; the walk reaches every
+/// name once and a hard-linked file first once.
+#[test]
+fn extents_tile_files_and_walk_reports_links() {
+    let f = fixture();
+    let img = f.img();
+    let root = img.inode(img.root_nid()).unwrap();
+    let (mut names, mut first_b) = (Vec::new(), 0);
+    img.walk(root, b"", |e| {
+        names.push(String::from_utf8_lossy(&e.path).into_owned());
+        if e.inode.nid == img.lookup("sub/b.txt").unwrap().nid && e.first {
+            first_b += 1;
+        }
+        if e.inode.is_dir() {
+            assert!(e.first, "{:?}: directory reached twice", e.path);
+        }
+        let mut pos = 0;
+        for m in img.extents(&e.inode) {
+            let m = m.unwrap();
+            assert_eq!(m.la, pos);
+            assert!(m.llen > 0);
+            assert_eq!(img.map(&e.inode, m.la).unwrap(), m);
+            let b = img.map_blocks(&e.inode, m.la).unwrap();
+            assert_eq!((b.la, b.llen), (m.la, m.llen));
+            assert_eq!(img.map_dev(e.inode.nid, &b).unwrap(), m.extent);
+            pos = m.end();
+        }
+        assert_eq!(pos, e.inode.size);
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(first_b, 1);
+    for want in ["", "a.txt", "hard", "sub/b.txt", "sub/deeper/c.bin", "many"] {
+        assert!(names.iter().any(|n| n == want), "{want} not walked");
+    }
+    // In order: a directory before its entries, entries sorted.
+    let pos = |n: &str| names.iter().position(|x| x == n).unwrap();
+    assert!(pos("sub") < pos("sub/b.txt") && pos("a.txt") < pos("hard"));
+    // An extents_in range starts inside an extent: the first one is whole.
+    let a = img.lookup("a.txt").unwrap();
+    let cover: Vec<_> = img.extents_in(&a, 5000..9000).map(|m| m.unwrap()).collect();
+    assert_eq!(cover.len(), 2);
+    assert_eq!((cover[0].la, cover[1].end()), (4096, 10_000));
 }

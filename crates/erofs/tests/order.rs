@@ -25,7 +25,11 @@ fn blob_order(boot: &Path, dev: u16) -> Vec<String> {
     let mut at = Vec::new();
     for p in ["a/x", "a/y", "b", "a-z", "c/d/e"] {
         if let Ok(ino) = img.lookup(&format!("/{p}")) {
-            if let Ok((_, erofs::Extent::Chunk { device_id, blkaddr })) = img.map(&ino, 0) {
+            if let Ok(erofs::Mapping {
+                extent: erofs::Extent::Chunk { device_id, blkaddr },
+                ..
+            }) = img.map(&ino, 0)
+            {
                 if device_id == dev {
                     at.push((blkaddr, p.to_string()));
                 }

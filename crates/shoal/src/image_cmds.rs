@@ -4,7 +4,7 @@ use crate::walk::walk;
 use anyhow::{bail, Context, Result};
 use erofs::ondisk::*;
 use erofs::tree::{S_IFBLK, S_IFCHR, S_IFDIR, S_IFIFO, S_IFLNK, S_IFMT, S_IFREG, S_IFSOCK};
-use erofs::{BlobFiles, BuildReport, Extent, Image};
+use erofs::{BlobFiles, BuildReport, ChunkFormat, DataLayout, Extent, Image, Inode};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, HashSet};
@@ -132,21 +132,35 @@ fn feature_names(compat: u32, incompat: u32) -> Vec<&'static str> {
     v
 }
 
-pub fn inspect(path: &Path, as_json: bool) -> Result<()> {
-    let img = open_image(path)?;
-    let sb = &img.sb;
-    let root = img.inode(img.root_nid())?;
-    let entries = walk(&img, root, b"")?;
-    let mut counts: BTreeMap<&str, u64> = BTreeMap::new();
-    let mut seen = HashSet::new();
-    let (mut logical, mut referenced, mut chunk_size) = (0u64, 0u64, None);
-    let mut stored: HashSet<(u16, u32)> = HashSet::new();
-    let mut stored_bytes = 0u64;
-    for e in &entries {
-        if !seen.insert(e.inode.nid) {
-            continue;
-        }
-        let kind = match e.inode.file_type() {
+/// What `inspect` counts over a tree: inodes by kind, and what files keep
+/// in blobs, so that dedup is measured as files see it.
+#[derive(Default)]
+struct TreeStats {
+    counts: BTreeMap<&'static str, u64>,
+    chunk_size: Option<u64>,
+    /// File bytes in blob chunks.
+    logical: u64,
+    /// Blob bytes files reference, each chunk padded to whole blocks.
+    referenced: u64,
+    /// Distinct chunks referenced, and their padded bytes.
+    stored: HashSet<(u16, u32)>,
+    stored_bytes: u64,
+}
+
+impl TreeStats {
+    /// Count every inode once (hard links are not counted again).
+    fn of(img: &Image<File>) -> Result<Self> {
+        let mut stats = TreeStats::default();
+        let root = img.inode(img.root_nid())?;
+        walk(img, root, b"", |e| match e.first {
+            true => stats.add(img, &e.inode),
+            false => Ok(()),
+        })?;
+        Ok(stats)
+    }
+
+    fn add(&mut self, img: &Image<File>, ino: &Inode) -> erofs::Result<()> {
+        let kind = match ino.file_type() {
             S_IFREG => "files",
             S_IFDIR => "directories",
             S_IFLNK => "symlinks",
@@ -154,56 +168,63 @@ pub fn inspect(path: &Path, as_json: bool) -> Result<()> {
             S_IFIFO => "fifos",
             _ => "sockets",
         };
-        *counts.entry(kind).or_default() += 1;
-        if e.inode.file_type() == S_IFREG && e.inode.datalayout == EROFS_INODE_CHUNK_BASED {
-            chunk_size.get_or_insert(
-                1u64 << ((e.inode.i_u as u16 & EROFS_CHUNK_FORMAT_BLKBITS_MASK) + 12),
-            );
-            let mut pos = 0;
-            while pos < e.inode.size {
-                let ((start, end), ext) = img.map(&e.inode, pos)?;
-                if let Extent::Chunk { device_id, blkaddr } = ext {
-                    let padded = (end - start).div_ceil(img.block_size()) * img.block_size();
-                    logical += end - start;
-                    referenced += padded;
-                    if stored.insert((device_id, blkaddr)) {
-                        stored_bytes += padded;
-                    }
+        *self.counts.entry(kind).or_default() += 1;
+        if !ino.is_reg() || ino.datalayout != DataLayout::ChunkBased {
+            return Ok(());
+        }
+        let format = ChunkFormat::decode(ino.i_u, img.sb.blkszbits);
+        self.chunk_size.get_or_insert(1u64 << format.chunkbits);
+        let bs = img.block_size();
+        for m in img.extents(ino) {
+            let m = m?;
+            if let Extent::Chunk { device_id, blkaddr } = m.extent {
+                let padded = m.llen.div_ceil(bs) * bs;
+                self.logical += m.llen;
+                self.referenced += padded;
+                if self.stored.insert((device_id, blkaddr)) {
+                    self.stored_bytes += padded;
                 }
-                pos = end;
             }
         }
+        Ok(())
     }
-    let devices: Vec<_> = img
-        .devices
-        .iter()
-        .enumerate()
-        .map(|(i, d)| {
-            let tag = img.device_tag(i as u16 + 1).unwrap_or_default();
-            let entries = img
-                .chunk_table
-                .as_ref()
-                .and_then(|t| t.entries(i as u16 + 1))
+
+    /// Referenced over stored blob bytes (1 without any).
+    fn dedup_ratio(&self) -> f64 {
+        if self.stored_bytes > 0 {
+            self.referenced as f64 / self.stored_bytes as f64
+        } else {
+            1.0
+        }
+    }
+}
+
+/// Each device slot as `inspect` reports it: tag, size, how many chunk
+/// digests pin it and, if compressed, how it is stored on remotes.
+fn devices_json(img: &Image<File>) -> Vec<serde_json::Value> {
+    (1..)
+        .zip(&img.devices)
+        .map(|(device_id, d): (u16, _)| {
+            let tag = img.device_tag(device_id).unwrap_or_default();
+            let table = img.chunk_table.as_ref();
+            let entries = table
+                .and_then(|t| t.entries(device_id))
                 .map_or(0, |e| e.len());
-            // How the blob is stored on remotes, if compressed.
-            let remote = img
-                .chunk_table
-                .as_ref()
-                .and_then(|t| t.frames(i as u16 + 1))
-                .map(|f| {
-                    json!({"compression": "zstd", "object": f.object_name(),
-                                "object_bytes": f.object_size, "frames": f.frames.len()})
-                });
-            json!({"device_id": i + 1, "tag": tag, "blocks": d.blocks.get(),
+            let remote = table.and_then(|t| t.frames(device_id)).map(|f| {
+                json!({"compression": "zstd", "object": f.object_name(),
+                        "object_bytes": f.object_size, "frames": f.frames.len()})
+            });
+            json!({"device_id": device_id, "tag": tag, "blocks": d.blocks.get(),
                    "bytes": u64::from(d.blocks.get()) * img.block_size(), "chunk_digests": entries,
                    "remote_object": remote})
         })
-        .collect();
-    let dedup = if stored_bytes > 0 {
-        referenced as f64 / stored_bytes as f64
-    } else {
-        1.0
-    };
+        .collect()
+}
+
+pub fn inspect(path: &Path, as_json: bool) -> Result<()> {
+    let img = open_image(path)?;
+    let sb = &img.sb;
+    let stats = TreeStats::of(&img)?;
     let v = json!({
         "image": path,
         "image_bytes": img.image_size,
@@ -215,18 +236,25 @@ pub fn inspect(path: &Path, as_json: bool) -> Result<()> {
         "uuid": hex::encode(sb.uuid),
         "volume_name": String::from_utf8_lossy(&sb.volume_name).trim_end_matches('\0'),
         "features": feature_names(sb.feature_compat.get(), sb.feature_incompat.get()),
-        "chunk_size": chunk_size,
-        "devices": devices,
+        "chunk_size": stats.chunk_size,
+        "devices": devices_json(&img),
         "chunk_table": img.chunk_table.as_ref().map(|t| t.total_entries()),
-        "counts": counts,
-        "file_bytes_in_blobs": logical,
-        "unique_chunk_bytes": stored_bytes,
-        "dedup_ratio": (dedup * 1000.0).round() / 1000.0,
+        "counts": stats.counts,
+        "file_bytes_in_blobs": stats.logical,
+        "unique_chunk_bytes": stats.stored_bytes,
+        "dedup_ratio": (stats.dedup_ratio() * 1000.0).round() / 1000.0,
     });
     if as_json {
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
+    print_inspect(path, &img, &v, &stats);
+    Ok(())
+}
+
+/// `inspect`'s text form of the report `v`.
+fn print_inspect(path: &Path, img: &Image<File>, v: &serde_json::Value, stats: &TreeStats) {
+    let sb = &img.sb;
     println!(
         "image:        {} ({} bytes)",
         path.display(),
@@ -241,7 +269,8 @@ pub fn inspect(path: &Path, as_json: bool) -> Result<()> {
     println!(
         "inodes:       {}  ({})",
         sb.inos.get(),
-        counts
+        stats
+            .counts
             .iter()
             .map(|(k, v)| format!("{v} {k}"))
             .collect::<Vec<_>>()
@@ -258,7 +287,7 @@ pub fn inspect(path: &Path, as_json: bool) -> Result<()> {
             .join(" ")
     );
     println!("uuid:         {}", v["uuid"].as_str().unwrap());
-    if let Some(cs) = chunk_size {
+    if let Some(cs) = stats.chunk_size {
         println!("chunk size:   {cs}");
     }
     match &img.chunk_table {
@@ -268,7 +297,17 @@ pub fn inspect(path: &Path, as_json: bool) -> Result<()> {
         ),
         None => println!("chunk table:  none (not built by shoal; blobs checked whole only)"),
     }
-    for d in &devices {
+    print_devices(v["devices"].as_array().unwrap());
+    println!(
+        "file data:    {} bytes in blobs, {} unique, dedup ratio {:.3}",
+        stats.logical,
+        stats.stored_bytes,
+        stats.dedup_ratio()
+    );
+}
+
+fn print_devices(devices: &[serde_json::Value]) {
+    for d in devices {
         println!(
             "device {}:     {} {} bytes, {} chunk digests",
             d["device_id"],
@@ -285,11 +324,6 @@ pub fn inspect(path: &Path, as_json: bool) -> Result<()> {
             );
         }
     }
-    println!(
-        "file data:    {logical} bytes in blobs, {stored_bytes} unique, dedup ratio {:.3}",
-        dedup
-    );
-    Ok(())
 }
 
 /// `ls -l` style mode: the type, then rwx for owner, group and others,
@@ -336,7 +370,7 @@ pub fn ls(path: &Path, dir: &str, recursive: bool) -> Result<()> {
     let start = img.lookup(dir)?;
     let prefix = dir.trim_matches('/').as_bytes();
     let entries = if recursive || !start.is_dir() {
-        walk(&img, start, prefix)?
+        crate::walk::entries(&img, start, prefix)?
     } else {
         let mut v = Vec::new();
         for e in img.read_dir(&start)? {
@@ -349,6 +383,7 @@ pub fn ls(path: &Path, dir: &str, recursive: bool) -> Result<()> {
                 v.push(crate::walk::Entry {
                     path: p,
                     inode: img.inode(e.nid)?,
+                    first: true,
                 });
             }
         }
@@ -411,6 +446,9 @@ pub fn extract(path: &Path, dest: &Path, args: &BlobArgs) -> Result<()> {
     Ok(())
 }
 
+/// Check an image against its blobs: each blob's size and digest, every
+/// pinned chunk, and that every chunk a file maps is pinned. Problems are
+/// collected so that one run reports them all.
 pub fn verify(path: &Path, args: &BlobArgs) -> Result<()> {
     let img = open_image(path)?;
     let paths = blob_paths(&img, args)?;
@@ -418,85 +456,10 @@ pub fn verify(path: &Path, args: &BlobArgs) -> Result<()> {
     let mut chunks_ok = 0usize;
     let files: Vec<File> = paths.iter().filter_map(|p| File::open(p).ok()).collect();
     let blob_files = (files.len() == paths.len()).then_some(BlobFiles(files));
-    for (k, p) in paths.iter().enumerate() {
-        let dev = k as u16 + 1;
-        let slot = &img.devices[k];
-        let want_size = u64::from(slot.blocks.get()) * img.block_size();
-        let mut f = match File::open(p) {
-            Ok(f) => f,
-            Err(e) => {
-                problems.push(format!("blob {}: {e}", p.display()));
-                continue;
-            }
-        };
-        let size = f.metadata()?.len();
-        if size != want_size {
-            problems.push(format!(
-                "blob {}: {size} bytes, device slot says {want_size}",
-                p.display()
-            ));
-        }
-        if let Some(tag) = img.device_tag(dev) {
-            let mut h = Sha256::new();
-            let mut buf = vec![0u8; 1 << 20];
-            loop {
-                let n = f.read(&mut buf)?;
-                if n == 0 {
-                    break;
-                }
-                h.update(&buf[..n]);
-            }
-            let got = hex::encode(h.finalize());
-            if got != tag {
-                problems.push(format!(
-                    "blob {}: sha256 {got} does not match its tag {tag}",
-                    p.display()
-                ));
-            }
-        }
-        let entries = img.chunk_table.as_ref().and_then(|t| t.entries(dev));
-        if let (Some(entries), Some(one)) = (entries, &blob_files) {
-            for e in entries {
-                let len = u64::from(e.nblocks.get()) * img.block_size();
-                match img.read_chunk(dev, e.blkaddr.get(), len, one) {
-                    Ok(_) => chunks_ok += 1,
-                    Err(err) => problems.push(err.to_string()),
-                }
-            }
-        }
+    for (device_id, p) in (1..).zip(&paths) {
+        chunks_ok += verify_blob(&img, device_id, p, blob_files.as_ref(), &mut problems)?;
     }
-    // Every chunk a file maps must be a pinned chunk of an existing device.
-    let root = img.inode(img.root_nid())?;
-    let mut files = 0;
-    for e in walk(&img, root, b"")? {
-        if e.inode.file_type() != S_IFREG {
-            continue;
-        }
-        files += 1;
-        let mut pos = 0;
-        while pos < e.inode.size {
-            match img.map(&e.inode, pos) {
-                Ok(((_, end), ext)) => {
-                    if let (Extent::Chunk { device_id, blkaddr }, Some(t)) = (ext, &img.chunk_table)
-                    {
-                        if t.find(device_id, blkaddr)
-                            .is_none_or(|c| c.blkaddr.get() != blkaddr)
-                        {
-                            problems.push(format!(
-                                "/{}: chunk at device {device_id} block {blkaddr} has no digest",
-                                String::from_utf8_lossy(&e.path)
-                            ));
-                        }
-                    }
-                    pos = end;
-                }
-                Err(err) => {
-                    problems.push(format!("/{}: {err}", String::from_utf8_lossy(&e.path)));
-                    break;
-                }
-            }
-        }
-    }
+    let files = verify_files(&img, &mut problems)?;
     if !problems.is_empty() {
         for p in &problems {
             eprintln!("FAIL {p}");
@@ -508,6 +471,102 @@ pub fn verify(path: &Path, args: &BlobArgs) -> Result<()> {
         paths.len()
     );
     Ok(())
+}
+
+/// One blob: its size against the device slot, its digest against the
+/// tag, and (when every blob opened) each chunk against the chunk table.
+/// Returns how many chunks verified.
+fn verify_blob(
+    img: &Image<File>,
+    device_id: u16,
+    p: &Path,
+    blob_files: Option<&BlobFiles>,
+    problems: &mut Vec<String>,
+) -> Result<usize> {
+    let slot = &img.devices[usize::from(device_id) - 1];
+    let want_size = u64::from(slot.blocks.get()) * img.block_size();
+    let mut f = match File::open(p) {
+        Ok(f) => f,
+        Err(e) => {
+            problems.push(format!("blob {}: {e}", p.display()));
+            return Ok(0);
+        }
+    };
+    let size = f.metadata()?.len();
+    if size != want_size {
+        problems.push(format!(
+            "blob {}: {size} bytes, device slot says {want_size}",
+            p.display()
+        ));
+    }
+    if let Some(tag) = img.device_tag(device_id) {
+        let got = sha256_hex(&mut f)?;
+        if got != tag {
+            problems.push(format!(
+                "blob {}: sha256 {got} does not match its tag {tag}",
+                p.display()
+            ));
+        }
+    }
+    let mut chunks_ok = 0;
+    let entries = img.chunk_table.as_ref().and_then(|t| t.entries(device_id));
+    if let (Some(entries), Some(blobs)) = (entries, blob_files) {
+        for e in entries {
+            let len = u64::from(e.nblocks.get()) * img.block_size();
+            match img.read_chunk(device_id, e.blkaddr.get(), len, blobs) {
+                Ok(_) => chunks_ok += 1,
+                Err(err) => problems.push(err.to_string()),
+            }
+        }
+    }
+    Ok(chunks_ok)
+}
+
+fn sha256_hex(f: &mut File) -> Result<String> {
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            return Ok(hex::encode(h.finalize()));
+        }
+        h.update(&buf[..n]);
+    }
+}
+
+/// Every chunk a file maps must be a pinned chunk of an existing device.
+/// Returns how many regular files (per name) were mapped.
+fn verify_files(img: &Image<File>, problems: &mut Vec<String>) -> Result<usize> {
+    let root = img.inode(img.root_nid())?;
+    let mut files = 0;
+    walk(img, root, b"", |e| {
+        if e.inode.file_type() != S_IFREG {
+            return Ok(());
+        }
+        files += 1;
+        let path = || String::from_utf8_lossy(&e.path);
+        for m in img.extents(&e.inode) {
+            let m = match m {
+                Ok(m) => m,
+                Err(err) => {
+                    problems.push(format!("/{}: {err}", path()));
+                    break;
+                }
+            };
+            if let (Extent::Chunk { device_id, blkaddr }, Some(t)) = (m.extent, &img.chunk_table) {
+                if t.find(device_id, blkaddr)
+                    .is_none_or(|c| c.blkaddr.get() != blkaddr)
+                {
+                    problems.push(format!(
+                        "/{}: chunk at device {device_id} block {blkaddr} has no digest",
+                        path()
+                    ));
+                }
+            }
+        }
+        Ok(())
+    })?;
+    Ok(files)
 }
 
 /// A blob must be exactly as long as its device slot says: the kernel

@@ -14,21 +14,19 @@ use std::path::Path;
 fn chunk_owners(img: &Image<std::fs::File>) -> Result<HashMap<(u16, u32), Vec<u8>>> {
     let mut owners = HashMap::new();
     let root = img.inode(img.root_nid())?;
-    for e in walk(img, root, b"")? {
+    walk(img, root, b"", |e| {
         if !e.inode.is_reg() {
-            continue;
+            return Ok(());
         }
-        let mut pos = 0;
-        while pos < e.inode.size {
-            let ((_, end), ext) = img.map(&e.inode, pos)?;
-            if let Extent::Chunk { device_id, blkaddr } = ext {
+        for m in img.extents(&e.inode) {
+            if let Extent::Chunk { device_id, blkaddr } = m?.extent {
                 owners
                     .entry((device_id, blkaddr))
                     .or_insert_with(|| e.path.clone());
             }
-            pos = end;
         }
-    }
+        Ok(())
+    })?;
     Ok(owners)
 }
 

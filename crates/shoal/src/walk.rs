@@ -1,51 +1,45 @@
-//! Walk an image's tree once, safely: each directory is entered at most
-//! once, so cyclic or hard-linked directories in a hostile image are
-//! reported instead of looping.
+//! The commands' walk of an image: [`erofs::Image::walk`], strict. A
+//! directory reached twice (a cycle or a hard-linked directory, which a
+//! hostile image may hold) is reported as corruption: a listing or an
+//! extraction by path would otherwise show one directory under two names.
 
 use erofs::{Image, Inode, ReadAt};
-use std::collections::HashSet;
 
-pub struct Entry {
-    /// Path relative to the root ("" for the root).
-    pub path: Vec<u8>,
-    pub inode: Inode,
-}
+pub use erofs::WalkEntry as Entry;
 
 /// Pre-order walk from `start` (directories before their contents, entries
-/// of a directory in on-disk, i.e. sorted, order).
-pub fn walk<R: ReadAt>(img: &Image<R>, start: Inode, prefix: &[u8]) -> erofs::Result<Vec<Entry>> {
-    let mut out = Vec::new();
-    let mut seen_dirs = HashSet::new();
-    let mut stack = vec![(prefix.to_vec(), start)];
-    while let Some((path, inode)) = stack.pop() {
-        if inode.is_dir() {
-            if !seen_dirs.insert(inode.nid) {
-                return Err(erofs::Error::Corrupt {
-                    nid: inode.nid,
-                    what: format!(
-                        "directory reached twice (cycle or hard-linked directory) at {:?}",
-                        String::from_utf8_lossy(&path)
-                    ),
-                });
-            }
-            let entries = img.read_dir(&inode)?;
-            let mut children = Vec::with_capacity(entries.len());
-            for e in entries {
-                if e.name == b"." || e.name == b".." {
-                    continue;
-                }
-                let mut p = path.clone();
-                if !p.is_empty() {
-                    p.push(b'/');
-                }
-                p.extend_from_slice(&e.name);
-                children.push((p, img.inode(e.nid)?));
-            }
-            out.push(Entry { path, inode });
-            stack.extend(children.into_iter().rev());
-        } else {
-            out.push(Entry { path, inode });
+/// of a directory in on-disk, i.e. sorted, order), calling `f` for every
+/// name (a hard-linked file once per link: see [`Entry::first`]).
+pub fn walk<R: ReadAt>(
+    img: &Image<R>,
+    start: Inode,
+    prefix: &[u8],
+    mut f: impl FnMut(&Entry) -> erofs::Result<()>,
+) -> erofs::Result<()> {
+    img.walk(start, prefix, |e| {
+        if e.inode.is_dir() && !e.first {
+            return Err(erofs::Error::Corrupt {
+                nid: e.inode.nid,
+                what: format!(
+                    "directory reached twice (cycle or hard-linked directory) at {:?}",
+                    String::from_utf8_lossy(&e.path)
+                ),
+            });
         }
-    }
+        f(e)
+    })
+}
+
+/// [`walk`], collected.
+pub fn entries<R: ReadAt>(
+    img: &Image<R>,
+    start: Inode,
+    prefix: &[u8],
+) -> erofs::Result<Vec<Entry>> {
+    let mut out = Vec::new();
+    walk(img, start, prefix, |e| {
+        out.push(e.clone());
+        Ok(())
+    })?;
     Ok(out)
 }

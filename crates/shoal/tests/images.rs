@@ -393,7 +393,7 @@ fn rename_root_entry(path: &Path, from: &[u8], to: &[u8]) {
     let img = erofs::Image::open(bytes.clone()).unwrap();
     let root = img.inode(img.root_nid()).unwrap();
     assert!(root.size <= 4096, "root directory fits one block");
-    let ((_, _), erofs::Extent::Image { offset }) = img.map(&root, 0).unwrap() else {
+    let erofs::Extent::Image { offset } = img.map(&root, 0).unwrap().extent else {
         panic!("root directory data not in the image")
     };
     let entries = img.read_dir(&root).unwrap();
