@@ -7,6 +7,7 @@
 //! kernel never looks, and found through a fixed-size trailer at the end of
 //! the file; the bootstrap's own digest pins it.
 
+pub use crate::chunk::{ChunkEntry, MAX_CHUNK_BLOCKS};
 use crate::error::{Error, Result};
 use crate::frames::{self, BlobFrames, FRAMES_MAGIC};
 use zerocopy::little_endian::{U16, U32, U64};
@@ -34,17 +35,6 @@ pub struct BlobHeader {
 }
 const _: () = assert!(core::mem::size_of::<BlobHeader>() == 8);
 
-#[derive(
-    Clone, Copy, Debug, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned,
-)]
-#[repr(C)]
-pub struct ChunkEntry {
-    pub blkaddr: U32,
-    pub nblocks: U32,
-    pub digest: [u8; 32],
-}
-const _: () = assert!(core::mem::size_of::<ChunkEntry>() == 40);
-
 /// Last 64 bytes of a shoal bootstrap.
 #[derive(Clone, Copy, Debug, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
 #[repr(C)]
@@ -57,9 +47,6 @@ pub struct Trailer {
 }
 const _: () = assert!(core::mem::size_of::<Trailer>() == 64);
 pub const TRAILER_SIZE: u64 = 64;
-
-/// The most blocks one chunk may have: 1 GiB, the largest chunk size.
-pub const MAX_CHUNK_BLOCKS: u64 = (1 << 30) / 4096;
 
 /// The parsed table: per device id, entries sorted by `blkaddr`, disjoint.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

@@ -10,7 +10,7 @@
 //! produce. The object is named by its own sha256 (content addressing, as a
 //! registry requires), which the table records too.
 
-use crate::chunktable::{ChunkEntry, MAX_CHUNK_BLOCKS};
+use crate::chunk::{ChunkEntry, MAX_CHUNK_BLOCKS};
 use crate::error::{Error, Result};
 use sha2::{Digest, Sha256};
 use zerocopy::little_endian::{U16, U32, U64};

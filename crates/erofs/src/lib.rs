@@ -5,6 +5,7 @@
 
 pub mod blob;
 pub mod build;
+pub mod chunk;
 pub mod chunktable;
 pub mod compress;
 pub mod error;
