@@ -1,7 +1,10 @@
 #!/usr/bin/env python3
 """Bytes of the distinct regular files (by inode) a workload opened or
 executed, from `strace -f -y -e trace=open,openat,execve,chroot` of
-`chroot TREE CMD`: opened-bytes.py TREE STRACE_LOG."""
+`chroot TREE CMD`: opened-bytes.py TREE STRACE_LOG [ORDER_OUT].
+With ORDER_OUT, also writes those files' paths in the tree, first open
+first, one per line: a recorded start for `shoal convert --order` (as
+`ctr-remote image optimize` records one for stargz)."""
 import os, re, struct, sys
 tree, log = sys.argv[1], sys.argv[2]
 def inside(p):  # p resolved in the tree: absolute symlinks stay inside it
@@ -34,10 +37,14 @@ for line in open(log, errors="replace"):
         paths.append(inside(m.group(1)))
         if i := interp(paths[-1]):
             paths.append(inside(i))
-seen, total = set(), 0
+seen, total, order = set(), 0, []
 for p in paths:
     if p.startswith(tree + "/") and not p.startswith((tree + "/proc/", tree + "/dev/")) and os.path.isfile(p):
         st = os.stat(p)
         if (st.st_dev, st.st_ino) not in seen:
             seen.add((st.st_dev, st.st_ino)); total += st.st_size
+            order.append(p[len(tree):])
+if len(sys.argv) > 3:
+    with open(sys.argv[3], "w") as f:
+        f.writelines(p + "\n" for p in order)
 print(total)
