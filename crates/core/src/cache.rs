@@ -11,15 +11,15 @@
 
 use crate::error::{CoreError, FlightError};
 use crate::fetch::{self, Source};
+use crate::flight::{Flight, Flights};
 use crate::names::BlobId;
 use crate::workdir::BlobFiles;
 use erofs::chunktable::ChunkEntry;
-use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 pub use crate::blocks::{block_span, BLOCK};
@@ -55,30 +55,6 @@ struct Counters {
     failures: AtomicU64,
 }
 
-/// One in-progress fetch; concurrent readers of the same chunk wait on it.
-#[derive(Default)]
-struct Flight {
-    done: Mutex<Option<Result<(), FlightError>>>,
-    cv: Condvar,
-}
-
-impl Flight {
-    /// The leader's result, or an error once `max` has passed: a waiter
-    /// never waits on a stuck flight longer than a fetch may take.
-    fn wait(&self, max: Duration) -> Result<(), FlightError> {
-        let until = std::time::Instant::now() + max;
-        let mut done = self.done.lock().unwrap();
-        while done.is_none() {
-            let left = until.saturating_duration_since(std::time::Instant::now());
-            if left.is_zero() {
-                return Err(FlightError::TimedOut { after: max });
-            }
-            done = self.cv.wait_timeout(done, left).unwrap().0;
-        }
-        done.clone().expect("checked above")
-    }
-}
-
 /// Chunks one caller leads the fetch of (see [`BlobCache::claim`]). If it
 /// is dropped before [`BlobCache::complete`] (a panic, an early return),
 /// its flights end with an error: no waiter is left to time out.
@@ -104,9 +80,6 @@ impl Drop for Claim<'_> {
     }
 }
 
-/// How long a reader waits on another's fetch unless told otherwise.
-const DEFAULT_FLIGHT_WAIT: Duration = Duration::from_secs(90);
-
 pub struct BlobCache {
     pub name: BlobId,
     pub blocks: u32,
@@ -120,9 +93,8 @@ pub struct BlobCache {
     dirty: Mutex<Vec<(usize, usize)>>,
     /// Serializes flushes so bits hit the disk only after their data.
     flush_lock: Mutex<()>,
-    inflight: Mutex<HashMap<u32, Arc<Flight>>>,
-    /// Milliseconds a reader waits on another's fetch.
-    flight_wait_ms: AtomicU64,
+    /// Chunks being fetched, by first block.
+    flights: Flights,
     counters: Counters,
 }
 
@@ -216,8 +188,7 @@ impl BlobCache {
             ready: Mutex::new(bits),
             dirty: Mutex::new(dirty),
             flush_lock: Mutex::new(()),
-            inflight: Mutex::new(HashMap::new()),
-            flight_wait_ms: AtomicU64::new(DEFAULT_FLIGHT_WAIT.as_millis() as u64),
+            flights: Flights::default(),
             counters: Counters::default(),
         })
     }
@@ -225,12 +196,7 @@ impl BlobCache {
     /// Bound how long readers wait on another reader's fetch (the remote's
     /// deadline and retry budget, plus a margin).
     pub fn set_flight_wait(&self, max: Duration) {
-        self.flight_wait_ms
-            .store(max.as_millis() as u64, Ordering::Relaxed);
-    }
-
-    fn flight_wait(&self) -> Duration {
-        Duration::from_millis(self.flight_wait_ms.load(Ordering::Relaxed))
+        self.flights.set_wait(max);
     }
 
     pub fn data_path(&self) -> &Path {
@@ -290,7 +256,7 @@ impl BlobCache {
             hits: c.hits.load(Ordering::Relaxed),
             misses: c.misses.load(Ordering::Relaxed),
             failures: c.failures.load(Ordering::Relaxed),
-            inflight: self.inflight.lock().unwrap().len() as u64,
+            inflight: self.flights.len() as u64,
         }
     }
 
@@ -313,9 +279,7 @@ impl BlobCache {
         if result.is_err() {
             self.counters.failures.fetch_add(1, Ordering::Relaxed);
         }
-        self.inflight.lock().unwrap().remove(&start);
-        *flight.done.lock().unwrap() = Some(result);
-        flight.cv.notify_all();
+        self.flights.land(start, flight, result);
     }
 
     /// What a waiter on the chunk `e` is told when its flight failed.
@@ -362,7 +326,7 @@ impl BlobCache {
             led: Vec::new(),
             waits: Vec::new(),
         };
-        let mut map = self.inflight.lock().unwrap();
+        let mut table = self.flights.table();
         for e in entries {
             if self.is_ready(e.blkaddr.get(), e.nblocks.get()) {
                 if wait_others {
@@ -370,14 +334,12 @@ impl BlobCache {
                 }
                 continue;
             }
-            match map.get(&e.blkaddr.get()) {
-                Some(f) if wait_others => claim.waits.push((*e, f.clone())),
+            match table.joining(e.blkaddr.get()) {
+                Some(f) if wait_others => claim.waits.push((*e, f)),
                 Some(_) => {}
                 None => {
                     self.counters.misses.fetch_add(1, Ordering::Relaxed);
-                    let f = Arc::new(Flight::default());
-                    map.insert(e.blkaddr.get(), f.clone());
-                    claim.led.push((*e, f));
+                    claim.led.push((*e, table.lead(e.blkaddr.get())));
                 }
             }
         }
@@ -413,7 +375,7 @@ impl BlobCache {
             }
         }
         for (e, f) in std::mem::take(&mut claim.waits) {
-            if let Err(why) = f.wait(self.flight_wait()) {
+            if let Err(why) = f.wait(self.flights.wait_limit()) {
                 first_err.get_or_insert(self.flight_error(&e, why));
             }
         }

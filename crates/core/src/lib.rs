@@ -10,6 +10,7 @@ pub mod domain;
 pub mod error;
 pub mod fetch;
 pub mod fingerprint;
+mod flight;
 mod key;
 pub mod names;
 pub mod pool;

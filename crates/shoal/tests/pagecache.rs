@@ -200,7 +200,13 @@ fn cached_once(directio: bool) {
         in_erofs / 1024,
         in_cache / 1024
     );
-    assert!(in_erofs >= SHARED_LEN as u64, "{in_erofs}");
+    // All of it, but for what reclaim may take back under load (seen
+    // once in CI with the 7.2 VM running beside: 128 KiB short); a second
+    // copy in the cache file is what this test is after.
+    assert!(
+        in_erofs + 512 * 1024 >= SHARED_LEN as u64,
+        "erofs file holds only {in_erofs} bytes"
+    );
     assert!(
         in_cache <= MIB,
         "cache file keeps {in_cache} bytes of page cache"
