@@ -155,8 +155,8 @@ run() {
   esac >"$tmp/out" 2>&1 || { cat "$tmp/out"; exit 1; }
 }
 
-printf '| %-8s | %-9s | %7s | %7s | %11s | %8s | %9s |\n' workload tool "cold s" "warm s" "registry MB" requests "opened MB"
-printf '|----------|-----------|---------|---------|-------------|----------|-----------|\n'
+printf '| %-8s | %-9s | %7s | %7s | %7s | %11s | %8s | %9s |\n' workload tool "cold s" "pull s" "warm s" "registry MB" requests "opened MB"
+printf '|----------|-----------|---------|---------|---------|-------------|----------|-----------|\n'
 for i in "${images[@]}"; do
   opened=$(cat "$tmp/opened-$i")
   setcmd "$i"
@@ -167,15 +167,15 @@ for i in "${images[@]}"; do
       start_stack "$tmp/run"
       sync; echo 3 >/proc/sys/vm/drop_caches
       l0=$(wc -l <"$tmp/registry.log")
-      t0=$(now); pull; run "cold-$n"; t1=$(now)
+      t0=$(now); pull; tp=$(now); run "cold-$n"; t1=$(now)
       read -r bytes reqs < <(served "$l0")
       t2=$(now); run "warm-$n"; t3=$(now)
-      echo "$(echo "$t1 - $t0" | bc) $(echo "$t3 - $t2" | bc) $bytes $reqs" >>"$tmp/r"
+      echo "$(echo "$t1 - $t0" | bc) $(echo "$t3 - $t2" | bc) $bytes $reqs $(echo "$tp - $t0" | bc)" >>"$tmp/r"
       stop_stack "$tmp/run"
     done
-    for c in 1 2 3 4; do m[c]=$(awk -v c=$c '{print $c}' "$tmp/r" | median); done
+    for c in 1 2 3 4 5; do m[c]=$(awk -v c=$c '{print $c}' "$tmp/r" | median); done
     echo "$i $tool ${m[1]} ${m[3]}" >>"$tmp/summary"
-    printf '| %-8s | %-9s | %7.2f | %7.2f | %11.1f | %8d | %9.1f |\n' "$i" "$tool" "${m[1]}" "${m[2]}" \
+    printf '| %-8s | %-9s | %7.2f | %7.2f | %7.2f | %11.1f | %8d | %9.1f |\n' "$i" "$tool" "${m[1]}" "${m[5]}" "${m[2]}" \
       "$(echo "${m[3]} / 10^6" | bc -l)" "${m[4]}" "$(echo "$opened / 10^6" | bc -l)"
   done
 done
