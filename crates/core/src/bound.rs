@@ -184,6 +184,60 @@ impl BoundImage {
                 push(i as u16 + 1, e, &mut items);
             }
         }
+        self.fetch_runs(&items, threads, PREFETCH_RUN)
+    }
+
+    /// Whether the image records a start (`shoal build --order`).
+    pub fn has_start(&self) -> bool {
+        self.image
+            .chunk_table
+            .as_ref()
+            .is_some_and(|t| !t.starts.is_empty())
+    }
+
+    /// Fetch the recorded start of each blob that has one (the files a
+    /// recorded run read first, laid out at the blob's start) in runs of
+    /// [`START_RUN`] bytes on `threads` threads, so the first of them is
+    /// ready soon and the rest arrive in parallel while the workload
+    /// starts. Returns the bytes it covered.
+    pub fn prefetch_start(&self, threads: usize) -> Result<u64, CoreError> {
+        let Some(table) = self.image.chunk_table.as_ref() else {
+            return Ok(0);
+        };
+        let mut items: Vec<(u16, Vec<ChunkEntry>)> = Vec::new();
+        for s in &table.starts {
+            let dev = s.device_id.get();
+            let Some(b) = self.blob(dev) else { continue };
+            let mut run_bytes = 0u64;
+            for e in b.all_chunks() {
+                if e.blkaddr.get() >= s.blocks.get() {
+                    break;
+                }
+                let bytes = u64::from(e.nblocks.get()) * BLOCK;
+                match items.last_mut() {
+                    Some((d, run)) if *d == dev && run_bytes + bytes <= START_RUN => {
+                        run.push(e);
+                        run_bytes += bytes;
+                    }
+                    _ => {
+                        items.push((dev, vec![e]));
+                        run_bytes = bytes;
+                    }
+                }
+            }
+        }
+        self.fetch_runs(&items, threads, START_RUN)
+    }
+
+    /// Make every run of `items` ready on `threads` threads, each run with
+    /// requests of at most `max_run` bytes. The first error, else the
+    /// bytes covered.
+    fn fetch_runs(
+        &self,
+        items: &[(u16, Vec<ChunkEntry>)],
+        threads: usize,
+        max_run: u64,
+    ) -> Result<u64, CoreError> {
         let next = std::sync::atomic::AtomicUsize::new(0);
         let first_err = Mutex::new(None);
         std::thread::scope(|s| {
@@ -197,7 +251,7 @@ impl BoundImage {
                         break;
                     }
                     let b = self.blob(*dev).expect("device of a queued chunk");
-                    if let Err(e) = b.cache.ensure_batch(run, &b.sources(), PREFETCH_RUN) {
+                    if let Err(e) = b.cache.ensure_batch(run, &b.sources(), max_run) {
                         first_err.lock().unwrap().get_or_insert(e);
                     }
                 });
@@ -216,3 +270,6 @@ impl BoundImage {
 
 /// Largest single ranged request prefetch makes.
 const PREFETCH_RUN: u64 = 8 << 20;
+/// A recorded start's runs: small enough that several go in parallel and
+/// the first lands before the workload asks for it.
+const START_RUN: u64 = 2 << 20;

@@ -4,7 +4,7 @@
 //! (`meta_blkaddr = xattr_blkaddr = 0`), so a nid is simply offset / 32.
 
 use crate::blob::{FinalBlob, Placement, BLOCK_SIZE};
-use crate::chunktable::ChunkTable;
+use crate::chunktable::{ChunkTable, StartEntry};
 use crate::error::BuildError;
 use crate::ondisk::*;
 use crate::tree::*;
@@ -307,6 +307,16 @@ pub fn write_image(
             .map(|(k, b)| ((k + 1) as u16, b.entries.clone()))
             .collect(),
         frames: Vec::new(),
+        starts: blobs
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| b.start_blocks > 0)
+            .map(|(k, b)| StartEntry {
+                device_id: ((k + 1) as u16).into(),
+                reserved: 0.into(),
+                blocks: b.start_blocks.into(),
+            })
+            .collect(),
     };
     let offset = img.len() as u64;
     img.extend_from_slice(&table.encode(offset));

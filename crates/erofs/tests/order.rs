@@ -101,6 +101,21 @@ fn an_order_file_puts_its_files_first_in_the_top_layer_only() {
         blob_order(&tmp.path().join("ordered.boot"), 2),
         ["c/d/e", "a-z"]
     );
+    // The ordered files' blocks are recorded as the top blob's start (the
+    // order lists /b, but /b is in the base layer, which is not reordered);
+    // a build without an order records none.
+    let start = |boot: &str| {
+        let img = Image::open(std::fs::File::open(tmp.path().join(boot)).unwrap()).unwrap();
+        let t = img.chunk_table.as_ref().unwrap();
+        (t.start(1), t.start(2))
+    };
+    let e_blocks = "contents of c/d/e\n".len() * 300 / 4096 + 1;
+    let a_z_blocks = "contents of a-z\n".len() * 300 / 4096 + 1;
+    assert_eq!(
+        start("ordered.boot"),
+        (None, Some((e_blocks + a_z_blocks) as u32))
+    );
+    assert_eq!(start("plain.boot"), (None, None));
     // Every file still reads back right.
     let img = Image::open(std::fs::File::open(tmp.path().join("ordered.boot")).unwrap()).unwrap();
     let blobs = tmp.path().join("ordered.blobs");

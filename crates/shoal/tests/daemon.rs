@@ -355,6 +355,28 @@ fn remote_faults_give_eio_then_recover() {
     std::fs::write(&first, "1 0\n").unwrap();
     let at_zero = run_shoal(&["order".as_ref(), ordered.as_os_str(), first.as_os_str()]);
     assert_eq!(at_zero.trim(), "/usr/share/doc/shoal-demo/glossary.txt");
+
+    // Such a build records its start; binding it fetches that start (and
+    // not the rest) before anything is read.
+    d.ok(&["unbind", "demo"]);
+    d.ok(&[
+        "bind",
+        "--fsid",
+        "ordered",
+        ordered.to_str().unwrap(),
+        "--remote",
+        &format!("file://{}", tmp.path().join("ordered-blobs").display()),
+    ]);
+    let ordered_blob = &blob_names(&ordered)[0];
+    wait_for("recorded start", || {
+        d.blob_cache("erofs,ordered", ordered_blob).0 >= want.len() as u64
+    });
+    let (cached, size) = d.blob_cache("erofs,ordered", ordered_blob);
+    assert!(
+        cached < size,
+        "the whole blob was fetched: {cached} of {size}"
+    );
+    assert!(d.log_text().contains("recorded start fetched"));
 }
 
 #[test]
