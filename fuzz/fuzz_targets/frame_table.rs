@@ -2,7 +2,8 @@
 //! arbitrary bytes, and frame decompression against what a table declares.
 //! Input: a u32 LE blob size in blocks, a u16 LE length L, L bytes taken as
 //! the frame section of a chunk table (after a valid header with one empty
-//! chunk list, so the fuzzer's time goes into the frame section), then bytes
+//! chunk list, so the fuzzer's time goes into the frame section, or into
+//! the recorded-start section before it when they begin with its magic), then bytes
 //! taken as compressed frames. Every parsed frame is decompressed from those
 //! bytes with its declared digest replaced by theirs, so decompression runs
 //! and must never yield more or fewer bytes than declared, nor panic.

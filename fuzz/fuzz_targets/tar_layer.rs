@@ -32,6 +32,7 @@ fuzz_target!(|data: &[u8]| {
             build_time: None,
             volume_name: Vec::new(),
             fingerprints: true,
+            starts: Vec::new(),
         };
         let bytes = write_image(&tree, &blobs, &placement, &opts).expect("an accepted tree writes");
         let img = Image::open(bytes).expect("a written image opens");

@@ -195,34 +195,50 @@ impl BoundImage {
             .is_some_and(|t| !t.starts.is_empty())
     }
 
-    /// Fetch the recorded start of each blob that has one (the files a
-    /// recorded run read first, laid out at the blob's start) in runs of
-    /// [`START_RUN`] bytes on `threads` threads, so the first of them is
-    /// ready soon and the rest arrive in parallel while the workload
-    /// starts. Returns the bytes it covered.
+    /// Fetch the recorded start (`shoal build --order`: the blocks of each
+    /// blob a recorded run read) on `threads` threads, in requests of at
+    /// most [`START_RUN`] bytes taken from the blobs in turn, so that every
+    /// blob's first bytes are ready soon and the rest arrive in parallel
+    /// while the workload starts. Returns the bytes it covered.
     pub fn prefetch_start(&self, threads: usize) -> Result<u64, CoreError> {
         let Some(table) = self.image.chunk_table.as_ref() else {
             return Ok(0);
         };
-        let mut items: Vec<(u16, Vec<ChunkEntry>)> = Vec::new();
+        let mut per_blob: Vec<std::collections::VecDeque<(u16, Vec<ChunkEntry>)>> = Vec::new();
         for s in &table.starts {
-            let dev = s.device_id.get();
-            let Some(b) = self.blob(dev) else { continue };
+            let Some(b) = self.blob(s.device_id) else {
+                continue;
+            };
+            let chunks = b.chunks.read().unwrap();
+            let mut runs = std::collections::VecDeque::new();
+            let mut run: Vec<ChunkEntry> = Vec::new();
             let mut run_bytes = 0u64;
-            for e in b.all_chunks() {
-                if e.blkaddr.get() >= s.blocks.get() {
-                    break;
+            for r in &s.ranges {
+                for (_, e) in chunks.range(r.blkaddr.get()..) {
+                    if u64::from(e.blkaddr.get()) >= r.end() {
+                        break;
+                    }
+                    let bytes = u64::from(e.nblocks.get()) * BLOCK;
+                    if run_bytes + bytes > START_RUN && !run.is_empty() {
+                        runs.push_back((s.device_id, std::mem::take(&mut run)));
+                        run_bytes = 0;
+                    }
+                    run.push(*e);
+                    run_bytes += bytes;
                 }
-                let bytes = u64::from(e.nblocks.get()) * BLOCK;
-                match items.last_mut() {
-                    Some((d, run)) if *d == dev && run_bytes + bytes <= START_RUN => {
-                        run.push(e);
-                        run_bytes += bytes;
-                    }
-                    _ => {
-                        items.push((dev, vec![e]));
-                        run_bytes = bytes;
-                    }
+            }
+            if !run.is_empty() {
+                runs.push_back((s.device_id, run));
+            }
+            per_blob.push(runs);
+        }
+        // The blobs in turn; each run sorted by block, as fetches want.
+        let mut items = Vec::new();
+        while per_blob.iter().any(|q| !q.is_empty()) {
+            for q in per_blob.iter_mut() {
+                if let Some((dev, mut run)) = q.pop_front() {
+                    run.sort_by_key(|e| e.blkaddr.get());
+                    items.push((dev, run));
                 }
             }
         }

@@ -58,9 +58,6 @@ pub struct FinalBlob {
     /// Whether this build wrote it (false: reused from an earlier image).
     pub written: bool,
     pub entries: Vec<ChunkEntry>,
-    /// Blocks at its start that hold the files of a given read order
-    /// (`--order`), laid out first; 0 without one.
-    pub start_blocks: u32,
 }
 
 #[derive(Clone, Debug, Default, serde::Serialize)]
@@ -360,12 +357,6 @@ impl ChunkStore {
             .collect();
         let n = keep.len();
         keep.sort_by(|a, b| a.0.cmp(&b.0));
-        // Ordered files sort first: their chunks are the blob's start.
-        let start_blocks = keep
-            .iter()
-            .take_while(|(o, _)| o.rank != u32::MAX)
-            .map(|(_, e)| e.nblocks.get())
-            .sum();
         let keep: Vec<ChunkEntry> = keep.into_iter().map(|(_, e)| e).collect();
         let in_place = n == draft_len
             && keep
@@ -390,7 +381,6 @@ impl ChunkStore {
             blocks,
             written: true,
             entries,
-            start_blocks,
         };
         Ok((blob, moved))
     }
@@ -499,7 +489,6 @@ fn finish_reused(draft: Draft, used: &HashSet<u32>) -> (FinalBlob, Vec<(u32, u32
         blocks: draft.blocks,
         written: false,
         entries,
-        start_blocks: 0,
     };
     (blob, moved)
 }

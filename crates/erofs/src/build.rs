@@ -1,12 +1,13 @@
 //! `build`: sources → tree + blobs → bootstrap, written atomically.
 
-use crate::blob::{ChunkStore, FinalBlob, StoreStats};
+use crate::blob::{ChunkStore, FinalBlob, Placement, StoreStats};
 use crate::compress::{compress_image, known_frames, Compression, ObjectReport};
 use crate::error::BuildError;
 use crate::frames::BlobFrames;
 use crate::ingest::{apply_dir, apply_tar, apply_tar_stream};
 use crate::reader::Image;
-use crate::tree::Tree;
+use crate::start::{BlobStart, StartBuilder};
+use crate::tree::{Data, Tree};
 use crate::writer::{write_image, WriteOptions};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -188,6 +189,10 @@ pub fn build_sources(
         build_time: opts.source_date_epoch.map(|t| (t, 0)),
         volume_name: opts.fsid.clone().unwrap_or_default().into_bytes(),
         fingerprints: opts.fingerprints,
+        starts: order
+            .as_ref()
+            .map(|o| recorded_start(&tree, &blobs, &placement, o))
+            .unwrap_or_default(),
     };
     let mut img = write_image(&tree, &blobs, &placement, &wopts)?;
     let mut objects = Vec::new();
@@ -202,6 +207,36 @@ pub fn build_sources(
         objects,
         stats,
     })
+}
+
+/// The recorded start: the blocks of every blob that the files of `order`
+/// use, first file first (see [`crate::start`]). Paths resolve as the
+/// program that opened them saw them; those not in the image are skipped.
+fn recorded_start(
+    tree: &Tree,
+    blobs: &[FinalBlob],
+    placement: &Placement,
+    order: &HashMap<Vec<u8>, u32>,
+) -> Vec<BlobStart> {
+    let mut paths: Vec<(u32, &[u8])> = order.iter().map(|(p, &r)| (r, p.as_slice())).collect();
+    paths.sort();
+    let mut start = StartBuilder::default();
+    for (_, path) in paths {
+        let Some(id) = tree.resolve(path) else {
+            continue;
+        };
+        let Data::File { chunks, .. } = &tree.nodes[id].data else {
+            continue;
+        };
+        for r in chunks.iter().flatten() {
+            let (dev, blk) = placement.get(*r);
+            let entries = &blobs[usize::from(dev) - 1].entries;
+            if let Ok(i) = entries.binary_search_by_key(&blk, |e| e.blkaddr.get()) {
+                start.push(dev, &entries[i]);
+            }
+        }
+    }
+    start.finish()
 }
 
 /// Read an order file: absolute paths, one per line (a recorded access

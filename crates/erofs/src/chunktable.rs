@@ -10,6 +10,7 @@
 pub use crate::chunk::{ChunkEntry, MAX_CHUNK_BLOCKS};
 use crate::error::{Error, Result};
 use crate::frames::{self, BlobFrames, FRAMES_MAGIC};
+use crate::start::{self, BlobStart};
 use zerocopy::little_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
@@ -35,25 +36,6 @@ pub struct BlobHeader {
 }
 const _: () = assert!(core::mem::size_of::<BlobHeader>() == 8);
 
-/// The recorded-start section's magic (see [`StartEntry`]).
-pub const START_MAGIC: [u8; 8] = *b"SHOALST1";
-
-/// A recorded start (`shoal build --order`): the first `blocks` blocks of
-/// the device's blob hold the files a recorded run read first, laid out in
-/// that order, so a mount fetches them at once, in parallel, before the
-/// workload asks for them. A hint: every byte is still verified by its
-/// chunk's digest.
-#[derive(
-    Clone, Copy, Debug, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned,
-)]
-#[repr(C)]
-pub struct StartEntry {
-    pub device_id: U16,
-    pub reserved: U16,
-    pub blocks: U32,
-}
-const _: () = assert!(core::mem::size_of::<StartEntry>() == 8);
-
 /// Last 64 bytes of a shoal bootstrap.
 #[derive(Clone, Copy, Debug, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
 #[repr(C)]
@@ -74,7 +56,7 @@ pub struct ChunkTable {
     /// How blobs are stored compressed on remotes (empty: uncompressed).
     pub frames: Vec<BlobFrames>,
     /// Recorded starts, by device (only images built with an order).
-    pub starts: Vec<StartEntry>,
+    pub starts: Vec<BlobStart>,
 }
 
 impl ChunkTable {
@@ -129,12 +111,7 @@ impl ChunkTable {
         // Only ordered images carry a start section, and only compressed
         // ones a frame table: others stay byte for byte what earlier
         // builds wrote.
-        if !self.starts.is_empty() {
-            out.extend_from_slice(&START_MAGIC);
-            out.extend_from_slice(&(self.starts.len() as u32).to_le_bytes());
-            out.extend_from_slice(&0u32.to_le_bytes());
-            out.extend_from_slice(self.starts.as_bytes());
-        }
+        start::encode(&mut out, &self.starts);
         if !self.frames.is_empty() {
             frames::encode(&mut out, &self.frames);
         }
@@ -199,7 +176,7 @@ impl ChunkTable {
             }
             blobs.push((dev, entries));
         }
-        let (starts, rest) = decode_starts(rest, blob_blocks, &blobs)?;
+        let (starts, rest) = start::decode(rest, blob_blocks, &blobs)?;
         let frames = if rest.starts_with(&FRAMES_MAGIC) {
             frames::decode(rest, blob_blocks, &blobs)?
         } else if !rest.is_empty() {
@@ -214,64 +191,10 @@ impl ChunkTable {
         })
     }
 
-    /// The recorded start of `device_id`'s blob, in blocks from its first.
-    pub fn start(&self, device_id: u16) -> Option<u32> {
-        self.starts
-            .iter()
-            .find(|s| s.device_id.get() == device_id)
-            .map(|s| s.blocks.get())
+    /// The recorded start of `device_id`'s blob.
+    pub fn start(&self, device_id: u16) -> Option<&BlobStart> {
+        self.starts.iter().find(|s| s.device_id == device_id)
     }
-}
-
-/// The start section, if `rest` begins with one: each entry names a listed
-/// device once, with 1 to all of its blocks. Returns it and what follows.
-fn decode_starts<'a>(
-    rest: &'a [u8],
-    blob_blocks: &[(u16, u32)],
-    blobs: &[(u16, Vec<ChunkEntry>)],
-) -> Result<(Vec<StartEntry>, &'a [u8])> {
-    let bad = |m: String| Error::ChunkTable(format!("start section: {m}"));
-    let Some(body) = rest.strip_prefix(&START_MAGIC) else {
-        return Ok((Vec::new(), rest));
-    };
-    let (n, reserved) = match (body.get(..4), body.get(4..8)) {
-        (Some(n), Some(r)) => (
-            u32::from_le_bytes(n.try_into().unwrap()) as usize,
-            u32::from_le_bytes(r.try_into().unwrap()),
-        ),
-        _ => return Err(bad("truncated header".into())),
-    };
-    let len = n
-        .checked_mul(8)
-        .filter(|&l| l <= body.len() - 8)
-        .ok_or_else(|| bad(format!("{n} entries overrun the table")))?;
-    if reserved != 0 {
-        return Err(bad("reserved bytes are not zero".into()));
-    }
-    let entries = <[StartEntry]>::ref_from_bytes(&body[8..8 + len])
-        .map_err(|_| bad("misaligned entries".into()))?
-        .to_vec();
-    for (i, e) in entries.iter().enumerate() {
-        let dev = e.device_id.get();
-        let blocks = blob_blocks.iter().find(|(d, _)| *d == dev).map(|(_, b)| *b);
-        match blocks {
-            _ if !blobs.iter().any(|(d, _)| *d == dev) => {
-                return Err(bad(format!("device {dev} has no chunk list")))
-            }
-            Some(b) if e.blocks.get() == 0 || e.blocks.get() > b => {
-                return Err(bad(format!(
-                    "device {dev}: {} blocks of a {b}-block blob",
-                    e.blocks.get()
-                )))
-            }
-            _ if e.reserved.get() != 0 => return Err(bad(format!("device {dev}: reserved bytes"))),
-            _ if entries[..i].iter().any(|o| o.device_id == e.device_id) => {
-                return Err(bad(format!("device {dev} listed twice")))
-            }
-            _ => {}
-        }
-    }
-    Ok((entries, &body[8 + len..]))
 }
 
 #[cfg(test)]
@@ -286,20 +209,22 @@ mod tests {
         }
     }
 
-    fn start(dev: u16, blocks: u32) -> StartEntry {
-        StartEntry {
-            device_id: dev.into(),
-            reserved: 0.into(),
-            blocks: blocks.into(),
+    fn start(dev: u16, ranges: &[(u32, u32)]) -> BlobStart {
+        BlobStart {
+            device_id: dev,
+            ranges: ranges
+                .iter()
+                .map(|&(b, n)| crate::start::StartRange::new(b, n))
+                .collect(),
         }
     }
 
-    /// A start section round-trips; one naming an unlisted device, no
-    /// block, more blocks than the blob, a device twice, or cut short is
-    /// refused by name.
+    /// A start section round-trips; one naming an unlisted device, an
+    /// empty range, a range past the blob, overlapping ranges, a device
+    /// twice, or cut short is refused by name.
     #[test]
     fn start_sections() {
-        let table = |starts: Vec<StartEntry>| ChunkTable {
+        let table = |starts: Vec<BlobStart>| ChunkTable {
             blobs: vec![(1, vec![entry(0, 4)]), (2, vec![entry(0, 2)])],
             frames: vec![],
             starts,
@@ -309,18 +234,24 @@ mod tests {
             let bytes = t.encode(0);
             ChunkTable::decode(&bytes[..bytes.len() - 64], &sizes)
         };
-        let good = table(vec![start(1, 4)]);
+        let good = table(vec![start(1, &[(4, 2), (0, 3)]), start(2, &[(0, 2)])]);
         let back = decode(&good).unwrap();
         assert_eq!(back, good);
-        assert_eq!((back.start(1), back.start(2)), (Some(4), None));
+        assert_eq!(back.start(1).unwrap().blocks(), 5);
+        assert!(decode(&table(vec![])).unwrap().start(1).is_none());
         for (starts, why) in [
-            (vec![start(3, 1)], "device 3 has no chunk list"),
-            (vec![start(1, 0)], "0 blocks"),
-            (vec![start(2, 3)], "3 blocks of a 2-block blob"),
-            (vec![start(1, 1), start(1, 2)], "device 1 listed twice"),
+            (vec![start(3, &[(0, 1)])], "device 3 has no chunk list"),
+            (vec![start(1, &[(0, 0)])], "empty or exceeds"),
+            (vec![start(1, &[])], "no range"),
+            (vec![start(2, &[(1, 2)])], "exceeds 2 blocks"),
+            (vec![start(1, &[(0, 3), (2, 1)])], "overlaps"),
+            (
+                vec![start(1, &[(0, 1)]), start(1, &[(2, 1)])],
+                "device 1 listed twice",
+            ),
         ] {
             let e = decode(&table(starts)).unwrap_err().to_string();
-            assert!(e.contains(why), "{e}");
+            assert!(e.contains(why), "{why}: {e}");
         }
         let bytes = good.encode(0);
         let cut = &bytes[..bytes.len() - 64 - 4];

@@ -13,6 +13,7 @@ pub mod frames;
 pub mod ingest;
 pub mod ondisk;
 pub mod reader;
+pub mod start;
 pub mod tar;
 pub mod tree;
 pub mod writer;

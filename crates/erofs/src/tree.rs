@@ -196,6 +196,43 @@ impl Tree {
         Some(cur)
     }
 
+    /// Resolve an absolute path in the merged layers as the kernel would
+    /// inside the image: symlinks followed (40 at most), `..` stopping at
+    /// the root. A recorded access order names files by the paths a
+    /// program opened (`/lib/...` through a usrmerge symlink, say).
+    pub fn resolve(&self, path: &[u8]) -> Option<NodeId> {
+        let mut stack = vec![self.root];
+        let mut todo: Vec<&[u8]> = path.split(|&b| b == b'/').rev().collect();
+        let mut hops = 0;
+        while let Some(c) = todo.pop() {
+            match c {
+                b"" | b"." => continue,
+                b".." => {
+                    if stack.len() > 1 {
+                        stack.pop();
+                    }
+                    continue;
+                }
+                _ => {}
+            }
+            let id = *self.children(*stack.last()?)?.get(c)?;
+            match &self.nodes[id].data {
+                Data::Symlink(target) => {
+                    hops += 1;
+                    if hops > 40 {
+                        return None;
+                    }
+                    if target.starts_with(b"/") {
+                        stack.truncate(1);
+                    }
+                    todo.extend(target.split(|&b| b == b'/').rev());
+                }
+                _ => stack.push(id),
+            }
+        }
+        stack.last().copied()
+    }
+
     /// Start applying a layer. Entries go to a stage of their own until
     /// [`Tree::end_layer`]; an unfinished layer is ended first.
     pub fn begin_layer(&mut self) {
@@ -540,5 +577,43 @@ mod tests {
             t.lookup(&p("y")).is_some(),
             "the earlier link keeps the file"
         );
+    }
+
+    /// Paths resolve through symlinks (relative, absolute, `..`) and not
+    /// through loops.
+    #[test]
+    fn resolve_follows_symlinks() {
+        let link = |target: &str| Node {
+            meta: Meta {
+                mode: S_IFLNK | 0o777,
+                ..file().meta
+            },
+            data: Data::Symlink(target.as_bytes().to_vec()),
+        };
+        let mut t = Tree::new();
+        t.begin_layer();
+        for e in ["usr/", "usr/lib/", "usr/lib/libc.so"] {
+            let node = if e.ends_with('/') { dir(1) } else { file() };
+            t.apply(&p(e), node).unwrap();
+        }
+        t.apply(&p("lib"), link("usr/lib")).unwrap();
+        t.apply(&p("usr/lib/abs"), link("/usr/lib/libc.so"))
+            .unwrap();
+        t.apply(&p("usr/up"), link("../lib/../lib")).unwrap();
+        t.apply(&p("loop"), link("loop")).unwrap();
+        t.end_layer();
+        let libc = t.lookup(&p("usr/lib/libc.so"));
+        assert!(libc.is_some());
+        for path in [
+            "/usr/lib/libc.so",
+            "/lib/libc.so",
+            "/lib/abs",
+            "/usr/up/libc.so",
+            "/../lib/./libc.so",
+        ] {
+            assert_eq!(t.resolve(path.as_bytes()), libc, "{path}");
+        }
+        assert_eq!(t.resolve(b"/loop/x"), None);
+        assert_eq!(t.resolve(b"/lib/missing"), None);
     }
 }

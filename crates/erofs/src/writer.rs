@@ -4,9 +4,10 @@
 //! (`meta_blkaddr = xattr_blkaddr = 0`), so a nid is simply offset / 32.
 
 use crate::blob::{FinalBlob, Placement, BLOCK_SIZE};
-use crate::chunktable::{ChunkTable, StartEntry};
+use crate::chunktable::ChunkTable;
 use crate::error::BuildError;
 use crate::ondisk::*;
+use crate::start::BlobStart;
 use crate::tree::*;
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
@@ -26,6 +27,8 @@ pub struct WriteOptions {
     /// superblock fields mkfs.erofs `--xattr-inode-digest` writes), so that
     /// mounts with `inode_share,domain_id=` share page cache (Linux 7.0+).
     pub fingerprints: bool,
+    /// The recorded start (`--order`): blocks of each blob read first.
+    pub starts: Vec<BlobStart>,
 }
 
 type Xattrs = BTreeMap<Vec<u8>, Vec<u8>>;
@@ -307,16 +310,7 @@ pub fn write_image(
             .map(|(k, b)| ((k + 1) as u16, b.entries.clone()))
             .collect(),
         frames: Vec::new(),
-        starts: blobs
-            .iter()
-            .enumerate()
-            .filter(|(_, b)| b.start_blocks > 0)
-            .map(|(k, b)| StartEntry {
-                device_id: ((k + 1) as u16).into(),
-                reserved: 0.into(),
-                blocks: b.start_blocks.into(),
-            })
-            .collect(),
+        starts: opts.starts.clone(),
     };
     let offset = img.len() as u64;
     img.extend_from_slice(&table.encode(offset));
