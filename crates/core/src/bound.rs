@@ -204,43 +204,15 @@ impl BoundImage {
         let Some(table) = self.image.chunk_table.as_ref() else {
             return Ok(0);
         };
-        let mut per_blob: Vec<std::collections::VecDeque<(u16, Vec<ChunkEntry>)>> = Vec::new();
-        for s in &table.starts {
-            let Some(b) = self.blob(s.device_id) else {
-                continue;
-            };
-            let chunks = b.chunks.read().unwrap();
-            let mut runs = std::collections::VecDeque::new();
-            let mut run: Vec<ChunkEntry> = Vec::new();
-            let mut run_bytes = 0u64;
-            for r in &s.ranges {
-                for (_, e) in chunks.range(r.blkaddr.get()..) {
-                    if u64::from(e.blkaddr.get()) >= r.end() {
-                        break;
-                    }
-                    let bytes = u64::from(e.nblocks.get()) * BLOCK;
-                    if run_bytes + bytes > START_RUN && !run.is_empty() {
-                        runs.push_back((s.device_id, std::mem::take(&mut run)));
-                        run_bytes = 0;
-                    }
-                    run.push(*e);
-                    run_bytes += bytes;
-                }
-            }
-            if !run.is_empty() {
-                runs.push_back((s.device_id, run));
-            }
-            per_blob.push(runs);
-        }
-        // The blobs in turn; each run sorted by block, as fetches want.
+        let mut per_blob: Vec<std::collections::VecDeque<(u16, Vec<ChunkEntry>)>> = table
+            .starts
+            .iter()
+            .filter_map(|s| Some((s, self.blob(s.device_id)?)))
+            .map(|(s, b)| start_runs(s, &b.chunks.read().unwrap()).into())
+            .collect();
         let mut items = Vec::new();
         while per_blob.iter().any(|q| !q.is_empty()) {
-            for q in per_blob.iter_mut() {
-                if let Some((dev, mut run)) = q.pop_front() {
-                    run.sort_by_key(|e| e.blkaddr.get());
-                    items.push((dev, run));
-                }
-            }
+            items.extend(per_blob.iter_mut().filter_map(|q| q.pop_front()));
         }
         self.fetch_runs(&items, threads, START_RUN)
     }
@@ -288,4 +260,54 @@ impl BoundImage {
 const PREFETCH_RUN: u64 = 8 << 20;
 /// A recorded start's runs: small enough that several go in parallel and
 /// the first lands before the workload asks for it.
-const START_RUN: u64 = 2 << 20;
+const START_RUN: u64 = 4 << 20;
+
+/// A blob's start as runs of at most [`START_RUN`] bytes in block order,
+/// a gap of up to [`START_GAP`] bytes between two of its chunks fetched
+/// along: one request for a few neighbours beats a round trip each.
+fn start_runs(
+    s: &erofs::start::BlobStart,
+    chunks: &std::collections::BTreeMap<u32, ChunkEntry>,
+) -> Vec<(u16, Vec<ChunkEntry>)> {
+    let mut want: Vec<u32> = Vec::new();
+    for r in &s.ranges {
+        let within = chunks.range(r.blkaddr.get()..);
+        want.extend(
+            within
+                .take_while(|(&b, _)| u64::from(b) < r.end())
+                .map(|(&b, _)| b),
+        );
+    }
+    want.sort_unstable();
+    want.dedup();
+    let (mut runs, mut run, mut run_bytes) = (Vec::new(), Vec::<ChunkEntry>::new(), 0u64);
+    let mut take = |e: ChunkEntry, runs: &mut Vec<(u16, Vec<ChunkEntry>)>| {
+        let bytes = u64::from(e.nblocks.get()) * BLOCK;
+        if run_bytes + bytes > START_RUN && !run.is_empty() {
+            runs.push((s.device_id, std::mem::take(&mut run)));
+            run_bytes = 0;
+        }
+        run.push(e);
+        run_bytes += bytes;
+    };
+    let mut last_end: Option<u32> = None;
+    for b in want {
+        if let Some(end) = last_end.filter(|&end| end < b) {
+            if u64::from(b - end) * BLOCK <= START_GAP {
+                for (_, e) in chunks.range(end..b) {
+                    take(*e, &mut runs);
+                }
+            }
+        }
+        let e = chunks[&b];
+        last_end = Some(b + e.nblocks.get());
+        take(e, &mut runs);
+    }
+    if !run.is_empty() {
+        runs.push((s.device_id, run));
+    }
+    runs
+}
+
+/// Largest gap between two chunks of a start fetched with them.
+const START_GAP: u64 = 1 << 20;

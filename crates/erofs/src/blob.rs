@@ -21,9 +21,16 @@ enum Body {
     /// A blob of an earlier image: only referenced.
     Reused,
     /// A blob this build writes; `None` until its first chunk arrives.
-    New {
-        file: Option<(tempfile::NamedTempFile, BufWriter<File>)>,
-    },
+    New { file: Option<Spool> },
+}
+
+/// A new blob's bytes as written, and their running sha256: when the
+/// chunks are already in their final order (a directory walked in read
+/// order) that is the blob's tag, with no second pass over the file.
+struct Spool {
+    tmp: tempfile::NamedTempFile,
+    w: BufWriter<File>,
+    hash: Sha256,
 }
 
 struct Draft {
@@ -214,6 +221,26 @@ impl ChunkStore {
     /// Store one chunk (at most `chunk_size` bytes; only a file's last chunk
     /// may be shorter). Returns `None` for an all-zero chunk: a hole.
     pub fn add_chunk(&mut self, data: &[u8]) -> Result<Option<ChunkRef>, BuildError> {
+        self.store_chunk(data, None)
+    }
+
+    /// [`ChunkStore::add_chunk`] for a chunk that `absorbed` has hashed
+    /// exactly (a one-chunk file, whose content digest the caller computes
+    /// anyway): the chunk's digest continues that state over the padding
+    /// instead of hashing the data a second time.
+    pub fn add_absorbed_chunk(
+        &mut self,
+        data: &[u8],
+        absorbed: Sha256,
+    ) -> Result<Option<ChunkRef>, BuildError> {
+        self.store_chunk(data, Some(absorbed))
+    }
+
+    fn store_chunk(
+        &mut self,
+        data: &[u8],
+        absorbed: Option<Sha256>,
+    ) -> Result<Option<ChunkRef>, BuildError> {
         debug_assert!(data.len() as u64 <= self.chunk_size && !data.is_empty());
         let origin = self.file.clone();
         self.file.index += 1;
@@ -232,7 +259,14 @@ impl ChunkStore {
             self.scratch.resize(padded_len as usize, 0);
             &self.scratch
         };
-        let digest: [u8; 32] = Sha256::digest(padded).into();
+        let digest: [u8; 32] = match absorbed {
+            Some(mut h) => {
+                static ZEROS: [u8; BLOCK_SIZE as usize] = [0; BLOCK_SIZE as usize];
+                h.update(&ZEROS[..padded.len() - data.len()]);
+                h.finalize().into()
+            }
+            None => Sha256::digest(padded).into(),
+        };
         if let Some(&(blob, blkaddr)) = self.dict.get(&digest) {
             if matches!(self.blobs[blob as usize].body, Body::Reused) {
                 self.stats.chunks_reused += 1;
@@ -272,10 +306,18 @@ impl ChunkStore {
                 .tempfile_in(&self.blob_dir)
                 .map_err(io_err(&self.blob_dir))?;
             let w = BufWriter::with_capacity(1 << 20, tmp.reopen().map_err(io_err(tmp.path()))?);
-            *file = Some((tmp, w));
+            *file = Some(Spool {
+                tmp,
+                w,
+                hash: Sha256::new(),
+            });
         }
-        let (tmp, w) = file.as_mut().unwrap();
-        w.write_all(padded).map_err(io_err(tmp.path()))?;
+        let spool = file.as_mut().unwrap();
+        spool
+            .w
+            .write_all(padded)
+            .map_err(io_err(spool.tmp.path()))?;
+        spool.hash.update(padded);
         self.stats.bytes_written += padded_len;
         draft.entries.push(ChunkEntry {
             blkaddr: blkaddr.into(),
@@ -303,11 +345,8 @@ impl ChunkStore {
             let used = &used[idx];
             let written_file = matches!(draft.body, Body::New { file: Some(_) });
             if used.is_empty() && !(keep_dead && written_file) {
-                if let Body::New {
-                    file: Some((tmp, _)),
-                } = draft.body
-                {
-                    drop(tmp); // nothing survived: the temp file goes away
+                if let Body::New { file: Some(spool) } = draft.body {
+                    drop(spool); // nothing survived: the temp file goes away
                 }
                 continue;
             }
@@ -343,7 +382,7 @@ impl ChunkStore {
         };
         let draft_len = draft.entries.len();
         let first_blocks: Vec<u32> = draft.entries.iter().map(|e| e.blkaddr.get()).collect();
-        let (tmp, w) = file.expect("new blobs with chunks have a file");
+        let Spool { tmp, w, hash } = file.expect("new blobs with chunks have a file");
         let f = w.into_inner().map_err(|e| BuildError::Io {
             path: tmp.path().to_path_buf(),
             source: e.into_error(),
@@ -363,9 +402,10 @@ impl ChunkStore {
                 .iter()
                 .enumerate()
                 .all(|(i, e)| e.blkaddr.get() == first_blocks[i]);
-        let (tmp, entries, blocks) = if in_place {
+        let (tmp, entries, blocks, tag) = if in_place {
             let pairs = keep.into_iter().map(|e| (e.blkaddr.get(), e));
-            (tmp, pairs.collect(), draft.blocks)
+            let tag = hex::encode(hash.finalize());
+            (tmp, pairs.collect(), draft.blocks, tag)
         } else {
             self.rewrite(f, tmp, keep)?
         };
@@ -374,7 +414,6 @@ impl ChunkStore {
             .map(|(old, e)| (*old, e.blkaddr.get()))
             .collect();
         let entries: Vec<ChunkEntry> = entries.into_iter().map(|(_, e)| e).collect();
-        let tag = hash_file(tmp.as_file(), tmp.path())?;
         publish(tmp, &self.blob_dir.join(&tag))?;
         let blob = FinalBlob {
             tag,
@@ -385,15 +424,16 @@ impl ChunkStore {
         Ok((blob, moved))
     }
 
-    /// Copy the chunks `keep` to a new blob file, in that order.
-    /// Returns (old blkaddr, new entry) pairs.
+    /// Copy the chunks `keep` to a new blob file, in that order, hashing
+    /// it as it is written. Returns the file, (old blkaddr, new entry)
+    /// pairs, its blocks and its tag.
     #[allow(clippy::type_complexity)]
     fn rewrite(
         &self,
         mut f: File,
         old: tempfile::NamedTempFile,
         keep: Vec<ChunkEntry>,
-    ) -> Result<(tempfile::NamedTempFile, Vec<(u32, ChunkEntry)>, u32), BuildError> {
+    ) -> Result<(tempfile::NamedTempFile, Vec<(u32, ChunkEntry)>, u32, String), BuildError> {
         let tmp = tempfile::Builder::new()
             .prefix(".blob-")
             .tempfile_in(&self.blob_dir)
@@ -402,6 +442,7 @@ impl ChunkStore {
         let mut out = Vec::new();
         let mut next = 0u32;
         let mut buf = Vec::new();
+        let mut hash = Sha256::new();
         for e in keep {
             let b = e.blkaddr.get();
             buf.resize(e.nblocks.get() as usize * BLOCK_SIZE as usize, 0);
@@ -409,6 +450,7 @@ impl ChunkStore {
                 .and_then(|_| f.read_exact(&mut buf))
                 .map_err(io_err(old.path()))?;
             w.write_all(&buf).map_err(io_err(tmp.path()))?;
+            hash.update(&buf);
             out.push((
                 b,
                 ChunkEntry {
@@ -421,7 +463,7 @@ impl ChunkStore {
         w.flush().map_err(io_err(tmp.path()))?;
         // Entries stay sorted by block address, as the chunk table requires.
         out.sort_by_key(|(_, e)| e.blkaddr.get());
-        Ok((tmp, out, next))
+        Ok((tmp, out, next, hex::encode(hash.finalize())))
     }
 }
 
@@ -439,21 +481,6 @@ pub(crate) fn publish(tmp: tempfile::NamedTempFile, path: &Path) -> Result<(), B
         })?;
     }
     Ok(())
-}
-
-/// sha256 of a whole file, lowercase hex.
-fn hash_file(mut f: &File, path: &Path) -> Result<String, BuildError> {
-    f.seek(SeekFrom::Start(0)).map_err(io_err(path))?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf).map_err(io_err(path))?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(hex::encode(h.finalize()))
 }
 
 /// The chunks (block addresses, per blob) of the files reachable from the

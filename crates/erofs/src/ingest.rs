@@ -65,7 +65,13 @@ fn store_data(
             if let Some(h) = fingerprint.as_mut() {
                 h.update(&buf[..]);
             }
-            chunks.push(store.add_chunk(buf).map_err(StoreError::Build)?);
+            // A one-chunk file (most are): its chunk digest continues the
+            // content digest over the padding, one pass over the bytes.
+            let stored = match &fingerprint {
+                Some(h) if len == size => store.add_absorbed_chunk(buf, h.clone()),
+                _ => store.add_chunk(buf),
+            };
+            chunks.push(stored.map_err(StoreError::Build)?);
         }
         pos += len;
     }
