@@ -200,7 +200,8 @@ impl TreeStats {
 }
 
 /// Each device slot as `inspect` reports it: tag, size, how many chunk
-/// digests pin it and, if compressed, how it is stored on remotes.
+/// digests pin it, if compressed, how it is stored on remotes, and its
+/// recorded start if the image has one.
 fn devices_json(img: &Image<File>) -> Vec<serde_json::Value> {
     (1..)
         .zip(&img.devices)
@@ -214,9 +215,12 @@ fn devices_json(img: &Image<File>) -> Vec<serde_json::Value> {
                 json!({"compression": "zstd", "object": f.object_name(),
                         "object_bytes": f.object_size, "frames": f.frames.len()})
             });
+            let start = table
+                .and_then(|t| t.start(device_id))
+                .map(|s| json!({"bytes": s.blocks() * img.block_size(), "ranges": s.ranges.len()}));
             json!({"device_id": device_id, "tag": tag, "blocks": d.blocks.get(),
                    "bytes": u64::from(d.blocks.get()) * img.block_size(), "chunk_digests": entries,
-                   "remote_object": remote})
+                   "remote_object": remote, "recorded_start": start})
         })
         .collect()
 }
@@ -321,6 +325,12 @@ fn print_devices(devices: &[serde_json::Value]) {
                 o["object"].as_str().unwrap_or_default(),
                 o["object_bytes"],
                 o["frames"]
+            );
+        }
+        if let Some(s) = d["recorded_start"].as_object() {
+            println!(
+                "  start:      {} bytes in {} ranges, fetched at bind",
+                s["bytes"], s["ranges"]
             );
         }
     }

@@ -356,8 +356,13 @@ fn remote_faults_give_eio_then_recover() {
     let at_zero = run_shoal(&["order".as_ref(), ordered.as_os_str(), first.as_os_str()]);
     assert_eq!(at_zero.trim(), "/usr/share/doc/shoal-demo/glossary.txt");
 
-    // Such a build records its start; binding it fetches that start (and
-    // not the rest) before anything is read.
+    // Such a build records its start (inspect shows it); binding it
+    // fetches that start (and not the rest) before anything is read.
+    let shown = run_shoal(&["inspect".as_ref(), ordered.as_os_str()]);
+    assert!(
+        shown.contains("start:") && shown.contains("fetched at bind"),
+        "{shown}"
+    );
     d.ok(&["unbind", "demo"]);
     d.ok(&[
         "bind",
