@@ -17,7 +17,9 @@
 # empty), shoal-fan-zord (zstd, the top layer built with `--order` from a
 # recorded run of the same workload, `shoal order`), nydus-{fan,fuse}-*
 # (`nydus fanotify|fuse`, one process per mount), oci-pull (every layer
-# through the proxy, unpacked, then the workload).
+# through the proxy, unpacked, then the workload), kernel-local (the
+# uncompressed image mounted file-backed with every blob local: the
+# physical limit, no network; add it to TOOLS).
 # Prints two tables: stored bytes, then one row per (net, tool, workload).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -181,6 +183,9 @@ mount_tool() {
         "$shoal" mount --frontend "$fe" --domain "r$5-$img" --fsid "$img" \
             "oci://127.0.0.1:$port/shoal-$c/$img:v1" "$mnt" >/dev/null
         ;;
+    kernel-local)
+        "$shoal" mount --frontend local "$tmp/none-$img.img" "$mnt" --blob-dir "$tmp/blobs-none" >/dev/null
+        ;;
     nydus-*)
         rm -rf "$tmp/ncache"; mkdir -p "$tmp/ncache"
         cat >"$tmp/nydus.yaml" <<YAML
@@ -205,6 +210,7 @@ umount_tool() {
     case $1 in
     shoal-*) "$shoal" umount "$2" >/dev/null 2>&1 || umount -l "$2" ;;
     nydus-*) kill -TERM "$daemon"; wait "$daemon" 2>/dev/null || true; umount -l "$2" 2>/dev/null || true ;;
+    kernel-local) umount "$2" ;;
     esac
 }
 
