@@ -147,7 +147,9 @@ impl SharedBlob {
     /// in the blob:
     /// - the read waits for its own range only: from a compressed source,
     ///   the frames holding it, whole (a frame batches small files), plus up
-    ///   to [`WINDOW_MIN`] of the frames after them, in one request;
+    ///   to [`WINDOW_MIN`] of the frames after them, in one request; from an
+    ///   uncompressed one, its chunks and up to [`WINDOW_MIN`] of the chunks
+    ///   after them;
     /// - a read that continues the previous ones (a sequential reader) also
     ///   starts a read-ahead of the next window in the background, claimed
     ///   before this read goes on (so later reads of it wait for it rather
@@ -171,7 +173,7 @@ impl SharedBlob {
         let frames = sources.first().and_then(|s| s.frames.clone());
         let (now, max_run) = match &frames {
             Some(f) => self.plan_frames(f, &need, WINDOW_MIN),
-            None => (need.clone(), len.max(1)),
+            None => self.plan_raw(&need, WINDOW_MIN),
         };
         let now_end = now.last().map_or(offset + len, |e| {
             u64::from(e.blkaddr.get() + e.nblocks.get()) * BLOCK
@@ -328,6 +330,31 @@ impl SharedBlob {
         entries.sort_by_key(|e| e.blkaddr.get());
         entries.dedup_by_key(|e| e.blkaddr.get());
         (entries, raw)
+    }
+
+    /// From an uncompressed source: `need`, then the missing chunks right
+    /// after it, up to `window` bytes of them (stopping at one already
+    /// ready), and the request size that fetches them in one go. Without
+    /// frames to batch them, small files would otherwise cost a round trip
+    /// each, though the blob holds them in the order they are read.
+    fn plan_raw(&self, need: &[ChunkEntry], window: u64) -> (Vec<ChunkEntry>, u64) {
+        let Some(last) = need.last() else {
+            return (Vec::new(), 1);
+        };
+        let bytes = |e: &ChunkEntry| u64::from(e.nblocks.get()) * BLOCK;
+        let mut entries = need.to_vec();
+        let mut run: u64 = need.iter().map(bytes).sum();
+        let mut ahead = 0u64;
+        let chunks = self.chunks.read().unwrap();
+        for (_, e) in chunks.range(last.blkaddr.get() + last.nblocks.get()..) {
+            ahead += bytes(e);
+            if ahead > window || self.cache.is_ready(e.blkaddr.get(), e.nblocks.get()) {
+                break;
+            }
+            entries.push(*e);
+            run += bytes(e);
+        }
+        (entries, run.max(1))
     }
 
     /// Record the first touch of `entries` (what a reader asked for, not
