@@ -7,11 +7,12 @@
 //! kernel never looks, and found through a fixed-size trailer at the end of
 //! the file; the bootstrap's own digest pins it.
 
-pub use crate::chunk::{ChunkEntry, MAX_CHUNK_BLOCKS};
+use crate::chunk::take_records;
+pub use crate::chunk::{BlobHeader, ChunkEntry, MAX_CHUNK_BLOCKS};
 use crate::error::{Error, Result};
 use crate::frames::{self, BlobFrames, FRAMES_MAGIC};
 use crate::start::{self, BlobStart};
-use zerocopy::little_endian::{U16, U32, U64};
+use zerocopy::little_endian::{U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 pub const TABLE_MAGIC: [u8; 8] = *b"SHOALCT1";
@@ -25,16 +26,6 @@ pub struct TableHeader {
     pub reserved: U32,
 }
 const _: () = assert!(core::mem::size_of::<TableHeader>() == 16);
-
-#[derive(Clone, Copy, Debug, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
-#[repr(C)]
-pub struct BlobHeader {
-    /// Device slot this list belongs to (1-based, as in chunk indexes).
-    pub device_id: U16,
-    pub reserved: U16,
-    pub nentries: U32,
-}
-const _: () = assert!(core::mem::size_of::<BlobHeader>() == 8);
 
 /// Last 64 bytes of a shoal bootstrap.
 #[derive(Clone, Copy, Debug, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
@@ -141,14 +132,9 @@ impl ChunkTable {
                 .map_err(|_| bad(format!("truncated blob header {i}")))?;
             let n = bh.nentries.get() as usize;
             let dev = bh.device_id.get();
-            let len = n
-                .checked_mul(40)
-                .filter(|&l| l <= r.len())
+            let (entries, r) = take_records::<ChunkEntry>(r, n)
                 .ok_or_else(|| bad(format!("device {dev}: {n} entries overrun the table")))?;
-            let entries = <[ChunkEntry]>::ref_from_bytes(&r[..len])
-                .map_err(|_| bad(format!("device {dev}: misaligned entries")))?
-                .to_vec();
-            rest = &r[len..];
+            rest = r;
             let blocks = blob_blocks
                 .iter()
                 .find(|(d, _)| *d == dev)

@@ -10,7 +10,7 @@
 //! produce. The object is named by its own sha256 (content addressing, as a
 //! registry requires), which the table records too.
 
-use crate::chunk::{ChunkEntry, MAX_CHUNK_BLOCKS};
+use crate::chunk::{take_records, ChunkEntry, MAX_CHUNK_BLOCKS};
 use crate::error::{Error, Result};
 use sha2::{Digest, Sha256};
 use zerocopy::little_endian::{U16, U32, U64};
@@ -186,14 +186,9 @@ pub(crate) fn decode(
             .map_err(|_| bad(format!("truncated blob header {i}")))?;
         let dev = bh.device_id.get();
         let n = bh.nframes.get() as usize;
-        let len = n
-            .checked_mul(size_of::<FrameEntry>())
-            .filter(|&l| l <= r.len())
+        let (frames, r) = take_records::<FrameEntry>(r, n)
             .ok_or_else(|| bad(format!("device {dev}: {n} frames overrun the table")))?;
-        let frames = <[FrameEntry]>::ref_from_bytes(&r[..len])
-            .map_err(|_| bad(format!("device {dev}: misaligned frames")))?
-            .to_vec();
-        rest = &r[len..];
+        rest = r;
         let blocks = blob_blocks
             .iter()
             .find(|(d, _)| *d == dev)

@@ -10,8 +10,7 @@
 //! digest. The section sits inside the chunk table, so the trailer's
 //! digest covers it.
 
-use crate::chunk::ChunkEntry;
-use crate::chunktable::BlobHeader;
+use crate::chunk::{take_records, BlobHeader, ChunkEntry};
 use crate::error::{Error, Result};
 use zerocopy::little_endian::{U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
@@ -140,14 +139,9 @@ pub fn decode<'a>(
         let (h, r) = BlobHeader::read_from_prefix(rest)
             .map_err(|_| bad(format!("truncated blob header {i}")))?;
         let (dev, k) = (h.device_id.get(), h.nentries.get() as usize);
-        let len = k
-            .checked_mul(8)
-            .filter(|&l| l <= r.len())
+        let (ranges, r) = take_records::<StartRange>(r, k)
             .ok_or_else(|| bad(format!("device {dev}: {k} ranges overrun the table")))?;
-        let ranges = <[StartRange]>::ref_from_bytes(&r[..len])
-            .map_err(|_| bad(format!("device {dev}: misaligned ranges")))?
-            .to_vec();
-        rest = &r[len..];
+        rest = r;
         let blocks = blob_blocks.iter().find(|(d, _)| *d == dev).map(|(_, b)| *b);
         match blocks {
             _ if !blobs.iter().any(|(d, _)| *d == dev) => {
