@@ -7,6 +7,7 @@
 
 use crate::chunktable::ChunkEntry;
 use crate::error::BuildError;
+use crate::spool::Spool;
 use crate::tree::{ChunkRef, Data, Tree};
 use sha2::{Digest, Sha256};
 use std::collections::{HashMap, HashSet};
@@ -20,17 +21,9 @@ pub const BLOCK_SIZE: u64 = 4096;
 enum Body {
     /// A blob of an earlier image: only referenced.
     Reused,
-    /// A blob this build writes; `None` until its first chunk arrives.
+    /// A blob this build writes (chunks are appended in arrival order, the
+    /// blob's tag hashed as they are); `None` until its first chunk arrives.
     New { file: Option<Spool> },
-}
-
-/// A new blob's bytes as written, and their running sha256: when the
-/// chunks are already in their final order (a directory walked in read
-/// order) that is the blob's tag, with no second pass over the file.
-struct Spool {
-    tmp: tempfile::NamedTempFile,
-    w: BufWriter<File>,
-    hash: Sha256,
 }
 
 struct Draft {
@@ -301,23 +294,9 @@ impl ChunkStore {
             unreachable!("current blob is always new")
         };
         if file.is_none() {
-            let tmp = tempfile::Builder::new()
-                .prefix(".blob-")
-                .tempfile_in(&self.blob_dir)
-                .map_err(io_err(&self.blob_dir))?;
-            let w = BufWriter::with_capacity(1 << 20, tmp.reopen().map_err(io_err(tmp.path()))?);
-            *file = Some(Spool {
-                tmp,
-                w,
-                hash: Sha256::new(),
-            });
+            *file = Some(Spool::create(&self.blob_dir)?);
         }
-        let spool = file.as_mut().unwrap();
-        spool
-            .w
-            .write_all(padded)
-            .map_err(io_err(spool.tmp.path()))?;
-        spool.hash.update(padded);
+        file.as_mut().unwrap().write(padded)?;
         self.stats.bytes_written += padded_len;
         draft.entries.push(ChunkEntry {
             blkaddr: blkaddr.into(),
@@ -382,11 +361,7 @@ impl ChunkStore {
         };
         let draft_len = draft.entries.len();
         let first_blocks: Vec<u32> = draft.entries.iter().map(|e| e.blkaddr.get()).collect();
-        let Spool { tmp, w, hash } = file.expect("new blobs with chunks have a file");
-        let f = w.into_inner().map_err(|e| BuildError::Io {
-            path: tmp.path().to_path_buf(),
-            source: e.into_error(),
-        })?;
+        let (tmp, f, hash) = file.expect("new blobs with chunks have a file").finish()?;
         // The chunks to keep, in read order.
         let mut keep: Vec<(Origin, ChunkEntry)> = draft
             .origins

@@ -13,6 +13,7 @@ pub mod frames;
 pub mod ingest;
 pub mod ondisk;
 pub mod reader;
+mod spool;
 pub mod start;
 pub mod tar;
 pub mod tree;

@@ -146,6 +146,11 @@ pub fn run(corpus: &Path, chunk_size: u64, runs: usize, peers: &Peers) -> Result
         // The same tree as a directory, for every builder.
         let tree = b.extract()?;
         b.shoal(std::slice::from_ref(&tree), "shoal (directory)", None)?;
+        b.shoal(
+            std::slice::from_ref(&tree),
+            "shoal --compress zstd (directory; bytes: the objects)",
+            Some("zstd"),
+        )?;
         b.mkfs(&peers.mkfs, &tree)?;
         if let Some(nydus) = &peers.nydus {
             for c in ["none", "zstd"] {
