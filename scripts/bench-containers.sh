@@ -17,6 +17,9 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 . "$root/scripts/lib.sh"
 corpus=${CORPUS:-$root/../shared/corpus}
 runs=${RUNS:-3}   # IMAGES="py" for a subset; CHUNK_SIZE for shoal convert
+# TOOLS="shoal-ord overlayfs" for a subset; SNAPSHOTTER_ARGS are added to
+# `shoal snapshotter` (e.g. --mount-on-pull).
+tools=(${TOOLS:-shoal shoal-ord overlayfs})
 shoal=$root/target/release/shoal
 cargo build --release -q --manifest-path "$root/Cargo.toml"
 command -v strace >/dev/null || apt-get install -y -qq strace >/dev/null
@@ -38,7 +41,7 @@ start_stack() {
   local d=$1; mkdir -p "$d/ctd"
   "$shoal" daemon --socket "$d/shoal.sock" --work-dir "$d/work" >"$d/daemon.log" 2>&1 & stack=($!)
   wait_for env SHOAL_SOCKET="$d/shoal.sock" "$shoal" status --json
-  "$shoal" snapshotter --socket "$d/sn.sock" --root "$d/sn" --daemon-socket "$d/shoal.sock" \
+  "$shoal" snapshotter --socket "$d/sn.sock" --root "$d/sn" --daemon-socket "$d/shoal.sock" ${SNAPSHOTTER_ARGS:-} \
     >"$d/sn.log" 2>&1 & stack+=($!)
   wait_for test -S "$d/sn.sock"
   cat >"$d/ctd/config.toml" <<CONF
@@ -160,7 +163,7 @@ printf '|----------|-----------|---------|---------|---------|-------------|----
 for i in "${images[@]}"; do
   opened=$(cat "$tmp/opened-$i")
   setcmd "$i"
-  for tool in shoal shoal-ord overlayfs; do
+  for tool in "${tools[@]}"; do
     : >"$tmp/r"
     for n in $(seq "$runs"); do
       ns=$tool-$i-$n; namespaces+=("$ns")

@@ -24,6 +24,13 @@ pub struct SnapshotterArgs {
     /// namespace, `containerd-<ns>`), `shared:NAME` (one for all) or `none`.
     #[arg(long, default_value = "namespace")]
     domains: String,
+    /// Mount a shoal image as soon as it is pulled (as nydus-snapshotter
+    /// does), not when its first container starts: the daemon then fetches
+    /// the image's recorded start while containerd is still pulling and
+    /// creating the container. The image stays mounted until it is removed
+    /// (and the daemon keeps its access recording only then).
+    #[arg(long)]
+    mount_on_pull: bool,
     /// Settings (proxy, mirrors) as the daemon's TOML, for bootstrap fetches.
     #[arg(long, value_name = "FILE")]
     settings: Option<PathBuf>,
@@ -94,6 +101,7 @@ pub fn run(a: SnapshotterArgs) -> Result<()> {
         root: a.root.clone(),
         policy: policy(&a.domains)?,
         http: cfg.http_options()?,
+        mount_on_pull: a.mount_on_pull,
     };
     let mounter = Arc::new(DaemonMounter {
         socket: crate::client::socket_path(a.daemon_socket.clone()),

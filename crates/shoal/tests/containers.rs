@@ -35,6 +35,11 @@ struct World {
 }
 
 fn world() -> Option<World> {
+    world_with(&[])
+}
+
+/// [`world`] with further `shoal snapshotter` arguments.
+fn world_with(snapshotter_args: &[&str]) -> Option<World> {
     let why = missing(&[
         "docker-registry",
         "skopeo",
@@ -74,7 +79,7 @@ fn world() -> Option<World> {
         ]);
     }
     let daemon = Daemon::start(&tmp.path().join("daemon"));
-    let sn = SnapshotterProc::start(&tmp.path().join("sn"), &daemon.socket);
+    let sn = SnapshotterProc::start(&tmp.path().join("sn"), &daemon.socket, snapshotter_args);
     let ctd = Containerd::start(&tmp.path().join("containerd"), Some(&sn.socket));
     Some(World {
         _tmp: tmp,
@@ -196,6 +201,10 @@ fn containers_start_lazily_and_read_what_overlayfs_reads() {
         w.sent(&layers[layers.len() - 1]) > 0,
         "the bootstrap was not fetched"
     );
+    assert!(
+        !w.sn.log_text().contains("shoal image mounted"),
+        "mounted at pull without --mount-on-pull"
+    );
     let got = ok(
         w.run(
             "shoal-test",
@@ -247,7 +256,11 @@ fn containers_start_lazily_and_read_what_overlayfs_reads() {
 
 #[test]
 fn a_shared_base_is_fetched_once_per_namespace() {
-    let Some(w) = world() else { return };
+    // Images mounted as soon as they are pulled share as those mounted by
+    // their first container do.
+    let Some(w) = world_with(&["--mount-on-pull"]) else {
+        return;
+    };
     let base = w.layers("shoal/py:v1")[0].clone();
     assert_eq!(
         base,
@@ -262,6 +275,11 @@ fn a_shared_base_is_fetched_once_per_namespace() {
     for image in ["shoal/py:v1", "shoal/web:v1"] {
         ok(w.rpull("ns-a", image), "rpull in ns-a");
     }
+    // Both mounted at pull, before any container, having read no data.
+    wait_for("both images to be mounted at pull", || {
+        w.sn.log_text().matches("shoal image mounted").count() == 2
+    });
+    assert_eq!(w.sent(&base), 0, "mounting at pull fetched base bytes");
     ok(
         w.run("ns-a", "shoal", "shoal/py:v1", "a1", &read_base),
         "py in ns-a",
@@ -294,6 +312,24 @@ fn a_shared_base_is_fetched_once_per_namespace() {
         log.contains("containerd-ns-a/") && log.contains("containerd-ns-b/"),
         "one domain per namespace:\n{log}"
     );
+    // A pulled image stays mounted without containers; removing it
+    // (containerd's garbage collector removes its snapshots, which every
+    // namespace shares, as remote snapshots are named by chain ID) unmounts
+    // it.
+    assert!(!log.contains("shoal image unmounted"), "{log}");
+    for ns in ["ns-a", "ns-b"] {
+        ok(
+            w.ctd.ctr_in(
+                ns,
+                "ctr",
+                &["images", "rm", "--sync", &w.image("shoal/web:v1")],
+            ),
+            "ctr images rm",
+        );
+    }
+    wait_for("the removed image's mounts to go", || {
+        w.sn.log_text().contains("shoal image unmounted")
+    });
 }
 
 #[test]

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 /// containerd's label naming the snapshot a Prepare would commit to.
-const TARGET: &str = "containerd.io/snapshot.ref";
+pub(crate) const TARGET: &str = "containerd.io/snapshot.ref";
 /// The image reference and layer digest, as CRI and ctr-remote label them.
 const IMAGE_REF: [&str; 2] = [
     "containerd.io/snapshot/cri.image-ref",
@@ -247,6 +247,35 @@ impl Engine {
                 SnapError::AlreadyExists(target.into())
             }
             Err(e) => e,
+        }
+    }
+
+    /// Mount the image whose bootstrap layer `target` just committed, in
+    /// the namespace's domain, with `target` as a user: containers of the
+    /// image find it mounted, and it stays so until the image's layer
+    /// snapshot is removed. Best effort: if it fails, the first container
+    /// mounts it (and says why it cannot). A no-op if `target` is not (or
+    /// no longer) a shoal image's bootstrap layer.
+    pub fn mount_pulled(&mut self, target: &str, namespace: &str) {
+        let Some(Remote::Bootstrap { bootstrap }) = self
+            .store
+            .state
+            .snapshots
+            .get(target)
+            .and_then(|s| s.remote.clone())
+        else {
+            return;
+        };
+        let domain = self.policy.domain(namespace);
+        match self.use_image(&bootstrap, domain.as_deref(), target) {
+            Ok(()) => {
+                if let Err(e) = self.save() {
+                    tracing::warn!(snapshot = target, error = %e, "saving the pull-time mount");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(snapshot = target, error = %e, "mounting at pull failed; the first container mounts the image")
+            }
         }
     }
 

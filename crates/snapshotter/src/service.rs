@@ -1,7 +1,7 @@
 //! The gRPC face: containerd's Snapshots service on a Unix socket, each
 //! request run on the blocking pool against the one engine.
 
-use crate::engine::{Engine, Mount};
+use crate::engine::{Engine, Mount, TARGET};
 use crate::error::SnapError;
 use crate::proto::containerd::services::snapshots::v1 as pb;
 use crate::proto::containerd::types;
@@ -21,6 +21,11 @@ pub struct SnapshotterOptions {
     pub root: PathBuf,
     pub policy: DomainPolicy,
     pub http: HttpOptions,
+    /// Mount a shoal image as soon as its bootstrap layer is pulled (as
+    /// nydus-snapshotter does), in the background, so the daemon fetches
+    /// the image's recorded start while containerd still pulls and
+    /// creates the container; else at its first container.
+    pub mount_on_pull: bool,
 }
 
 /// The service: one engine behind a lock (operations are short, except a
@@ -31,6 +36,7 @@ pub struct Snapshotter {
     /// For bootstrap fetches outside the engine's lock.
     client: Client,
     bootstraps: PathBuf,
+    mount_on_pull: bool,
 }
 
 impl Snapshotter {
@@ -52,6 +58,7 @@ impl Snapshotter {
             client: engine.client.clone(),
             engine: Arc::new(Mutex::new(engine)),
             bootstraps,
+            mount_on_pull: opts.mount_on_pull,
         })
     }
 
@@ -131,15 +138,33 @@ impl Snapshots for Snapshotter {
         let q = r.into_inner();
         tracing::debug!(key = q.key, parent = q.parent, labels = ?q.labels, "prepare");
         let l = labels(q.labels.clone());
-        if crate::engine::is_bootstrap_layer(&l) {
+        let pulled = crate::engine::is_bootstrap_layer(&l).then(|| l[TARGET].clone());
+        if pulled.is_some() {
             let (client, dir) = (self.client.clone(), self.bootstraps.clone());
             tokio::task::spawn_blocking(move || crate::engine::ensure_bootstrap(&client, &l, &dir))
                 .await
                 .map_err(|e| Status::internal(format!("fetching the bootstrap: {e}")))??;
         }
-        let m = self
-            .run(move |e| e.prepare(&q.key, &q.parent, labels(q.labels), Kind::Active, &ns))
-            .await?;
+        let ns2 = ns.clone();
+        let r = self
+            .run(move |e| e.prepare(&q.key, &q.parent, labels(q.labels), Kind::Active, &ns2))
+            .await;
+        if let (Some(target), Err(s)) = (pulled, &r) {
+            if s.code() == tonic::Code::AlreadyExists && self.mount_on_pull {
+                // containerd goes on while the image mounts: a container's
+                // Prepare that comes first mounts it itself.
+                let me = self.clone();
+                tokio::spawn(async move {
+                    let _ = me
+                        .run(move |e| {
+                            e.mount_pulled(&target, &ns);
+                            Ok(())
+                        })
+                        .await;
+                });
+            }
+        }
+        let m = r?;
         Ok(Response::new(pb::PrepareSnapshotResponse {
             mounts: mounts(m),
         }))

@@ -42,6 +42,10 @@ type Shared = Arc<Daemon>;
 /// restored, bindings before events are answered, mounts before the socket
 /// exists (so a client that can connect sees them).
 pub fn run(socket: &Path, work_dir: &Path, cfg: &Config) -> Result<()> {
+    // Absolute, because the fanotify pump (another process, its own cwd)
+    // and clients are handed paths below it.
+    let work_dir = &std::path::absolute(work_dir)
+        .with_context(|| format!("work dir {}", work_dir.display()))?;
     let work = WorkDir::new(work_dir);
     let features = crate::features::detect(&work);
     let policy =

@@ -594,17 +594,20 @@ pub struct SnapshotterProc {
     pub root: PathBuf,
     pub log: PathBuf,
     daemon_socket: PathBuf,
+    /// Further `shoal snapshotter` arguments, kept across restarts.
+    args: Vec<String>,
     child: Option<Child>,
 }
 
 impl SnapshotterProc {
-    pub fn start(dir: &Path, daemon_socket: &Path) -> SnapshotterProc {
+    pub fn start(dir: &Path, daemon_socket: &Path, args: &[&str]) -> SnapshotterProc {
         std::fs::create_dir_all(dir).unwrap();
         let mut s = SnapshotterProc {
             socket: dir.join("snapshotter.sock"),
             root: dir.join("root"),
             log: dir.join("snapshotter.log"),
             daemon_socket: daemon_socket.into(),
+            args: args.iter().map(|a| a.to_string()).collect(),
             child: None,
         };
         s.restart();
@@ -626,6 +629,7 @@ impl SnapshotterProc {
             .arg(&self.root)
             .arg("--daemon-socket")
             .arg(&self.daemon_socket)
+            .args(&self.args)
             .env("SHOAL_LOG", "info")
             .env_remove("SHOAL_CONFIG")
             .stdout(Stdio::null())
