@@ -307,6 +307,31 @@ fn fanotify_read_fails_with_eio_then_recovers() {
     );
 }
 
+/// A daemon started with a relative `--work-dir` (as from a shell) serves
+/// fanotify mounts: the pump, another process with another cwd, is handed
+/// paths that still name the cache files.
+#[test]
+fn fanotify_with_a_relative_work_dir() {
+    if let Some(why) = unavailable("fanotify") {
+        return skip(&why);
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let ex = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/demo");
+    let blobs = tmp.path().join("blobs");
+    let img = build_layer_blobs(tmp.path(), "demo", &[ex.join("base")], &blobs);
+    let d = Daemon::start_relative(tmp.path());
+    let mnt = tmp.path().join("mnt");
+    let remote = format!("file://{}", blobs.display());
+    let m = mount(&d, "fanotify", "rel", "demo", &img, &remote, &mnt);
+    let file = "usr/share/doc/shoal-demo/glossary.txt";
+    assert_eq!(
+        std::fs::read(mnt.join(file)).unwrap(),
+        std::fs::read(ex.join("base").join(file)).unwrap()
+    );
+    d.ok(&["umount", mnt.to_str().unwrap()]);
+    drop(m);
+}
+
 /// kill -9 the daemon again and again while a reader reads every byte of
 /// a cold corpus mount: every read completes with the right bytes (no EIO,
 /// no zeros), because the pump holds the events for the next daemon.

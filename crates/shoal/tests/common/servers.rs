@@ -31,6 +31,9 @@ pub struct Daemon {
     pub log: PathBuf,
     /// More daemon settings (TOML), after the test defaults.
     pub extra_config: String,
+    /// Started from this directory with `--work-dir work`, relative (as
+    /// from a shell), instead of with `work` absolute.
+    relative_from: Option<PathBuf>,
     child: Option<Child>,
 }
 
@@ -57,6 +60,22 @@ impl Daemon {
             work: dir.join("work"),
             log: dir.join("daemon.log"),
             extra_config: extra_config.into(),
+            relative_from: None,
+            child: None,
+        };
+        d.restart();
+        d
+    }
+
+    /// A daemon run from `dir` with the relative `--work-dir work`.
+    pub fn start_relative(dir: &Path) -> Daemon {
+        std::fs::create_dir_all(dir).unwrap();
+        let mut d = Daemon {
+            socket: dir.join("shoal.sock"),
+            work: dir.join("work"),
+            log: dir.join("daemon.log"),
+            extra_config: String::new(),
+            relative_from: Some(dir.to_path_buf()),
             child: None,
         };
         d.restart();
@@ -79,11 +98,13 @@ impl Daemon {
             .append(true)
             .open(&self.log)
             .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_shoal"))
-            .args(["daemon", "--socket"])
-            .arg(&self.socket)
-            .arg("--work-dir")
-            .arg(&self.work)
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_shoal"));
+        cmd.args(["daemon", "--socket"]).arg(&self.socket);
+        match &self.relative_from {
+            Some(dir) => cmd.current_dir(dir).args(["--work-dir", "work"]),
+            None => cmd.arg("--work-dir").arg(&self.work),
+        };
+        let child = cmd
             .arg("--config")
             .arg(&cfg)
             .env("SHOAL_LOG", "info")
