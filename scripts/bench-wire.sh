@@ -4,7 +4,7 @@
 # network (`shoal net-proxy`: round-trip delay and bandwidth cap in user
 # space, since this kernel has no netem) in front of a local docker-registry.
 #
-#   sudo scripts/bench-wire.sh        # NETS="0 10" ROUNDS=3 TOOLS="..." knobs
+#   sudo scripts/bench-wire.sh        # NETS="0 10" ROUNDS=3 TOOLS="..." KEEP_LOG=FILE knobs
 #
 # Images (corpus layers): base; py = base + py-layer; web = base + web-layer.
 # Workloads: base `cat /etc/os-release`, py `python3 -c 'import json, email,
@@ -36,6 +36,8 @@ shoal=$tmp/shoal
 cp "$root/target/release/shoal" "$shoal"
 pids=() mounted=()
 cleanup() {
+    # KEEP_LOG=FILE keeps the registry's log (every request, its range and size).
+    [ -n "${KEEP_LOG:-}" ] && cp "$tmp/registry.log" "$KEEP_LOG" 2>/dev/null
     for m in "${mounted[@]}"; do umount -l "$m" 2>/dev/null || true; done
     for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
     pkill -f "fanotify-pump --socket $tmp/" 2>/dev/null || true

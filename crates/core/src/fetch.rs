@@ -81,6 +81,56 @@ impl Wire {
     }
 }
 
+/// Byte ranges of one blob fetched together: several per request where the
+/// remote serves them so, each request carrying at most `max_weight` (the
+/// caller's request size, in decompressed bytes; one range at least) and
+/// [`MAX_RANGES`] ranges. `ranges` are (offset, len, weight), sorted and
+/// apart; one result per range.
+fn fetch_grouped(
+    remote: &dyn Remote,
+    name: &str,
+    ranges: &[(u64, u64, u64)],
+    max_weight: u64,
+    wire: &mut Wire,
+) -> Vec<Result<Vec<u8>, crate::remote::RemoteError>> {
+    let mut out = Vec::with_capacity(ranges.len());
+    let mut i = 0;
+    while i < ranges.len() {
+        let mut weight = ranges[i].2;
+        let mut j = i + 1;
+        while j < ranges.len() && j - i < MAX_RANGES && weight + ranges[j].2 <= max_weight {
+            weight += ranges[j].2;
+            j += 1;
+        }
+        let group: Vec<(u64, u64)> = ranges[i..j].iter().map(|r| (r.0, r.1)).collect();
+        if group.len() > 1 {
+            wire.requests += 1;
+            match remote.fetch_ranges(name, &group) {
+                Ok(Some(parts)) => {
+                    wire.bytes += parts.iter().map(|p| p.len() as u64).sum::<u64>();
+                    out.extend(parts.into_iter().map(Ok));
+                    i = j;
+                    continue;
+                }
+                Ok(None) => wire.requests -= 1,
+                Err(e) => {
+                    out.extend(group.iter().map(|_| Err(e.clone())));
+                    i = j;
+                    continue;
+                }
+            }
+        }
+        for &(offset, len) in &group {
+            out.push(wire.fetch(remote, name, offset, len));
+        }
+        i = j;
+    }
+    out
+}
+
+/// Most ranges asked in one request.
+const MAX_RANGES: usize = shoal_registry::ranges::MAX_RANGES;
+
 /// Where verified bytes of a chunk go.
 pub(crate) type Store<'a> = dyn FnMut(&ChunkEntry, &[u8]) -> Result<(), CoreError> + 'a;
 
@@ -137,7 +187,8 @@ fn fetch_raw(
     store: &mut Store<'_>,
     wire: &mut Wire,
 ) -> Vec<(usize, Miss)> {
-    let mut misses = Vec::new();
+    // Runs of adjacent chunks (indexes i..j), one range each.
+    let mut runs = Vec::new();
     let mut i = 0;
     while i < want.len() {
         let start = want[i].blkaddr.get();
@@ -150,29 +201,40 @@ fn fetch_raw(
             end += want[j].nblocks.get();
             j += 1;
         }
-        let (offset, len) = (u64::from(start) * BLOCK, u64::from(end - start) * BLOCK);
-        match wire.fetch(remote, name, offset, len) {
+        runs.push((i, j, start, end));
+        i = j;
+    }
+    let ranges: Vec<(u64, u64, u64)> = runs
+        .iter()
+        .map(|&(_, _, start, end)| {
+            let len = u64::from(end - start) * BLOCK;
+            (u64::from(start) * BLOCK, len, len)
+        })
+        .collect();
+    let mut misses = Vec::new();
+    let fetched = fetch_grouped(remote, name, &ranges, max_run, wire);
+    for (&(i, j, start, end), got) in runs.iter().zip(fetched) {
+        let bytes = match got {
+            Ok(b) => b,
             Err(e) => {
                 let why = e.to_string();
+                let (offset, len) = (u64::from(start) * BLOCK, u64::from(end - start) * BLOCK);
                 tracing::warn!(blob = name, offset, len, cause = %why, "fetch failed");
                 fail(&mut misses, i..j, &why, false);
+                continue;
             }
-            Ok(bytes) => {
-                for (k, e) in want.iter().enumerate().take(j).skip(i) {
-                    let at = (u64::from(e.blkaddr.get() - start) * BLOCK) as usize;
-                    let slice = &bytes[at..at + e.nblocks.get() as usize * BLOCK as usize];
-                    let miss =
-                        check(e, slice, || remote.describe()).or_else(|| deliver(store, e, slice));
-                    if let Some(m) = miss {
-                        if m.wrong_bytes {
-                            tracing::warn!(blob = name, offset = u64::from(e.blkaddr.get()) * BLOCK, cause = %m.why, "fetched bytes fail verification");
-                        }
-                        misses.push((k, m));
-                    }
+        };
+        for (k, e) in want.iter().enumerate().take(j).skip(i) {
+            let at = (u64::from(e.blkaddr.get() - start) * BLOCK) as usize;
+            let slice = &bytes[at..at + e.nblocks.get() as usize * BLOCK as usize];
+            let miss = check(e, slice, || remote.describe()).or_else(|| deliver(store, e, slice));
+            if let Some(m) = miss {
+                if m.wrong_bytes {
+                    tracing::warn!(blob = name, offset = u64::from(e.blkaddr.get()) * BLOCK, cause = %m.why, "fetched bytes fail verification");
                 }
+                misses.push((k, m));
             }
         }
-        i = j;
     }
     misses
 }
@@ -244,32 +306,38 @@ fn fetch_frames(
 ) -> Vec<(usize, Miss)> {
     let object = f.object_name();
     let mut misses = Vec::new();
-    for run in frame_runs(f, want, max_run, &mut misses) {
-        let first = &f.frames[run[0].0];
-        let last = &f.frames[run[run.len() - 1].0];
-        let (lo, hi) = (first.coffset.get(), last.coffset_end());
-        let t0 = std::time::Instant::now();
-        let bytes = match wire.fetch(remote, &object, lo, hi - lo) {
-            Ok(b) => {
-                tracing::debug!(
-                    blob = name,
-                    frames = run.len(),
-                    bytes = b.len(),
-                    ms = t0.elapsed().as_millis() as u64,
-                    "frames fetched"
-                );
-                b
-            }
+    let runs = frame_runs(f, want, max_run, &mut misses);
+    let ranges: Vec<(u64, u64, u64)> = runs
+        .iter()
+        .map(|run| {
+            let first = &f.frames[run[0].0];
+            let last = &f.frames[run[run.len() - 1].0];
+            let raw = run.iter().map(|(fi, _)| f.frames[*fi].raw_len()).sum();
+            let lo = first.coffset.get();
+            (lo, last.coffset_end() - lo, raw)
+        })
+        .collect();
+    let t0 = std::time::Instant::now();
+    let fetched = fetch_grouped(remote, &object, &ranges, max_run, wire);
+    tracing::debug!(
+        blob = name,
+        runs = runs.len(),
+        ms = t0.elapsed().as_millis() as u64,
+        "frames fetched"
+    );
+    for ((run, &(lo, len, _)), got) in runs.iter().zip(&ranges).zip(fetched) {
+        let bytes = match got {
+            Ok(b) => b,
             Err(e) => {
                 let why = e.to_string();
-                tracing::warn!(blob = name, object = %object, offset = lo, len = hi - lo, cause = %why, "fetch failed");
-                for (_, ks) in &run {
+                tracing::warn!(blob = name, object = %object, offset = lo, len, cause = %why, "fetch failed");
+                for (_, ks) in run {
                     fail(&mut misses, ks.iter().copied(), &why, false);
                 }
                 continue;
             }
         };
-        for (fi, ks) in &run {
+        for (fi, ks) in run {
             let fr = &f.frames[*fi];
             let at = (fr.coffset.get() - lo) as usize;
             let what = || {

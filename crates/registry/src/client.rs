@@ -8,6 +8,7 @@ use crate::manifest::{
     Descriptor, Index, Manifest, ManifestKind, Platform, ACCEPT_MANIFESTS, MAX_MANIFEST_BYTES,
 };
 use crate::net::{agent, classify, read_range, url_host, HttpOptions, MirrorCapability};
+use crate::ranges::{range_header, read_ranges, Ranges};
 use crate::reference::{Digest, Reference};
 use sha2::Digest as _;
 use std::collections::HashMap;
@@ -393,6 +394,22 @@ impl Repository {
             let what = format!("bytes {offset}+{len}");
             let resp = self.send(ep, "GET", &url, &what, &[("Range", &range)], &Body::Empty)?;
             read_range(&url, resp, offset, len)
+        })
+    }
+
+    /// Several ranges of blob `digest` in one GET (see [`crate::ranges`]);
+    /// [`Ranges::Unsupported`] when the registry does not serve them so.
+    pub fn fetch_ranges(
+        &self,
+        digest: &Digest,
+        ranges: &[(u64, u64)],
+    ) -> Result<Ranges, RemoteError> {
+        let header = range_header(ranges);
+        self.first_ok(MirrorCapability::Pull, |ep| {
+            let url = format!("{}/blobs/{digest}", ep.base);
+            let what = format!("{} ranges", ranges.len());
+            let resp = self.send(ep, "GET", &url, &what, &[("Range", &header)], &Body::Empty)?;
+            read_ranges(&url, resp, ranges)
         })
     }
 

@@ -12,6 +12,7 @@ mod client;
 mod error;
 pub mod manifest;
 mod net;
+pub mod ranges;
 mod reference;
 pub mod shoal;
 

@@ -384,6 +384,87 @@ fn remote_faults_give_eio_then_recover() {
     assert!(d.log_text().contains("recorded start fetched"));
 }
 
+/// A recorded start scattered over a lower layer's blob is fetched in
+/// multi-range requests where the server serves them (nginx), and range by
+/// range where it does not (the fixture answers the first range only);
+/// every byte verifies either way.
+#[test]
+fn scattered_starts_take_few_requests() {
+    let base = corpus_dir().join("base.tar.gz");
+    if !base.exists() {
+        return skip("no corpus");
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let ex = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/demo");
+    let order = tmp.path().join("order");
+    // Files far apart in the base layer's blob (laid out in directory order).
+    std::fs::write(
+        &order,
+        "/usr/bin/bash\n/etc/os-release\n/usr/lib/x86_64-linux-gnu/libc.so.6\n/usr/bin/ls\n",
+    )
+    .unwrap();
+    let (img, blobs) = (tmp.path().join("img"), tmp.path().join("blobs"));
+    run_shoal(&[
+        "build".as_ref(),
+        "--layer-blobs".as_ref(),
+        "--order".as_ref(),
+        order.as_os_str(),
+        "-o".as_ref(),
+        img.as_os_str(),
+        "--blob-dir".as_ref(),
+        blobs.as_os_str(),
+        base.as_os_str(),
+        ex.join("base").as_os_str(),
+    ]);
+    let Some(nginx) = Nginx::start(&blobs, &mkdir(tmp.path(), "nginx")) else {
+        return skip("no nginx");
+    };
+    let faulty = Faulty::start(&blobs, &mkdir(tmp.path(), "faulty"));
+    let d = Daemon::start(&mkdir(tmp.path(), "daemon"));
+    for (domain, url) in [("multi", nginx.url()), ("single", faulty.url())] {
+        d.ok(&[
+            "bind",
+            "--domain",
+            domain,
+            "--fsid",
+            "app",
+            img.to_str().unwrap(),
+            "--remote",
+            &url,
+        ]);
+    }
+    wait_for("both recorded starts", || {
+        d.log_text().matches("recorded start fetched").count() == 2
+    });
+    let blob = &blob_names(&img)[0];
+    let (multi, single) = (nginx.requests_for(blob), faulty.requests_for(blob));
+    assert!(
+        multi >= 1 && multi * 2 <= single,
+        "{multi} multi-range requests against {single} single ones"
+    );
+    let log = d.log_text();
+    assert!(!log.contains("fail verification"), "{log}");
+    let cached: Vec<u64> = d
+        .status()
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|v| v["blobs"].as_array().unwrap().clone())
+        .filter(|b| b["name"] == blob.as_str())
+        .map(|b| b["cached_bytes"].as_u64().unwrap())
+        .collect();
+    assert!(
+        cached.len() == 2 && cached[0] == cached[1] && cached[0] > 0,
+        "{cached:?}"
+    );
+}
+
+fn mkdir(parent: &Path, name: &str) -> PathBuf {
+    let p = parent.join(name);
+    std::fs::create_dir_all(&p).unwrap();
+    p
+}
+
 #[test]
 fn bearer_token_auth_on_oci_remote() {
     let tmp = tempfile::tempdir().unwrap();

@@ -1,12 +1,15 @@
 //! `http(s)://host/prefix/`: blob NAME at `prefix/NAME`, fetched with Range
-//! GETs over a keep-alive connection pool, with timeouts.
+//! GETs over a keep-alive connection pool, with timeouts; several ranges
+//! in one GET when the server serves them so.
 
 use super::{HttpOptions, Remote, RemoteError};
+use shoal_registry::ranges::{range_header, read_ranges};
 use shoal_registry::{agent, classify, read_range, url_host};
 
 pub struct HttpRemote {
     base: String,
     agent: ureq::Agent,
+    multi: super::MultiRange,
 }
 
 impl HttpRemote {
@@ -23,6 +26,7 @@ impl HttpRemote {
         Ok(HttpRemote {
             base,
             agent: agent(&opts, &url_host(url)),
+            multi: Default::default(),
         })
     }
 }
@@ -41,5 +45,22 @@ impl Remote for HttpRemote {
             .call()
             .map_err(|e| classify(&url, &format!("bytes {offset}+{len}"), e))?;
         read_range(&url, resp, offset, len)
+    }
+
+    fn fetch_ranges(
+        &self,
+        name: &str,
+        ranges: &[(u64, u64)],
+    ) -> Result<Option<Vec<Vec<u8>>>, RemoteError> {
+        let url = format!("{}{}", self.base, name);
+        self.multi.ask(&self.base, || {
+            let resp = self
+                .agent
+                .get(&url)
+                .set("Range", &range_header(ranges))
+                .call()
+                .map_err(|e| classify(&url, &format!("{} ranges", ranges.len()), e))?;
+            read_ranges(&url, resp, ranges)
+        })
     }
 }

@@ -6,12 +6,14 @@ use shoal_registry::{Client, Digest, Reference, Repository};
 
 pub struct OciRemote {
     repo: Repository,
+    multi: super::MultiRange,
 }
 
 impl OciRemote {
     pub fn new(r: &Reference, opts: &HttpOptions) -> Self {
         OciRemote {
             repo: Client::new(opts.clone()).repository(r),
+            multi: Default::default(),
         }
     }
 }
@@ -27,5 +29,18 @@ impl Remote for OciRemote {
             why,
         })?;
         self.repo.fetch_range(&digest, offset, len)
+    }
+
+    fn fetch_ranges(
+        &self,
+        name: &str,
+        ranges: &[(u64, u64)],
+    ) -> Result<Option<Vec<Vec<u8>>>, RemoteError> {
+        let digest = Digest::from_hex(name).map_err(|why| RemoteError::Permanent {
+            url: self.describe(),
+            why,
+        })?;
+        self.multi
+            .ask(&self.describe(), || self.repo.fetch_ranges(&digest, ranges))
     }
 }

@@ -364,6 +364,10 @@ impl Faulty {
     pub fn bytes_for(&self, blob: &str) -> u64 {
         sum_log(&self.log, blob)
     }
+
+    pub fn requests_for(&self, blob: &str) -> u64 {
+        count_log(&self.log, blob)
+    }
 }
 
 impl Drop for Faulty {
@@ -385,6 +389,19 @@ fn sum_log(path: &Path, blob: &str) -> u64 {
                 .then(|| bytes.parse::<u64>().ok())?
         })
         .sum()
+}
+
+/// Requests logged for a blob.
+fn count_log(path: &Path, blob: &str) -> u64 {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| {
+            l.split_whitespace()
+                .next()
+                .is_some_and(|n| n.trim_start_matches('/').ends_with(blob))
+        })
+        .count() as u64
 }
 
 /// nginx serving a blob directory, logging body bytes per request.
@@ -436,6 +453,10 @@ impl Nginx {
 
     pub fn bytes_for(&self, blob: &str) -> u64 {
         sum_log(&self.log, blob)
+    }
+
+    pub fn requests_for(&self, blob: &str) -> u64 {
+        count_log(&self.log, blob)
     }
 }
 
