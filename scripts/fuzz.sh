@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Fuzz the EROFS image reader, the tar layer reader and the frame table
-# (compressed remote objects).
+# Fuzz the EROFS image reader, the tar layer reader, the frame table
+# (compressed remote objects) and the multi-range reply parser.
 #
 #   scripts/fuzz.sh [SECONDS]     (default 30 s per target)
 #
@@ -24,7 +24,10 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
 fi
 
 corpus=$root/fuzz/corpus
-mkdir -p "$corpus/image_reader" "$corpus/tar_layer" "$corpus/frame_table"
+mkdir -p "$corpus/image_reader" "$corpus/tar_layer" "$corpus/frame_table" "$corpus/byteranges"
+# A multi-range reply of two parts, for ranges (0, 4) and (11, 2).
+printf '\001\000\000\004\000\006\000\002\000--B\r\nContent-Range: bytes 0-3/100\r\n\r\nabcd\r\n--B\r\nContent-Range: bytes 11-12/100\r\n\r\nkl\r\n--B--\r\n' \
+    >"$corpus/byteranges/two-parts"
 
 echo "== seeds"
 SHOAL_FUZZ_CORPUS=$corpus cargo test -q -p shoal-erofs --test hostile -- \
@@ -70,7 +73,7 @@ if command -v mkfs.erofs >/dev/null 2>&1; then
 fi
 
 status=0
-for target in image_reader tar_layer frame_table; do
+for target in image_reader tar_layer frame_table byteranges; do
     echo "== fuzz $target for ${secs}s"
     if ! (cd fuzz && cargo fuzz run --debug-assertions --sanitizer address "$target" -- \
         -max_total_time="$secs" -timeout=10 -rss_limit_mb=2048 -malloc_limit_mb=512 \

@@ -156,6 +156,18 @@ fn line(r: &mut impl BufRead) -> Result<Option<String>, PartError> {
     Ok(Some(String::from_utf8_lossy(&buf).into_owned()))
 }
 
+/// [`parse_parts`] for the fuzzer: a whole `multipart/byteranges` body.
+pub fn parse_byteranges(
+    body: &[u8],
+    boundary: &str,
+    ranges: &[(u64, u64)],
+) -> Result<Ranges, String> {
+    parse_parts(&mut std::io::Cursor::new(body), boundary, ranges).map_err(|e| match e {
+        PartError::Io(e) => e.to_string(),
+        PartError::Bad(why) => why,
+    })
+}
+
 /// The parts of a `multipart/byteranges` body: every range asked must lie
 /// within one part; parts no range asked for are refused.
 fn parse_parts(
