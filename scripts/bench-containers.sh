@@ -176,6 +176,8 @@ for i in "${images[@]}"; do
       echo "$(echo "$t1 - $t0" | bc) $(echo "$t3 - $t2" | bc) $bytes $reqs $(echo "$tp - $t0" | bc)" >>"$tmp/r"
       stop_stack "$tmp/run"
     done
+    # RAW=1: every run's cold, warm, bytes, requests and pull, on stderr.
+    [ -n "${RAW:-}" ] && sed "s/^/raw $i $tool: /" "$tmp/r" >&2
     for c in 1 2 3 4 5; do m[c]=$(awk -v c=$c '{print $c}' "$tmp/r" | median); done
     echo "$i $tool ${m[1]} ${m[3]}" >>"$tmp/summary"
     printf '| %-8s | %-9s | %7.2f | %7.2f | %7.2f | %11.1f | %8d | %9.1f |\n' "$i" "$tool" "${m[1]}" "${m[5]}" "${m[2]}" \
