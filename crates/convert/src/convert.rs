@@ -94,7 +94,13 @@ fn load_dict(
         reference: spec.into(),
         why: "not a shoal image (no bootstrap layer), so not a chunk dictionary".into(),
     })?;
-    let bytes = repo.get_blob(boot, shoal::MAX_BOOTSTRAP)?;
+    let bytes =
+        shoal::bootstrap_bytes(repo.get_blob(boot, shoal::MAX_BOOTSTRAP)?).map_err(|why| {
+            ConvertError::Source {
+                reference: spec.into(),
+                why,
+            }
+        })?;
     let path = work.join(format!("dict-{}.boot", boot.digest.hex()));
     std::fs::write(&path, bytes).map_err(ConvertError::io("writing", &path))?;
     Ok(Dict {

@@ -210,23 +210,32 @@ pub fn push_image(
     }
     let boot_bytes =
         std::fs::read(&req.bootstrap).map_err(ConvertError::io("reading", &req.bootstrap))?;
+    // The layer is the bootstrap zstd-compressed; its diff ID the
+    // bootstrap's own digest.
+    let boot_id = Digest::of(&boot_bytes);
+    let layer = shoal::compress_bootstrap(&boot_bytes)
+        .map_err(ConvertError::io("compressing", &req.bootstrap))?;
+    let staged = tempfile::NamedTempFile::new()
+        .and_then(|mut f| std::io::Write::write_all(&mut f, &layer).map(|_| f))
+        .map_err(ConvertError::io("staging", &req.bootstrap))?;
     let boot = PushBlob {
-        digest: Digest::of(&boot_bytes),
-        size: boot_bytes.len() as u64,
-        origin: BlobOrigin::Local(req.bootstrap.clone()),
+        digest: Digest::of(&layer),
+        size: layer.len() as u64,
+        origin: BlobOrigin::Local(staged.path().to_path_buf()),
         compressed_blob: None,
     };
     report.count(
         upload_one(dst, &boot, &req.mount_from, progress)?,
         boot.size,
     );
+    drop(staged);
     let mut config = req.config;
     restack_history(&mut config, layers.len());
     config.rootfs.kind = "layers".into();
     config.rootfs.diff_ids = layers
         .iter()
         .map(|l| l.digest.clone())
-        .chain([boot.digest.clone()])
+        .chain([boot_id])
         .collect();
     let config_bytes = serde_json::to_vec(&config).expect("configs serialize");
     let config_desc = Descriptor::new(

@@ -40,7 +40,8 @@ pub fn pull_bootstrap(
     })?;
     let path = dir.join(boot.digest.hex());
     if !path.exists() {
-        let bytes = repo.get_blob(boot, shoal::MAX_BOOTSTRAP)?;
+        let bytes = shoal::bootstrap_bytes(repo.get_blob(boot, shoal::MAX_BOOTSTRAP)?)
+            .map_err(|why| bad_ref(reference, why))?;
         let tmp = path.with_extension("tmp");
         std::fs::write(&tmp, &bytes)
             .and_then(|_| std::fs::rename(&tmp, &path))

@@ -100,6 +100,9 @@ pub fn ensure_bootstrap(
         .map_err(|e| {
             SnapError::Unavailable(format!("fetching the bootstrap of {image_ref}: {e}"))
         })?;
+    let bytes = shoal::bootstrap_bytes(bytes).map_err(|why| {
+        SnapError::FailedPrecondition(format!("bootstrap {digest} of {image_ref}: {why}"))
+    })?;
     erofs::Image::open(bytes.clone()).map_err(|e| {
         SnapError::FailedPrecondition(format!(
             "bootstrap {digest} of {image_ref} is not a usable image: {e}"
