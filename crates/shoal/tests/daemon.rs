@@ -397,12 +397,23 @@ fn scattered_starts_take_few_requests() {
     let tmp = tempfile::tempdir().unwrap();
     let ex = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/demo");
     let order = tmp.path().join("order");
-    // Files far apart in the base layer's blob (laid out in directory order).
-    std::fs::write(
-        &order,
-        "/usr/bin/bash\n/etc/os-release\n/usr/lib/x86_64-linux-gnu/libc.so.6\n/usr/bin/ls\n",
-    )
-    .unwrap();
+    // Small files far apart in the base layer's blob (laid out in directory
+    // order): a dozen pieces that fit one request.
+    let files = [
+        "/usr/bin/clear",
+        "/usr/bin/zgrep",
+        "/usr/lib/x86_64-linux-gnu/gconv/CP771.so",
+        "/usr/lib/x86_64-linux-gnu/gconv/IBM863.so",
+        "/usr/lib/x86_64-linux-gnu/libthread_db.so.1",
+        "/usr/lib/x86_64-linux-gnu/perl-base/unicore/To/_PerlLB.pl",
+        "/usr/lib/x86_64-linux-gnu/security/pam_time.so",
+        "/usr/sbin/installkernel",
+        "/usr/share/doc/grep/AUTHORS",
+        "/usr/share/doc/util-linux/releases/v2.22-ReleaseNotes.gz",
+        "/usr/share/locale/cs/LC_MESSAGES/sed.mo",
+        "/usr/share/locale/fr/LC_MESSAGES/grep.mo",
+    ];
+    std::fs::write(&order, files.join("\n")).unwrap();
     let (img, blobs) = (tmp.path().join("img"), tmp.path().join("blobs"));
     run_shoal(&[
         "build".as_ref(),
@@ -438,8 +449,9 @@ fn scattered_starts_take_few_requests() {
     });
     let blob = &blob_names(&img)[0];
     let (multi, single) = (nginx.requests_for(blob), faulty.requests_for(blob));
+    eprintln!("the start took {multi} multi-range requests, {single} single-range ones");
     assert!(
-        multi >= 1 && multi * 2 <= single,
+        multi >= 1 && multi * 3 <= single,
         "{multi} multi-range requests against {single} single ones"
     );
     let log = d.log_text();
