@@ -198,7 +198,13 @@ pub fn umount(socket: &Path, mountpoint: &Path) -> Result<()> {
             bail!("{}", reply_error(&mut r)?);
         }
     }
-    shoal_sys::umount(&mp).with_context(|| format!("unmounting {}", mp.display()))
+    match shoal_sys::umount(&mp) {
+        // umount(2) says EINVAL for a path that is not a mount point.
+        Err(e) if e.raw_os_error() == Some(22) => {
+            bail!("unmounting {}: not a mount point", mp.display())
+        }
+        r => r.with_context(|| format!("unmounting {}", mp.display())),
+    }
 }
 
 pub fn unbind(socket: &Path, domain: Option<String>, fsid: &str) -> Result<()> {

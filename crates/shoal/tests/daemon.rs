@@ -719,6 +719,15 @@ fn client_errors_and_private_work_dir() {
         !o.status.success() && err.contains("absolute path"),
         "{err}"
     );
+    // Unmounting what is not mounted says so (as root: others get EPERM).
+    if rustix::process::geteuid().is_root() {
+        let o = d.cli(&["umount", tmp.path().to_str().unwrap()]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            !o.status.success() && err.contains("not a mount point"),
+            "{err}"
+        );
+    }
     // The work dir is private whatever the umask.
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(&d.work).unwrap().permissions().mode() & 0o777;
