@@ -41,6 +41,8 @@ cleanup() {
     for m in "${mounted[@]}"; do umount -l "$m" 2>/dev/null || true; done
     for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
     pkill -f "fanotify-pump --socket $tmp/" 2>/dev/null || true
+    # Proxies start inside $(proxy_for …), a subshell: their pids are not in pids.
+    pkill -f "$shoal net-proxy" 2>/dev/null || true
     rm -rf "$tmp"
 }
 trap cleanup EXIT
@@ -172,6 +174,8 @@ start_service() {
 stop_service() {
     kill "$sdaemon"; wait "$sdaemon" 2>/dev/null || true
     pkill -f "fanotify-pump --socket $tmp/" 2>/dev/null || true
+    # Proxies start inside $(proxy_for …), a subshell: their pids are not in pids.
+    pkill -f "$shoal net-proxy" 2>/dev/null || true
 }
 
 # Mount "$tool" for image $1 at $2 through port $3, round $4 (cold).
