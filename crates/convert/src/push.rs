@@ -16,6 +16,8 @@ pub enum BlobOrigin {
     Local(PathBuf),
     /// Another registry repository (a chunk dictionary's blob).
     Registry(Repository),
+    /// Bytes made for the push (the compressed bootstrap layer).
+    Memory(std::sync::Arc<[u8]>),
 }
 
 pub struct PushBlob {
@@ -147,6 +149,14 @@ fn upload_one(
             };
             dst.upload_blob(&b.digest, mount_from, &open)
         }
+        BlobOrigin::Memory(bytes) => {
+            let open = || -> std::io::Result<(Box<dyn Read>, u64)> {
+                bar.set_position(0);
+                let r = std::io::Cursor::new(bytes.clone());
+                Ok((Box::new(bar.wrap_read(r)), bytes.len() as u64))
+            };
+            dst.upload_blob(&b.digest, mount_from, &open)
+        }
     };
     bar.finish_and_clear();
     Ok(r?)
@@ -213,22 +223,19 @@ pub fn push_image(
     // The layer is the bootstrap zstd-compressed; its diff ID the
     // bootstrap's own digest.
     let boot_id = Digest::of(&boot_bytes);
-    let layer = shoal::compress_bootstrap(&boot_bytes)
-        .map_err(ConvertError::io("compressing", &req.bootstrap))?;
-    let staged = tempfile::NamedTempFile::new()
-        .and_then(|mut f| std::io::Write::write_all(&mut f, &layer).map(|_| f))
-        .map_err(ConvertError::io("staging", &req.bootstrap))?;
+    let layer: std::sync::Arc<[u8]> = shoal::compress_bootstrap(&boot_bytes)
+        .map_err(ConvertError::io("compressing", &req.bootstrap))?
+        .into();
     let boot = PushBlob {
         digest: Digest::of(&layer),
         size: layer.len() as u64,
-        origin: BlobOrigin::Local(staged.path().to_path_buf()),
+        origin: BlobOrigin::Memory(layer),
         compressed_blob: None,
     };
     report.count(
         upload_one(dst, &boot, &req.mount_from, progress)?,
         boot.size,
     );
-    drop(staged);
     let mut config = req.config;
     restack_history(&mut config, layers.len());
     config.rootfs.kind = "layers".into();

@@ -103,25 +103,27 @@ fn fetch_grouped(
             j += 1;
         }
         let group: Vec<(u64, u64)> = ranges[i..j].iter().map(|r| (r.0, r.1)).collect();
-        if group.len() > 1 {
-            wire.requests += 1;
-            match remote.fetch_ranges(name, &group) {
-                Ok(Some(parts)) => {
-                    wire.bytes += parts.iter().map(|p| p.len() as u64).sum::<u64>();
-                    out.extend(parts.into_iter().map(Ok));
-                    i = j;
-                    continue;
-                }
-                Ok(None) => wire.requests -= 1,
-                Err(e) => {
-                    out.extend(group.iter().map(|_| Err(e.clone())));
-                    i = j;
-                    continue;
+        // `None`: the remote does not serve ranges together (no request
+        // counted); they go one by one below.
+        let together = match group.len() {
+            1 => Ok(None),
+            _ => remote.fetch_ranges(name, &group),
+        };
+        match together {
+            Ok(Some(parts)) => {
+                wire.requests += 1;
+                wire.bytes += parts.iter().map(|p| p.len() as u64).sum::<u64>();
+                out.extend(parts.into_iter().map(Ok));
+            }
+            Err(e) => {
+                wire.requests += 1;
+                out.extend(group.iter().map(|_| Err(e.clone())));
+            }
+            Ok(None) => {
+                for &(offset, len) in &group {
+                    out.push(wire.fetch(remote, name, offset, len));
                 }
             }
-        }
-        for &(offset, len) in &group {
-            out.push(wire.fetch(remote, name, offset, len));
         }
         i = j;
     }

@@ -6,7 +6,7 @@
 //! referenced in place, never written again. All-zero chunks become holes.
 
 use crate::chunktable::ChunkEntry;
-use crate::error::BuildError;
+use crate::error::{io_err, BuildError};
 use crate::spool::Spool;
 use crate::tree::{ChunkRef, Data, Tree};
 use sha2::{Digest, Sha256};
@@ -95,13 +95,6 @@ pub struct Placement {
 impl Placement {
     pub fn get(&self, r: ChunkRef) -> (u16, u32) {
         self.map[&(r.blob, r.blkaddr)]
-    }
-}
-
-fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> BuildError + '_ {
-    move |source| BuildError::Io {
-        path: path.to_path_buf(),
-        source,
     }
 }
 

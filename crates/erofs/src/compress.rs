@@ -5,7 +5,7 @@
 //! `convert` and `push`.
 
 use crate::chunktable::{ChunkEntry, ChunkTable, Trailer, TRAILER_SIZE};
-use crate::error::BuildError;
+use crate::error::{io_err, BuildError};
 use crate::frames::{self, BlobFrames, FrameEntry, ALGORITHM_ZSTD, BLOCK};
 use crate::reader::Image;
 use sha2::{Digest, Sha256};
@@ -65,13 +65,6 @@ pub struct ObjectReport {
     pub frames: usize,
     /// Whether this pass wrote it (false: known from a reused image).
     pub written: bool,
-}
-
-fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> BuildError + '_ {
-    move |source| BuildError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
 }
 
 /// Give every blob of the bootstrap `image` a compressed object in

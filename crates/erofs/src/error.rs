@@ -92,3 +92,11 @@ pub enum BuildError {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Map an I/O error on `path` to [`BuildError::Io`] (for `map_err`).
+pub(crate) fn io_err(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> BuildError + '_ {
+    move |source| BuildError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}

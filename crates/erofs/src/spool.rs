@@ -8,7 +8,7 @@
 //! [`BATCH`] through a channel of [`DEPTH`] slots, and the batches'
 //! buffers come back for reuse.
 
-use crate::error::BuildError;
+use crate::error::{io_err, BuildError};
 use sha2::{Digest, Sha256};
 use std::fs::File;
 use std::io::Write;
@@ -28,7 +28,7 @@ type Written = std::io::Result<(File, Sha256)>;
 /// Dropped unfinished (its blob kept nothing), a spool's writer sees the
 /// channel close and ends on its own; the temp file goes away with it.
 pub(crate) struct Spool {
-    pub(crate) tmp: tempfile::NamedTempFile,
+    tmp: tempfile::NamedTempFile,
     /// Bytes not yet handed over.
     pending: Vec<u8>,
     tx: Option<SyncSender<Vec<u8>>>,
@@ -43,14 +43,8 @@ impl Spool {
         let tmp = tempfile::Builder::new()
             .prefix(".blob-")
             .tempfile_in(dir)
-            .map_err(|source| BuildError::Io {
-                path: dir.to_path_buf(),
-                source,
-            })?;
-        let file = tmp.reopen().map_err(|source| BuildError::Io {
-            path: tmp.path().to_path_buf(),
-            source,
-        })?;
+            .map_err(io_err(dir))?;
+        let file = tmp.reopen().map_err(io_err(tmp.path()))?;
         Self::start(tmp, file)
     }
 
@@ -61,10 +55,7 @@ impl Spool {
         let writer = std::thread::Builder::new()
             .name("blob-writer".into())
             .spawn(move || write_batches(file, rx, free_tx))
-            .map_err(|source| BuildError::Io {
-                path: tmp.path().to_path_buf(),
-                source,
-            })?;
+            .map_err(io_err(tmp.path()))?;
         Ok(Spool {
             tmp,
             pending: Vec::with_capacity(BATCH),
@@ -125,10 +116,7 @@ impl Spool {
     }
 
     fn failed(&self, source: std::io::Error) -> BuildError {
-        BuildError::Io {
-            path: self.tmp.path().to_path_buf(),
-            source,
-        }
+        io_err(self.tmp.path())(source)
     }
 }
 

@@ -62,6 +62,15 @@ fn mount(
     Mount(mnt.to_path_buf())
 }
 
+/// The bundled demo tree (examples/demo) and an image of its base layer
+/// with the blob under `dir/blobs`: (demo dir, image, blob dir).
+fn demo_image(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let ex = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/demo");
+    let blobs = dir.join("blobs");
+    let img = build_layer_blobs(dir, "demo", &[ex.join("base")], &blobs);
+    (ex, img, blobs)
+}
+
 /// Read every byte of every file under `dir` (as `tar cf - . | cat` does).
 fn read_all(dir: &Path) {
     let st = Command::new("sh")
@@ -194,9 +203,7 @@ fn fuse_read_fails_with_eio_then_recovers_and_survives_daemon_death() {
         return skip(&why);
     }
     let tmp = tempfile::tempdir().unwrap();
-    let ex = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/demo");
-    let blobs = tmp.path().join("blobs");
-    let img = build_layer_blobs(tmp.path(), "demo", &[ex.join("base")], &blobs);
+    let (ex, img, blobs) = demo_image(tmp.path());
     let srv = Faulty::start(&blobs, tmp.path());
     let mut d = Daemon::start(tmp.path());
     let mnt = tmp.path().join("mnt");
@@ -263,9 +270,7 @@ fn fanotify_read_fails_with_eio_then_recovers() {
         return skip(&why);
     }
     let tmp = tempfile::tempdir().unwrap();
-    let ex = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/demo");
-    let blobs = tmp.path().join("blobs");
-    let img = build_layer_blobs(tmp.path(), "demo", &[ex.join("base")], &blobs);
+    let (ex, img, blobs) = demo_image(tmp.path());
     let srv = Faulty::start(&blobs, tmp.path());
     let d = Daemon::start(tmp.path());
     let mnt = tmp.path().join("mnt");
@@ -316,9 +321,7 @@ fn fanotify_with_a_relative_work_dir() {
         return skip(&why);
     }
     let tmp = tempfile::tempdir().unwrap();
-    let ex = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/demo");
-    let blobs = tmp.path().join("blobs");
-    let img = build_layer_blobs(tmp.path(), "demo", &[ex.join("base")], &blobs);
+    let (ex, img, blobs) = demo_image(tmp.path());
     let d = Daemon::start_relative(tmp.path());
     let mnt = tmp.path().join("mnt");
     let remote = format!("file://{}", blobs.display());
@@ -416,9 +419,7 @@ fn fanotify_a_trickling_remote_does_not_starve_other_domains() {
         return skip(&why);
     }
     let tmp = tempfile::tempdir().unwrap();
-    let ex = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/demo");
-    let blobs = tmp.path().join("blobs");
-    let img = build_layer_blobs(tmp.path(), "demo", &[ex.join("base")], &blobs);
+    let (ex, img, blobs) = demo_image(tmp.path());
     let srv = Faulty::start(&blobs, tmp.path());
     let d = Daemon::start_with(tmp.path(), "fetch_deadline_secs = 3\nread_threads = 3\n");
     let (bad, good) = (tmp.path().join("bad"), tmp.path().join("good"));
@@ -512,9 +513,7 @@ fn fanotify_state_stays_true_on_a_full_disk_and_across_restarts() {
         return skip(&why);
     }
     let tmp = tempfile::tempdir().unwrap();
-    let ex = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/demo");
-    let blobs = tmp.path().join("blobs");
-    let img = build_layer_blobs(tmp.path(), "demo", &[ex.join("base")], &blobs);
+    let (ex, img, blobs) = demo_image(tmp.path());
     let remote = format!("file://{}", blobs.display());
     let dd = tmp.path().join("d");
     let work = dd.join("work");
@@ -669,9 +668,7 @@ fn fault_suite_leaves_a_healthy_domain_alone() {
         }
     }
     let tmp = tempfile::tempdir().unwrap();
-    let ex = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/demo");
-    let blobs = tmp.path().join("blobs");
-    let img = build_layer_blobs(tmp.path(), "demo", &[ex.join("base")], &blobs);
+    let (ex, img, blobs) = demo_image(tmp.path());
     let d = Daemon::start_with(&tmp.path().join("d"), "fetch_deadline_secs = 3\n");
     let m = |n: &str| tmp.path().join("mnt").join(n);
     let healthy = format!("file://{}", blobs.display());
