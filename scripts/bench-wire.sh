@@ -174,8 +174,6 @@ start_service() {
 stop_service() {
     kill "$sdaemon"; wait "$sdaemon" 2>/dev/null || true
     pkill -f "fanotify-pump --socket $tmp/" 2>/dev/null || true
-    # Proxies start inside $(proxy_for …), a subshell: their pids are not in pids.
-    pkill -f "$shoal net-proxy" 2>/dev/null || true
 }
 
 # Mount "$tool" for image $1 at $2 through port $3, round $4 (cold).
@@ -268,6 +266,9 @@ for net in $NETS; do
         done
         [[ $tool == shoal-* ]] && stop_service
     done
+    # The net's proxy serves every tool; it started inside $(proxy_for …), a
+    # subshell, so its pid is not in pids.
+    pkill -f "$shoal net-proxy" 2>/dev/null || true
 done
 
 echo "| net | tool | workload | mount s | cold s | total s | warm s | wire MB | requests | MB/request | wire / opened |"

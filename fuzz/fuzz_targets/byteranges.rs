@@ -2,11 +2,12 @@
 //! arbitrary bytes. Input: a byte N (1–8 ranges), N pairs of u16 LE
 //! (offset step, length) making sorted ranges apart, then the body. The
 //! parser must never panic, and what it hands back must be exactly the
-//! ranges asked, each exactly as long as asked.
+//! pieces asked, each exactly as long as asked, and it says
+//! whether every piece was delivered.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use shoal_registry::ranges::{parse_byteranges, Ranges};
+use shoal_registry::ranges::{parse_byteranges, Streamed};
 
 fuzz_target!(|data: &[u8]| {
     let Some((&n, rest)) = data.split_first() else {
@@ -26,10 +27,13 @@ fuzz_target!(|data: &[u8]| {
         ranges.push((at, len));
         at += len + 1;
     }
-    if let Ok(Ranges::Parts(parts)) = parse_byteranges(body, "B", &ranges) {
+    if let Ok((parts, streamed)) = parse_byteranges(body, "B", &ranges) {
         assert_eq!(parts.len(), ranges.len());
         for (p, (_, len)) in parts.iter().zip(&ranges) {
-            assert_eq!(p.len() as u64, *len);
+            if let Some(p) = p {
+                assert_eq!(p.len() as u64, *len);
+            }
         }
+        assert_eq!(streamed == Streamed::All, parts.iter().all(Option::is_some));
     }
 });

@@ -258,18 +258,16 @@ impl BoundImage {
 
 /// Largest single ranged request prefetch makes.
 const PREFETCH_RUN: u64 = 8 << 20;
-/// A recorded start's requests grow from [`START_FIRST`] to [`START_RUN`]
-/// bytes per blob: a request's chunks are ready only once all of it has
-/// arrived, so the first is small (what the workload reads first lands
-/// soon) and the later ones large (few round trips; with multi-range
-/// requests one carries every scattered piece it covers).
-const START_FIRST: u64 = 2 << 20;
-const START_RUN: u64 = 8 << 20;
+/// Largest request of a recorded start. Chunks are ready as their bytes
+/// arrive, whatever the request's size, so a start goes in as few
+/// requests as possible: one per blob unless it is larger than this or
+/// scattered over more than 64 ranges.
+const START_RUN: u64 = 32 << 20;
 
-/// A blob's start as requests of [`START_FIRST`] growing to [`START_RUN`]
-/// bytes in block order, a gap of up to [`START_GAP`] bytes between two of
-/// its chunks fetched along (larger gaps are skipped: a multi-range
-/// request carries the pieces on either side).
+/// A blob's start as requests of up to [`START_RUN`] bytes in block order,
+/// a gap of up to [`START_GAP`] bytes between two of its chunks fetched
+/// along (larger gaps are skipped: a multi-range request carries the
+/// pieces on either side).
 fn start_runs(
     s: &erofs::start::BlobStart,
     chunks: &std::collections::BTreeMap<u32, ChunkEntry>,
@@ -288,8 +286,7 @@ fn start_runs(
     let (mut runs, mut run, mut run_bytes) = (Vec::new(), Vec::<ChunkEntry>::new(), 0u64);
     let mut take = |e: ChunkEntry, runs: &mut Vec<(u16, Vec<ChunkEntry>)>| {
         let bytes = u64::from(e.nblocks.get()) * BLOCK;
-        let limit = (START_FIRST << runs.len().min(8)).min(START_RUN);
-        if run_bytes + bytes > limit && !run.is_empty() {
+        if run_bytes + bytes > START_RUN && !run.is_empty() {
             runs.push((s.device_id, std::mem::take(&mut run)));
             run_bytes = 0;
         }

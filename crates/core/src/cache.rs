@@ -15,6 +15,7 @@ use crate::flight::{Flight, Flights};
 use crate::names::BlobId;
 use crate::workdir::BlobFiles;
 use erofs::chunktable::ChunkEntry;
+use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -315,6 +316,16 @@ impl BlobCache {
         self.complete(claim, sources, max_run)
     }
 
+    /// Whether every chunk of `entries` is ready or being fetched: a read
+    /// of them has nothing to ask the remote for, only to wait.
+    pub fn is_covered(&self, entries: &[ChunkEntry]) -> bool {
+        let table = self.flights.table();
+        entries.iter().all(|e| {
+            self.is_ready(e.blkaddr.get(), e.nblocks.get())
+                || table.joining(e.blkaddr.get()).is_some()
+        })
+    }
+
     /// Take the lead for every chunk of `entries` that is neither ready
     /// nor being fetched: concurrent readers of those chunks wait for this
     /// claim's [`BlobCache::complete`]. With `wait_others`, chunks another
@@ -356,9 +367,24 @@ impl BlobCache {
     ) -> Result<(), CoreError> {
         let led = std::mem::take(&mut claim.led);
         let want: Vec<ChunkEntry> = led.iter().map(|(e, _)| *e).collect();
-        let results = self.fill(&want, sources, max_run);
+        // Each chunk's waiters are woken as soon as it is stored, not when
+        // the whole claim is: a large request streams.
+        let at: HashMap<u32, usize> = (want.iter().enumerate())
+            .map(|(k, e)| (e.blkaddr.get(), k))
+            .collect();
+        let mut landed = vec![false; led.len()];
+        let results = self.fill(&want, sources, max_run, &mut |e| {
+            if let Some(&k) = at.get(&e.blkaddr.get()) {
+                if !std::mem::replace(&mut landed[k], true) {
+                    self.land(e.blkaddr.get(), &led[k].1, Ok(()));
+                }
+            }
+        });
         let mut first_err = None;
-        for ((e, flight), why) in led.iter().zip(results) {
+        for (((e, flight), why), landed) in led.iter().zip(results).zip(landed) {
+            if landed {
+                continue;
+            }
             let result = match why {
                 None => Ok(()),
                 Some(why) => Err(self.fetch_error(e, why)),
@@ -387,8 +413,15 @@ impl BlobCache {
     /// [`VERIFY_ATTEMPTS`] rounds over the sources; a failing remote is not
     /// (remotes retry transient errors themselves, see `Retrying`), so a
     /// read fails within one fetch budget per source. Returns per chunk
-    /// `None` (ready) or why not.
-    fn fill(&self, want: &[ChunkEntry], sources: &[Source], max_run: u64) -> Vec<Option<String>> {
+    /// `None` (ready) or why not; `ready` hears of each chunk as soon as
+    /// it is stored.
+    fn fill(
+        &self,
+        want: &[ChunkEntry],
+        sources: &[Source],
+        max_run: u64,
+        ready: &mut dyn FnMut(&ChunkEntry),
+    ) -> Vec<Option<String>> {
         let mut why: Vec<Option<String>> = want
             .iter()
             .map(|e| {
@@ -417,7 +450,11 @@ impl BlobCache {
                     &self.name.to_string(),
                     &sub,
                     max_run,
-                    &mut |e, b| self.store(e, b),
+                    &mut |e, b| {
+                        self.store(e, b)?;
+                        ready(e);
+                        Ok(())
+                    },
                     &mut wire,
                 );
                 let c = &self.counters;

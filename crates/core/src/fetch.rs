@@ -9,7 +9,7 @@
 
 use crate::blocks::BLOCK;
 use crate::error::CoreError;
-use crate::remote::Remote;
+use crate::remote::{Piece, Remote};
 use erofs::chunktable::ChunkEntry;
 use erofs::frames::BlobFrames;
 use sha2::{Digest, Sha256};
@@ -64,70 +64,56 @@ pub(crate) struct Wire {
     pub bytes: u64,
 }
 
-impl Wire {
-    fn fetch(
-        &mut self,
-        remote: &dyn Remote,
-        name: &str,
-        offset: u64,
-        len: u64,
-    ) -> Result<Vec<u8>, crate::remote::RemoteError> {
-        self.requests += 1;
-        let r = remote.fetch(name, offset, len);
-        if let Ok(b) = &r {
-            self.bytes += b.len() as u64;
-        }
-        r
-    }
-}
-
-/// Byte ranges of one blob fetched together: several per request where the
-/// remote serves them so, each request carrying at most `max_weight` (the
-/// caller's request size, in decompressed bytes; one range at least) and
-/// [`MAX_RANGES`] ranges. `ranges` are (offset, len, weight), sorted and
-/// apart; one result per range.
+/// Pieces of one blob (sorted, apart; (offset, len, weight)) fetched in
+/// requests of at most `max_weight` (the caller's request size, in
+/// decompressed bytes; one piece at least) and [`MAX_RANGES`] ranges, each
+/// piece handed to `got` (by index) as soon as it has arrived, so that a
+/// reader waiting on the first bytes of a large request does not wait for
+/// its last. Returns the pieces that did not arrive, and why.
 fn fetch_grouped(
     remote: &dyn Remote,
     name: &str,
-    ranges: &[(u64, u64, u64)],
+    pieces: &[(u64, u64, u64)],
     max_weight: u64,
     wire: &mut Wire,
-) -> Vec<Result<Vec<u8>, crate::remote::RemoteError>> {
-    let mut out = Vec::with_capacity(ranges.len());
+    got: &mut dyn FnMut(usize, &[u8]),
+) -> Vec<(usize, String)> {
+    let mut failed = Vec::new();
     let mut i = 0;
-    while i < ranges.len() {
-        let mut weight = ranges[i].2;
-        let mut j = i + 1;
-        while j < ranges.len() && j - i < MAX_RANGES && weight + ranges[j].2 <= max_weight {
-            weight += ranges[j].2;
+    while i < pieces.len() {
+        let (mut weight, mut ranges, mut j) = (pieces[i].2, 1, i + 1);
+        while j < pieces.len() && weight + pieces[j].2 <= max_weight {
+            let apart = pieces[j - 1].0 + pieces[j - 1].1 != pieces[j].0;
+            if apart && ranges == MAX_RANGES {
+                break;
+            }
+            ranges += usize::from(apart);
+            weight += pieces[j].2;
             j += 1;
         }
-        let group: Vec<(u64, u64)> = ranges[i..j].iter().map(|r| (r.0, r.1)).collect();
-        // `None`: the remote does not serve ranges together (no request
-        // counted); they go one by one below.
-        let together = match group.len() {
-            1 => Ok(None),
-            _ => remote.fetch_ranges(name, &group),
+        let group: Vec<Piece> = pieces[i..j].iter().map(|p| (p.0, p.1)).collect();
+        let mut arrived = vec![false; group.len()];
+        let mut sink = |k: usize, bytes: &[u8]| {
+            arrived[k] = true;
+            wire.bytes += bytes.len() as u64;
+            got(i + k, bytes);
         };
-        match together {
-            Ok(Some(parts)) => {
-                wire.requests += 1;
-                wire.bytes += parts.iter().map(|p| p.len() as u64).sum::<u64>();
-                out.extend(parts.into_iter().map(Ok));
-            }
-            Err(e) => {
-                wire.requests += 1;
-                out.extend(group.iter().map(|_| Err(e.clone())));
-            }
-            Ok(None) => {
-                for &(offset, len) in &group {
-                    out.push(wire.fetch(remote, name, offset, len));
-                }
-            }
+        let result = remote.fetch_pieces(name, &group, &mut sink, &mut wire.requests);
+        let why = match result {
+            Ok(()) => "the remote did not deliver it".to_string(),
+            Err(e) => e.to_string(),
+        };
+        if arrived.iter().any(|a| !a) {
+            tracing::warn!(blob = name, offset = group[0].0, pieces = group.len(), cause = %why, "fetch failed");
         }
+        failed.extend(
+            (0..group.len())
+                .filter(|&k| !arrived[k])
+                .map(|k| (i + k, why.clone())),
+        );
         i = j;
     }
-    out
+    failed
 }
 
 /// Most ranges asked in one request.
@@ -189,73 +175,42 @@ fn fetch_raw(
     store: &mut Store<'_>,
     wire: &mut Wire,
 ) -> Vec<(usize, Miss)> {
-    // Runs of adjacent chunks (indexes i..j), one range each.
-    let mut runs = Vec::new();
-    let mut i = 0;
-    while i < want.len() {
-        let start = want[i].blkaddr.get();
-        let mut end = start + want[i].nblocks.get();
-        let mut j = i + 1;
-        while j < want.len()
-            && want[j].blkaddr.get() == end
-            && u64::from(end + want[j].nblocks.get() - start) * BLOCK <= max_run
-        {
-            end += want[j].nblocks.get();
-            j += 1;
-        }
-        runs.push((i, j, start, end));
-        i = j;
-    }
-    let ranges: Vec<(u64, u64, u64)> = runs
+    // One piece per chunk: adjacent chunks travel as one range.
+    let pieces: Vec<(u64, u64, u64)> = want
         .iter()
-        .map(|&(_, _, start, end)| {
-            let len = u64::from(end - start) * BLOCK;
-            (u64::from(start) * BLOCK, len, len)
+        .map(|e| {
+            let len = u64::from(e.nblocks.get()) * BLOCK;
+            (u64::from(e.blkaddr.get()) * BLOCK, len, len)
         })
         .collect();
     let mut misses = Vec::new();
-    let fetched = fetch_grouped(remote, name, &ranges, max_run, wire);
-    for (&(i, j, start, end), got) in runs.iter().zip(fetched) {
-        let bytes = match got {
-            Ok(b) => b,
-            Err(e) => {
-                let why = e.to_string();
-                let (offset, len) = (u64::from(start) * BLOCK, u64::from(end - start) * BLOCK);
-                tracing::warn!(blob = name, offset, len, cause = %why, "fetch failed");
-                fail(&mut misses, i..j, &why, false);
-                continue;
+    let mut got = |k: usize, bytes: &[u8]| {
+        let e = &want[k];
+        if let Some(m) = check(e, bytes, || remote.describe()).or_else(|| deliver(store, e, bytes))
+        {
+            if m.wrong_bytes {
+                tracing::warn!(blob = name, offset = u64::from(e.blkaddr.get()) * BLOCK, cause = %m.why, "fetched bytes fail verification");
             }
-        };
-        for (k, e) in want.iter().enumerate().take(j).skip(i) {
-            let at = (u64::from(e.blkaddr.get() - start) * BLOCK) as usize;
-            let slice = &bytes[at..at + e.nblocks.get() as usize * BLOCK as usize];
-            let miss = check(e, slice, || remote.describe()).or_else(|| deliver(store, e, slice));
-            if let Some(m) = miss {
-                if m.wrong_bytes {
-                    tracing::warn!(blob = name, offset = u64::from(e.blkaddr.get()) * BLOCK, cause = %m.why, "fetched bytes fail verification");
-                }
-                misses.push((k, m));
-            }
+            misses.push((k, m));
         }
+    };
+    let failed = fetch_grouped(remote, name, &pieces, max_run, wire, &mut got);
+    for (k, why) in failed {
+        fail(&mut misses, [k], &why, false);
     }
     misses
 }
 
-/// Frames of one request, each with the wanted chunks (indexes) it holds.
-type FrameRun = Vec<(usize, Vec<usize>)>;
-
-/// The frames holding `want`, grouped into runs of adjacent frames (one
-/// request each) of at most `max_run` decompressed bytes (at least one
-/// frame). A chunk no single frame holds (another image of the domain may
-/// pin chunks this image's frame table was not checked against) is a miss.
-fn frame_runs(
+/// The frames holding `want` (in frame order), each with the wanted chunks
+/// (indexes) it holds. A chunk no single frame holds (another image of the
+/// domain may pin chunks this image's frame table was not checked
+/// against) is a miss.
+fn frames_of(
     f: &BlobFrames,
     want: &[ChunkEntry],
-    max_run: u64,
     misses: &mut Vec<(usize, Miss)>,
-) -> Vec<FrameRun> {
-    let mut runs: Vec<FrameRun> = Vec::new();
-    let mut raw = 0u64;
+) -> Vec<(usize, Vec<usize>)> {
+    let mut frames: Vec<(usize, Vec<usize>)> = Vec::new();
     for (k, e) in want.iter().enumerate() {
         let last_block = e.blkaddr.get() + e.nblocks.get() - 1;
         let Some(fi) = f
@@ -268,33 +223,15 @@ fn frame_runs(
                 e.blkaddr.get(),
                 e.nblocks.get()
             );
-            misses.push((
-                k,
-                Miss {
-                    why,
-                    wrong_bytes: false,
-                },
-            ));
+            fail(misses, [k], &why, false);
             continue;
         };
-        match runs.last_mut() {
-            Some(run) if run.last().is_some_and(|(last, _)| *last == fi) => {
-                run.last_mut().unwrap().1.push(k)
-            }
-            Some(run)
-                if run.last().is_some_and(|(last, _)| *last + 1 == fi)
-                    && raw + f.frames[fi].raw_len() <= max_run =>
-            {
-                raw += f.frames[fi].raw_len();
-                run.push((fi, vec![k]));
-            }
-            _ => {
-                raw = f.frames[fi].raw_len();
-                runs.push(vec![(fi, vec![k])]);
-            }
+        match frames.last_mut() {
+            Some((last, ks)) if *last == fi => ks.push(k),
+            _ => frames.push((fi, vec![k])),
         }
     }
-    runs
+    frames
 }
 
 fn fetch_frames(
@@ -308,69 +245,56 @@ fn fetch_frames(
 ) -> Vec<(usize, Miss)> {
     let object = f.object_name();
     let mut misses = Vec::new();
-    let runs = frame_runs(f, want, max_run, &mut misses);
-    let ranges: Vec<(u64, u64, u64)> = runs
+    let frames = frames_of(f, want, &mut misses);
+    let pieces: Vec<(u64, u64, u64)> = frames
         .iter()
-        .map(|run| {
-            let first = &f.frames[run[0].0];
-            let last = &f.frames[run[run.len() - 1].0];
-            let raw = run.iter().map(|(fi, _)| f.frames[*fi].raw_len()).sum();
-            let lo = first.coffset.get();
-            (lo, last.coffset_end() - lo, raw)
+        .map(|(fi, _)| {
+            let fr = &f.frames[*fi];
+            (fr.coffset.get(), u64::from(fr.clen.get()), fr.raw_len())
         })
         .collect();
+    let mut got = |p: usize, bytes: &[u8]| {
+        let (fi, ks) = &frames[p];
+        let fr = &f.frames[*fi];
+        let what = || {
+            format!(
+                "{}: object {object}, frame {fi} (blocks {}+{})",
+                remote.describe(),
+                fr.blkaddr.get(),
+                fr.nblocks.get()
+            )
+        };
+        let raw = match f.decompress(fr, bytes) {
+            Ok(raw) => raw,
+            Err(why) => {
+                let why = format!("{}: {why}", what());
+                tracing::warn!(blob = name, cause = %why, "compressed frame refused");
+                fail(&mut misses, ks.iter().copied(), &why, true);
+                return;
+            }
+        };
+        for &k in ks {
+            let e = &want[k];
+            let at = (u64::from(e.blkaddr.get() - fr.blkaddr.get()) * BLOCK) as usize;
+            let slice = &raw[at..at + e.nblocks.get() as usize * BLOCK as usize];
+            if let Some(m) = check(e, slice, what).or_else(|| deliver(store, e, slice)) {
+                if m.wrong_bytes {
+                    tracing::warn!(blob = name, cause = %m.why, "decompressed chunk fails verification");
+                }
+                misses.push((k, m));
+            }
+        }
+    };
     let t0 = std::time::Instant::now();
-    let fetched = fetch_grouped(remote, &object, &ranges, max_run, wire);
+    let failed = fetch_grouped(remote, &object, &pieces, max_run, wire, &mut got);
     tracing::debug!(
         blob = name,
-        runs = runs.len(),
+        frames = frames.len(),
         ms = t0.elapsed().as_millis() as u64,
         "frames fetched"
     );
-    for ((run, &(lo, len, _)), got) in runs.iter().zip(&ranges).zip(fetched) {
-        let bytes = match got {
-            Ok(b) => b,
-            Err(e) => {
-                let why = e.to_string();
-                tracing::warn!(blob = name, object = %object, offset = lo, len, cause = %why, "fetch failed");
-                for (_, ks) in run {
-                    fail(&mut misses, ks.iter().copied(), &why, false);
-                }
-                continue;
-            }
-        };
-        for (fi, ks) in run {
-            let fr = &f.frames[*fi];
-            let at = (fr.coffset.get() - lo) as usize;
-            let what = || {
-                format!(
-                    "{}: object {object}, frame {fi} (blocks {}+{})",
-                    remote.describe(),
-                    fr.blkaddr.get(),
-                    fr.nblocks.get()
-                )
-            };
-            let raw = match f.decompress(fr, &bytes[at..at + fr.clen.get() as usize]) {
-                Ok(raw) => raw,
-                Err(why) => {
-                    let why = format!("{}: {why}", what());
-                    tracing::warn!(blob = name, cause = %why, "compressed frame refused");
-                    fail(&mut misses, ks.iter().copied(), &why, true);
-                    continue;
-                }
-            };
-            for &k in ks {
-                let e = &want[k];
-                let at = (u64::from(e.blkaddr.get() - fr.blkaddr.get()) * BLOCK) as usize;
-                let slice = &raw[at..at + e.nblocks.get() as usize * BLOCK as usize];
-                if let Some(m) = check(e, slice, what).or_else(|| deliver(store, e, slice)) {
-                    if m.wrong_bytes {
-                        tracing::warn!(blob = name, cause = %m.why, "decompressed chunk fails verification");
-                    }
-                    misses.push((k, m));
-                }
-            }
-        }
+    for (p, why) in failed {
+        fail(&mut misses, frames[p].1.iter().copied(), &why, false);
     }
     misses
 }

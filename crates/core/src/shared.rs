@@ -158,7 +158,8 @@ impl SharedBlob {
     ///   reader's use of this one. The window doubles while the reader keeps
     ///   going, from [`WINDOW_MIN`] up to [`WINDOW_MAX`].
     ///
-    /// Read-ahead is best effort: if a read's wait on it fails, the range
+    /// A read whose chunks are all ready or already being fetched only waits
+    /// for them. Read-ahead is best effort: if a read's wait on it fails, the range
     /// itself is fetched, once. Returns the chunks covering the range, as
     /// [`SharedBlob::ensure_range`] does.
     pub fn ensure_range_ahead(
@@ -170,6 +171,12 @@ impl SharedBlob {
         let need = self.chunks_for(offset, len)?;
         self.touch(&need);
         let sources = self.sources();
+        if self.cache.is_covered(&need) {
+            // Ready, or on its way in a stream (a recorded start, a
+            // read-ahead) that already plans what comes next: wait for it.
+            self.cache.ensure_batch(&need, &sources, len.max(1))?;
+            return Ok(need);
+        }
         let frames = sources.first().and_then(|s| s.frames.clone());
         let (now, max_run) = match &frames {
             Some(f) => self.plan_frames(f, &need, WINDOW_MIN),

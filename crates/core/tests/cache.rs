@@ -207,3 +207,94 @@ fn batches_fetch_adjacent_chunks_with_one_request_and_verify_each() {
     );
     assert_eq!(got[skip..], want[skip..]);
 }
+
+/// Serve one ranged GET of `blob` from 127.0.0.1: the reply's first
+/// `first` bytes at once, the rest only when `go` says so (or after 5 s).
+/// Records "rest sent" in `log`. Returns the base URL.
+fn stalling_server(
+    blob: Vec<u8>,
+    first: usize,
+    go: std::sync::mpsc::Receiver<()>,
+    log: Arc<std::sync::Mutex<Vec<&'static str>>>,
+) -> String {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        let (mut conn, _) = listener.accept().unwrap();
+        let mut range = None;
+        let mut r = BufReader::new(conn.try_clone().unwrap());
+        loop {
+            let mut l = String::new();
+            r.read_line(&mut l).unwrap();
+            if l.trim().is_empty() {
+                break;
+            }
+            if let Some(v) = l.to_ascii_lowercase().strip_prefix("range: bytes=") {
+                let (a, b) = v.trim().split_once('-').unwrap();
+                range = Some((a.parse::<usize>().unwrap(), b.parse::<usize>().unwrap()));
+            }
+        }
+        let (a, b) = range.expect("a single-range request");
+        let body = &blob[a..=b];
+        write!(
+            conn,
+            "HTTP/1.1 206 Partial Content\r\nContent-Range: bytes {a}-{b}/{}\r\nContent-Length: {}\r\n\r\n",
+            blob.len(),
+            body.len()
+        )
+        .unwrap();
+        conn.write_all(&body[..first]).unwrap();
+        conn.flush().unwrap();
+        let _ = go.recv_timeout(std::time::Duration::from_secs(5));
+        log.lock().unwrap().push("rest sent");
+        conn.write_all(&body[first..]).unwrap();
+    });
+    url
+}
+
+/// A large request's chunks are ready, and their waiters woken, as their
+/// bytes arrive: a reader of the first chunk of a run in flight is
+/// answered while the server still holds back the rest.
+#[test]
+fn chunks_are_ready_as_a_request_streams_in() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (blobs, name, blocks, entries) = fixture(tmp.path());
+    let blob = std::fs::read(blobs.join(&name)).unwrap();
+    let first = &entries[0];
+    let (go, wait_go) = std::sync::mpsc::channel();
+    let log = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let url = stalling_server(
+        blob.clone(),
+        first.nblocks.get() as usize * 4096,
+        wait_go,
+        log.clone(),
+    );
+    let http = shoal_core::remote::HttpRemote::new(&url, Default::default()).unwrap();
+    let sources = vec![Source::raw(Arc::new(http))];
+    let cache = Arc::new(BlobCache::open(&tmp.path().join("cache"), &id(&name), blocks).unwrap());
+    let leader = {
+        let (cache, sources, entries) = (cache.clone(), sources.clone(), entries.clone());
+        std::thread::spawn(move || cache.ensure_batch(&entries, &sources, 8 << 20))
+    };
+    // Wait for the leader's claim, then read the first chunk as any
+    // reader does: it joins the flight (or finds it landed).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while cache.stats().inflight == 0 && !cache.is_ready(first.blkaddr.get(), 1) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the leader never claimed"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    cache.ensure(first, &sources).unwrap();
+    log.lock().unwrap().push("first read");
+    let _ = go.send(()); // the server may have given up waiting
+    leader.join().unwrap().unwrap();
+    assert_eq!(*log.lock().unwrap(), ["first read", "rest sent"]);
+    cache.flush().unwrap();
+    assert_eq!(
+        std::fs::read(tmp.path().join("cache").join(&name)).unwrap(),
+        blob
+    );
+}

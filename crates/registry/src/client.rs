@@ -7,8 +7,10 @@ use crate::error::RemoteError;
 use crate::manifest::{
     Descriptor, Index, Manifest, ManifestKind, Platform, ACCEPT_MANIFESTS, MAX_MANIFEST_BYTES,
 };
-use crate::net::{agent, classify, read_range, url_host, HttpOptions, MirrorCapability};
-use crate::ranges::{range_header, read_ranges, Ranges};
+use crate::net::{
+    agent, classify, read_range, stream_range, url_host, HttpOptions, MirrorCapability,
+};
+use crate::ranges::{range_header, ranges_of, stream_ranges, Piece, Remaining, Sink, Streamed};
 use crate::reference::{Digest, Reference};
 use sha2::Digest as _;
 use std::collections::HashMap;
@@ -397,19 +399,50 @@ impl Repository {
         })
     }
 
-    /// Several ranges of blob `digest` in one GET (see [`crate::ranges`]);
-    /// [`Ranges::Unsupported`] when the registry does not serve them so.
-    pub fn fetch_ranges(
+    /// The adjacent `pieces` of blob `digest` (one range) in one GET, each
+    /// handed to `sink` as soon as it has arrived.
+    pub fn stream_range(
         &self,
         digest: &Digest,
-        ranges: &[(u64, u64)],
-    ) -> Result<Ranges, RemoteError> {
-        let header = range_header(ranges);
+        pieces: &[Piece],
+        sink: &mut Sink<'_>,
+    ) -> Result<(), RemoteError> {
+        let mut left = Remaining::new(pieces);
         self.first_ok(MirrorCapability::Pull, |ep| {
+            let todo = left.todo();
+            if todo.is_empty() {
+                return Ok(());
+            }
+            let ranges = ranges_of(&todo);
+            let header = range_header(&ranges);
+            let url = format!("{}/blobs/{digest}", ep.base);
+            let what = format!("bytes {}+{}", ranges[0].0, ranges[0].1);
+            let resp = self.send(ep, "GET", &url, &what, &[("Range", &header)], &Body::Empty)?;
+            stream_range(&url, resp, &todo, &mut *left.sink(sink))
+        })
+    }
+
+    /// The `pieces` of blob `digest` as several ranges in one GET (see
+    /// [`crate::ranges`]); [`Streamed::Unsupported`] when the registry does
+    /// not serve them so (the sink has what did arrive).
+    pub fn stream_ranges(
+        &self,
+        digest: &Digest,
+        pieces: &[Piece],
+        sink: &mut Sink<'_>,
+    ) -> Result<Streamed, RemoteError> {
+        let mut left = Remaining::new(pieces);
+        self.first_ok(MirrorCapability::Pull, |ep| {
+            let todo = left.todo();
+            if todo.is_empty() {
+                return Ok(Streamed::All);
+            }
+            let ranges = ranges_of(&todo);
+            let header = range_header(&ranges);
             let url = format!("{}/blobs/{digest}", ep.base);
             let what = format!("{} ranges", ranges.len());
             let resp = self.send(ep, "GET", &url, &what, &[("Range", &header)], &Body::Empty)?;
-            read_ranges(&url, resp, ranges)
+            stream_ranges(&url, resp, &todo, &mut *left.sink(sink))
         })
     }
 

@@ -20,5 +20,7 @@ pub use auth::Credentials;
 pub use client::{BlobReader, Client, OpenBlob, Repository, Upload};
 pub use error::RemoteError;
 pub use manifest::{Descriptor, ImageConfig, Index, Manifest, Platform};
-pub use net::{agent, classify, read_range, url_host, HttpOptions, Mirror, MirrorCapability};
+pub use net::{
+    agent, classify, read_range, stream_range, url_host, HttpOptions, Mirror, MirrorCapability,
+};
 pub use reference::{Digest, Reference};

@@ -3,6 +3,7 @@
 //! permanent ones.
 
 use crate::error::RemoteError;
+use crate::ranges::{Piece, Sink};
 use std::io::Read;
 use std::time::Duration;
 
@@ -160,8 +161,6 @@ pub fn classify(url: &str, what: &str, e: ureq::Error) -> RemoteError {
 const INITIAL_BUFFER: u64 = 4 << 20;
 
 /// Read a ranged reply's body: exactly `len` bytes starting at `offset`.
-/// A whole-blob reply (200, as a pull-through mirror gives while it has not
-/// yet stored the blob) is read past its first `offset` bytes.
 pub fn read_range(
     url: &str,
     resp: ureq::Response,
@@ -169,37 +168,7 @@ pub fn read_range(
     len: u64,
 ) -> Result<Vec<u8>, RemoteError> {
     let what = format!("bytes {offset}+{len}");
-    let mut body = match resp.status() {
-        206 => {
-            let cr = resp.header("content-range").unwrap_or("");
-            let want = format!("bytes {}-{}/", offset, offset + len - 1);
-            if !cr.starts_with(&want) {
-                return Err(RemoteError::permanent(
-                    url,
-                    format!("{what}: Content-Range {cr:?}, expected {want}*"),
-                ));
-            }
-            resp.into_reader()
-        }
-        200 => {
-            let mut r = resp.into_reader();
-            let skipped = std::io::copy(&mut (&mut r).take(offset), &mut std::io::sink())
-                .map_err(|e| RemoteError::transient(url, format!("{what}: body: {e}")))?;
-            if skipped != offset {
-                return Err(RemoteError::permanent(
-                    url,
-                    format!("{what}: whole-blob reply of only {skipped} bytes"),
-                ));
-            }
-            r
-        }
-        s => {
-            return Err(RemoteError::permanent(
-                url,
-                format!("{what}: status {s} to a Range request"),
-            ))
-        }
-    };
+    let mut body = range_body(url, &what, resp, offset, len)?;
     let mut buf = Vec::with_capacity(len.min(INITIAL_BUFFER) as usize);
     body.by_ref()
         .take(len)
@@ -212,6 +181,70 @@ pub fn read_range(
         ));
     }
     Ok(buf)
+}
+
+/// Read a ranged reply for the adjacent `pieces` (one range), handing each
+/// piece to `sink` as soon as it has arrived.
+pub fn stream_range(
+    url: &str,
+    resp: ureq::Response,
+    pieces: &[Piece],
+    sink: &mut Sink<'_>,
+) -> Result<(), RemoteError> {
+    let (offset, last) = (pieces[0].0, pieces[pieces.len() - 1]);
+    let len = last.0 + last.1 - offset;
+    let what = format!("bytes {offset}+{len}");
+    let mut body = range_body(url, &what, resp, offset, len)?.take(len);
+    crate::ranges::stream_body(
+        url,
+        &what,
+        &mut body,
+        (offset, offset + len - 1),
+        pieces,
+        sink,
+    )
+}
+
+/// The body of a reply to a request for `len` bytes at `offset`, from its
+/// first byte at `offset`. A whole-blob reply (200, as a pull-through
+/// mirror gives while it has not yet stored the blob) is read past its
+/// first `offset` bytes.
+fn range_body(
+    url: &str,
+    what: &str,
+    resp: ureq::Response,
+    offset: u64,
+    len: u64,
+) -> Result<Box<dyn Read + Send + Sync>, RemoteError> {
+    match resp.status() {
+        206 => {
+            let cr = resp.header("content-range").unwrap_or("");
+            let want = format!("bytes {}-{}/", offset, offset + len - 1);
+            if !cr.starts_with(&want) {
+                return Err(RemoteError::permanent(
+                    url,
+                    format!("{what}: Content-Range {cr:?}, expected {want}*"),
+                ));
+            }
+            Ok(resp.into_reader())
+        }
+        200 => {
+            let mut r = resp.into_reader();
+            let skipped = std::io::copy(&mut (&mut r).take(offset), &mut std::io::sink())
+                .map_err(|e| RemoteError::transient(url, format!("{what}: body: {e}")))?;
+            if skipped != offset {
+                return Err(RemoteError::permanent(
+                    url,
+                    format!("{what}: whole-blob reply of only {skipped} bytes"),
+                ));
+            }
+            Ok(r)
+        }
+        s => Err(RemoteError::permanent(
+            url,
+            format!("{what}: status {s} to a Range request"),
+        )),
+    }
 }
 
 #[cfg(test)]

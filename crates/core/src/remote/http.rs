@@ -2,9 +2,9 @@
 //! GETs over a keep-alive connection pool, with timeouts; several ranges
 //! in one GET when the server serves them so.
 
-use super::{HttpOptions, Remote, RemoteError};
-use shoal_registry::ranges::{range_header, read_ranges};
-use shoal_registry::{agent, classify, read_range, url_host};
+use super::{HttpOptions, Piece, Remote, RemoteError, Sink};
+use shoal_registry::ranges::{range_header, ranges_of, stream_ranges};
+use shoal_registry::{agent, classify, read_range, stream_range, url_host};
 
 pub struct HttpRemote {
     base: String,
@@ -47,20 +47,30 @@ impl Remote for HttpRemote {
         read_range(&url, resp, offset, len)
     }
 
-    fn fetch_ranges(
+    fn fetch_pieces(
         &self,
         name: &str,
-        ranges: &[(u64, u64)],
-    ) -> Result<Option<Vec<Vec<u8>>>, RemoteError> {
+        pieces: &[Piece],
+        sink: &mut Sink<'_>,
+        requests: &mut u64,
+    ) -> Result<(), RemoteError> {
         let url = format!("{}{}", self.base, name);
-        self.multi.ask(&self.base, || {
-            let resp = self
-                .agent
+        let get = |pieces: &[Piece]| {
+            let ranges = ranges_of(pieces);
+            let what = format!("{} ranges from byte {}", ranges.len(), ranges[0].0);
+            self.agent
                 .get(&url)
-                .set("Range", &range_header(ranges))
+                .set("Range", &range_header(&ranges))
                 .call()
-                .map_err(|e| classify(&url, &format!("{} ranges", ranges.len()), e))?;
-            read_ranges(&url, resp, ranges)
-        })
+                .map_err(|e| classify(&url, &what, e))
+        };
+        self.multi.stream(
+            &self.base,
+            pieces,
+            sink,
+            requests,
+            |pieces, sink| stream_ranges(&url, get(pieces)?, pieces, sink),
+            |pieces, sink| stream_range(&url, get(pieces)?, pieces, sink),
+        )
     }
 }

@@ -9,7 +9,10 @@ pub mod oci;
 pub use file::FileRemote;
 pub use http::HttpRemote;
 pub use oci::OciRemote;
+pub use shoal_registry::ranges::{Piece, Sink, Streamed};
 pub use shoal_registry::{HttpOptions, RemoteError};
+
+use shoal_registry::ranges::Remaining;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,17 +22,45 @@ pub trait Remote: Send + Sync {
     fn describe(&self) -> String;
     /// Fetch exactly `len` bytes at `offset` of blob `name` (64 hex chars).
     fn fetch(&self, name: &str, offset: u64, len: u64) -> Result<Vec<u8>, RemoteError>;
-    /// Fetch several `(offset, len)` ranges of blob `name` (sorted, apart)
-    /// in one request, one buffer per range. `None`: this remote does not
-    /// serve ranges together (a local directory gains nothing from it; an
-    /// HTTP server may not), so the caller asks range by range.
-    fn fetch_ranges(
+    /// Fetch `pieces` of blob `name` (sorted, apart), handing each to
+    /// `sink` as soon as all of its bytes have arrived, and counting the
+    /// requests made in `requests`. Adjacent pieces travel as one range;
+    /// an HTTP remote asks for several ranges in one request where its
+    /// server serves them so. After an error the pieces already handed
+    /// over are good and the others were not fetched.
+    ///
+    /// This default asks range by range and hands pieces over once their
+    /// range is whole: right for a local directory, where nothing waits.
+    fn fetch_pieces(
         &self,
-        _name: &str,
-        _ranges: &[(u64, u64)],
-    ) -> Result<Option<Vec<Vec<u8>>>, RemoteError> {
-        Ok(None)
+        name: &str,
+        pieces: &[Piece],
+        sink: &mut Sink<'_>,
+        requests: &mut u64,
+    ) -> Result<(), RemoteError> {
+        for (a, b) in runs(pieces) {
+            let lo = pieces[a].0;
+            let len = pieces[b - 1].0 + pieces[b - 1].1 - lo;
+            *requests += 1;
+            let bytes = self.fetch(name, lo, len)?;
+            for (i, &(o, l)) in pieces.iter().enumerate().take(b).skip(a) {
+                sink(i, &bytes[(o - lo) as usize..(o - lo + l) as usize]);
+            }
+        }
+        Ok(())
     }
+}
+
+/// Runs of adjacent pieces, as index ranges `[a, b)`: one range each.
+fn runs(pieces: &[Piece]) -> Vec<(usize, usize)> {
+    let mut out: Vec<(usize, usize)> = Vec::new();
+    for (i, &(o, _)) in pieces.iter().enumerate() {
+        match out.last_mut() {
+            Some((_, b)) if pieces[*b - 1].0 + pieces[*b - 1].1 == o => *b = i + 1,
+            _ => out.push((i, i + 1)),
+        }
+    }
+    out
 }
 
 /// Whether a remote's server answers multi-range requests: assumed until
@@ -41,19 +72,20 @@ pub(crate) struct MultiRange {
 
 impl MultiRange {
     /// Run `ask` unless the server is known not to serve ranges together;
-    /// learn from its answer.
-    pub(crate) fn ask(
+    /// learn from its answer. `true`: every piece arrived; `false`: the
+    /// rest are to be asked for range by range.
+    fn ask(
         &self,
         url: &str,
-        ask: impl FnOnce() -> Result<shoal_registry::ranges::Ranges, RemoteError>,
-    ) -> Result<Option<Vec<Vec<u8>>>, RemoteError> {
+        ask: impl FnOnce() -> Result<Streamed, RemoteError>,
+    ) -> Result<bool, RemoteError> {
         use std::sync::atomic::Ordering::Relaxed;
         if self.unsupported.load(Relaxed) {
-            return Ok(None);
+            return Ok(false);
         }
         let why = match ask() {
-            Ok(shoal_registry::ranges::Ranges::Parts(p)) => return Ok(Some(p)),
-            Ok(shoal_registry::ranges::Ranges::Unsupported(why)) => why,
+            Ok(Streamed::All) => return Ok(true),
+            Ok(Streamed::Unsupported(why)) => why,
             // A transient failure, a missing blob or a refused login is
             // the remote's, whatever was asked.
             Err(e)
@@ -70,7 +102,40 @@ impl MultiRange {
         };
         tracing::info!(remote = url, why, "no multi-range requests to this remote");
         self.unsupported.store(true, Relaxed);
-        Ok(None)
+        Ok(false)
+    }
+
+    /// [`Remote::fetch_pieces`] for an HTTP remote: every range in one
+    /// request (`many`) while the server serves them so, else (and for
+    /// whatever that request did not deliver) one request per range
+    /// (`one`).
+    pub(crate) fn stream(
+        &self,
+        url: &str,
+        pieces: &[Piece],
+        sink: &mut Sink<'_>,
+        requests: &mut u64,
+        many: impl FnOnce(&[Piece], &mut Sink<'_>) -> Result<Streamed, RemoteError>,
+        mut one: impl FnMut(&[Piece], &mut Sink<'_>) -> Result<(), RemoteError>,
+    ) -> Result<(), RemoteError> {
+        let mut left = Remaining::new(pieces);
+        let todo = left.todo();
+        if runs(&todo).len() > 1 {
+            let all = self.ask(url, || {
+                *requests += 1;
+                many(&todo, &mut *left.sink(sink))
+            })?;
+            if all {
+                return Ok(());
+            }
+        }
+        let todo = left.todo();
+        let mut into = left.sink(sink);
+        for (a, b) in runs(&todo) {
+            *requests += 1;
+            one(&todo[a..b], &mut |i, bytes| into(a + i, bytes))?;
+        }
+        Ok(())
     }
 }
 
@@ -146,12 +211,23 @@ impl Remote for Retrying {
         let what = format!("bytes {offset}+{len}");
         self.retry(name, &what, || self.inner.fetch(name, offset, len))
     }
-    fn fetch_ranges(
+    fn fetch_pieces(
         &self,
         name: &str,
-        ranges: &[(u64, u64)],
-    ) -> Result<Option<Vec<Vec<u8>>>, RemoteError> {
-        let what = format!("{} ranges from byte {}", ranges.len(), ranges[0].0);
-        self.retry(name, &what, || self.inner.fetch_ranges(name, ranges))
+        pieces: &[Piece],
+        sink: &mut Sink<'_>,
+        requests: &mut u64,
+    ) -> Result<(), RemoteError> {
+        // A retry asks only for what has not arrived.
+        let mut left = Remaining::new(pieces);
+        let what = format!("{} pieces from byte {}", pieces.len(), pieces[0].0);
+        self.retry(name, &what, || {
+            let todo = left.todo();
+            if todo.is_empty() {
+                return Ok(());
+            }
+            self.inner
+                .fetch_pieces(name, &todo, &mut *left.sink(sink), requests)
+        })
     }
 }

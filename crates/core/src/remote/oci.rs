@@ -1,7 +1,7 @@
 //! `oci://host[:port]/repo`: blobs read with ranged GETs through the
 //! registry client (its auth, mirrors and proxy), addressed by digest.
 
-use super::{HttpOptions, Remote, RemoteError};
+use super::{HttpOptions, Piece, Remote, RemoteError, Sink};
 use shoal_registry::{Client, Digest, Reference, Repository};
 
 pub struct OciRemote {
@@ -31,16 +31,24 @@ impl Remote for OciRemote {
         self.repo.fetch_range(&digest, offset, len)
     }
 
-    fn fetch_ranges(
+    fn fetch_pieces(
         &self,
         name: &str,
-        ranges: &[(u64, u64)],
-    ) -> Result<Option<Vec<Vec<u8>>>, RemoteError> {
+        pieces: &[Piece],
+        sink: &mut Sink<'_>,
+        requests: &mut u64,
+    ) -> Result<(), RemoteError> {
         let digest = Digest::from_hex(name).map_err(|why| RemoteError::Permanent {
             url: self.describe(),
             why,
         })?;
-        self.multi
-            .ask(&self.describe(), || self.repo.fetch_ranges(&digest, ranges))
+        self.multi.stream(
+            &self.describe(),
+            pieces,
+            sink,
+            requests,
+            |pieces, sink| self.repo.stream_ranges(&digest, pieces, sink),
+            |pieces, sink| self.repo.stream_range(&digest, pieces, sink),
+        )
     }
 }
