@@ -22,8 +22,12 @@ pub const BLOCK: u64 = 4096;
 pub const ALGORITHM_ZSTD: u8 = 1;
 /// The decompressed size a builder aims a frame at: small chunks are
 /// batched up to this, so small files do not each cost a frame (and a
-/// request); a chunk bigger than this is a frame of its own.
-pub const FRAME_TARGET: u64 = 512 << 10;
+/// request); a chunk bigger than this is a frame of its own. Measured on
+/// the corpus: 512 KiB left the base layer 0.7 % larger than nydus's zstd
+/// blob, 1 MiB made it 2 % smaller but a recorded start fetched 13 % more
+/// (a start's chunks in a shared lower layer bring their whole frames);
+/// 768 KiB is 1 % smaller and fetches 7 % more.
+pub const FRAME_TARGET: u64 = 768 << 10;
 /// What compression may add to incompressible bytes (zstd's bound for a
 /// 1 GiB frame is far below this).
 const MAX_EXPANSION: u64 = 1 << 20;
@@ -319,16 +323,17 @@ mod tests {
 
     #[test]
     fn plan_batches_small_chunks_and_keeps_big_ones_whole() {
+        // FRAME_TARGET is 192 blocks.
         let mut entries = Vec::new();
-        for i in 0..300 {
+        for i in 0..400 {
             entries.push(chunk(i, 1));
         }
-        entries.push(chunk(300, 256));
-        entries.push(chunk(556, 2));
-        let p = plan(&entries, 558);
+        entries.push(chunk(400, 256));
+        entries.push(chunk(656, 2));
+        let p = plan(&entries, 658);
         assert_eq!(
             p,
-            vec![(0, 128), (128, 128), (256, 44), (300, 256), (556, 2)]
+            vec![(0, 192), (192, 192), (384, 16), (400, 256), (656, 2)]
         );
         assert_eq!(plan(&[], 0), vec![]);
     }
