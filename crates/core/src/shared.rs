@@ -158,9 +158,11 @@ impl SharedBlob {
     ///   reader's use of this one. The window doubles while the reader keeps
     ///   going, from [`WINDOW_MIN`] up to [`WINDOW_MAX`].
     ///
-    /// A read whose chunks are all ready or already being fetched only waits
-    /// for them. Read-ahead is best effort: if a read's wait on it fails, the range
-    /// itself is fetched, once. Returns the chunks covering the range, as
+    /// A read whose chunks are all ready or already being fetched (by a
+    /// recorded start, a read-ahead, another reader) plans nothing of its
+    /// own and waits for them; inside a read-ahead it still starts the
+    /// next one. Read-ahead is best effort: if a read's wait on it fails,
+    /// the range itself is fetched, once. Returns the chunks covering the range, as
     /// [`SharedBlob::ensure_range`] does.
     pub fn ensure_range_ahead(
         self: &Arc<Self>,
@@ -171,13 +173,22 @@ impl SharedBlob {
         let need = self.chunks_for(offset, len)?;
         self.touch(&need);
         let sources = self.sources();
+        let frames = sources.first().and_then(|s| s.frames.clone());
         if self.cache.is_covered(&need) {
-            // Ready, or on its way in a stream (a recorded start, a
-            // read-ahead) that already plans what comes next: wait for it.
+            // Ready, or on its way in a stream that already plans what
+            // comes next (a recorded start, a read-ahead): wait for it. A
+            // sequential reader inside a read-ahead keeps it going.
+            let end = need.last().map_or(offset + len, |e| {
+                u64::from(e.blkaddr.get() + e.nblocks.get()) * BLOCK
+            });
+            if self.ahead_end.load(Relaxed) > self.last_fill_end.load(Relaxed)
+                && self.follow(offset, len, end, frames.as_deref(), &sources)
+            {
+                self.last_fill_end.store(end, Relaxed);
+            }
             self.cache.ensure_batch(&need, &sources, len.max(1))?;
             return Ok(need);
         }
-        let frames = sources.first().and_then(|s| s.frames.clone());
         let (now, max_run) = match &frames {
             Some(f) => self.plan_frames(f, &need, WINDOW_MIN),
             None => self.plan_raw(&need, WINDOW_MIN),
@@ -185,20 +196,7 @@ impl SharedBlob {
         let now_end = now.last().map_or(offset + len, |e| {
             u64::from(e.blkaddr.get() + e.nblocks.get()) * BLOCK
         });
-        let (last, ahead) = (
-            self.last_fill_end.load(Relaxed),
-            self.ahead_end.load(Relaxed),
-        );
-        let sequential =
-            offset + READ_AHEAD_SLACK >= last && offset <= last.max(ahead) + READ_AHEAD_SLACK;
-        if sequential {
-            let window = (self.window.load(Relaxed) * 2).clamp(WINDOW_MIN, WINDOW_MAX);
-            self.window.store(window, Relaxed);
-            let start = ahead.max(now_end);
-            if start < offset + len + window {
-                self.read_ahead(start, window, frames.as_deref(), &sources);
-            }
-        } else {
+        if !self.follow(offset, len, now_end, frames.as_deref(), &sources) {
             self.window.store(WINDOW_MIN, Relaxed);
             self.ahead_end.store(now_end, Relaxed);
         }
@@ -211,6 +209,36 @@ impl SharedBlob {
                 .map(|_| need),
             Ok(()) => Ok(need),
         }
+    }
+
+    /// If a read of `[offset, offset + len)` (fetched up to `end`)
+    /// continues the previous ones, double the read-ahead window and start
+    /// the next read-ahead unless one already reaches past the window.
+    /// Returns whether the read was sequential.
+    fn follow(
+        self: &Arc<Self>,
+        offset: u64,
+        len: u64,
+        end: u64,
+        frames: Option<&erofs::frames::BlobFrames>,
+        sources: &[Source],
+    ) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        let (last, ahead) = (
+            self.last_fill_end.load(Relaxed),
+            self.ahead_end.load(Relaxed),
+        );
+        let sequential =
+            offset + READ_AHEAD_SLACK >= last && offset <= last.max(ahead) + READ_AHEAD_SLACK;
+        if sequential {
+            let window = (self.window.load(Relaxed) * 2).clamp(WINDOW_MIN, WINDOW_MAX);
+            self.window.store(window, Relaxed);
+            let start = ahead.max(end);
+            if start < offset + len + window {
+                self.read_ahead(start, window, frames, sources);
+            }
+        }
+        sequential
     }
 
     /// Start fetching `window` bytes of the blob from byte `start` in the

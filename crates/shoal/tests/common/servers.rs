@@ -703,5 +703,24 @@ impl Drop for SnapshotterProc {
             let _ = Command::new("kill").arg(c.id().to_string()).status();
             let _ = c.wait();
         }
+        // Images stay mounted while containerd holds their snapshots
+        // (and from the pull on, with --mount-on-pull): not past a test.
+        umount_under(&self.root);
+    }
+}
+
+/// Lazily unmount every mount below `dir`, deepest first.
+pub fn umount_under(dir: &Path) {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return;
+    };
+    let mut points: Vec<&str> = info
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|p| Path::new(p).starts_with(dir))
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.len()));
+    for p in points {
+        let _ = Command::new("umount").arg("-l").arg(p).status();
     }
 }
