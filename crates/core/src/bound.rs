@@ -6,16 +6,15 @@ use crate::error::CoreError;
 use crate::key::{BindSpec, DomainKey};
 use crate::shared::SharedBlob;
 use erofs::chunktable::ChunkEntry;
-use erofs::Image;
+use erofs::{Image, ImageBytes};
 use std::collections::{HashMap, HashSet};
-use std::fs::File;
 use std::sync::{Arc, Mutex};
 
 /// An image bound into a domain.
 pub struct BoundImage {
     pub spec: BindSpec,
     pub key: DomainKey,
-    pub image: Image<File>,
+    pub image: Image<ImageBytes>,
     /// Per device slot (index 0 = device 1).
     pub blobs: Vec<Arc<SharedBlob>>,
     pub(crate) access: Mutex<AccessLog>,
@@ -72,7 +71,7 @@ impl BoundImage {
         buf: &mut [u8],
         fetch: bool,
     ) -> Result<Option<usize>, CoreError> {
-        use std::os::unix::fs::FileExt;
+        use erofs::ReadAt;
         let img_err = |source| CoreError::Image {
             path: self.spec.bootstrap.clone(),
             source,

@@ -13,7 +13,7 @@ use crate::names::BlobId;
 use crate::remote::{self, HttpOptions, Remote, Retrying};
 use crate::workdir::WorkDir;
 use erofs::chunktable::ChunkEntry;
-use erofs::Image;
+use erofs::{Image, ImageBytes};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -68,7 +68,7 @@ struct WantedBlob {
 /// a blob name (it becomes a path) before anything touches the domain.
 fn wanted_blobs(
     spec: &BindSpec,
-    image: &Image<File>,
+    image: &Image<ImageBytes>,
     remote: &Arc<dyn Remote>,
 ) -> Result<Vec<WantedBlob>, CoreError> {
     let table = image.chunk_table.as_ref().expect("checked by open_image");
@@ -102,7 +102,7 @@ impl Domain {
     fn attach(
         &self,
         spec: BindSpec,
-        image: Image<File>,
+        image: Image<ImageBytes>,
         wanted: Vec<WantedBlob>,
         fingerprints: crate::fingerprint::Fingerprints,
         opts: &RegistryOptions,
@@ -312,10 +312,10 @@ pub struct Registry {
     state_dirty: std::sync::atomic::AtomicBool,
 }
 
-fn open_image(path: &Path) -> Result<Image<File>, CoreError> {
-    let f = File::open(path).map_err(|source| CoreError::Io {
+fn open_image(path: &Path) -> Result<Image<ImageBytes>, CoreError> {
+    let f = ImageBytes::open(path).map_err(|source| CoreError::Io {
         path: path.into(),
-        what: "opening bootstrap".into(),
+        what: "reading bootstrap".into(),
         source,
     })?;
     let img = Image::open(f).map_err(|source| CoreError::Image {

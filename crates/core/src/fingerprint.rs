@@ -8,10 +8,9 @@
 //! that claim it in one domain also agree on their size and chunk digests.
 
 use crate::error::CoreError;
-use erofs::{Extent, Image};
+use erofs::{Extent, Image, ImageBytes};
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
-use std::fs::File;
 
 /// A digest of what a file is made of: size, chunk size, chunk digests.
 pub type ContentProof = [u8; 32];
@@ -22,7 +21,7 @@ pub type Fingerprints = Result<HashMap<Vec<u8>, ContentProof>, String>;
 
 /// The fingerprints an image claims, each with the proof of the content
 /// its own trusted chunk digests say the file has.
-pub fn image_fingerprints(img: &Image<File>) -> Result<Fingerprints, CoreError> {
+pub fn image_fingerprints(img: &Image<ImageBytes>) -> Result<Fingerprints, CoreError> {
     let mut out = HashMap::new();
     let mut unverifiable = None;
     let root = img.inode(img.root_nid());
@@ -44,7 +43,7 @@ pub fn image_fingerprints(img: &Image<File>) -> Result<Fingerprints, CoreError> 
 /// Record the fingerprint of one file reached by the walk (each inode
 /// once), or why the image's fingerprints cannot be trusted.
 fn fingerprint_of(
-    img: &Image<File>,
+    img: &Image<ImageBytes>,
     e: &erofs::WalkEntry,
     out: &mut HashMap<Vec<u8>, ContentProof>,
     unverifiable: &mut Option<String>,
@@ -71,7 +70,10 @@ fn fingerprint_of(
     Ok(())
 }
 
-fn proof(img: &Image<File>, ino: &erofs::Inode) -> erofs::Result<Result<ContentProof, String>> {
+fn proof(
+    img: &Image<ImageBytes>,
+    ino: &erofs::Inode,
+) -> erofs::Result<Result<ContentProof, String>> {
     let Some(table) = img.chunk_table.as_ref() else {
         return Ok(Err("the image has no chunk digests".into()));
     };

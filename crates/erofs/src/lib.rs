@@ -24,6 +24,6 @@ pub use compress::Compression;
 pub use error::{BuildError, Error, Result};
 pub use ondisk::{ChunkFormat, DataLayout};
 pub use reader::{
-    BlobFiles, BlobSource, BlockMap, DirEntry, Extent, Extents, Image, Inode, Mapping, NoBlobs,
-    ReadAt, WalkEntry,
+    BlobFiles, BlobSource, BlockMap, DirEntry, Extent, Extents, Image, ImageBytes, Inode, Mapping,
+    NoBlobs, ReadAt, WalkEntry,
 };

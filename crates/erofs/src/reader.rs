@@ -56,6 +56,49 @@ impl ReadAt for &[u8] {
     }
 }
 
+/// A bootstrap's bytes as a long-lived reader holds them: in memory when
+/// the file is at most [`ImageBytes::IN_MEMORY_MAX`], so that every inode,
+/// directory and xattr read is a copy instead of a system call (binding an
+/// image walks its whole tree; FUSE serves lookups and readdirs from it),
+/// else read through the file as it is asked for.
+pub enum ImageBytes {
+    Memory(Vec<u8>),
+    File(File),
+}
+
+impl ImageBytes {
+    /// Bootstraps up to this size are read into memory (a large image's
+    /// bootstrap, hundreds of thousands of files, stays on disk).
+    pub const IN_MEMORY_MAX: u64 = 64 << 20;
+
+    pub fn open(path: &std::path::Path) -> std::io::Result<Self> {
+        use std::io::Read;
+        let mut f = File::open(path)?;
+        let len = f.metadata()?.len();
+        if len > Self::IN_MEMORY_MAX {
+            return Ok(ImageBytes::File(f));
+        }
+        let mut bytes = Vec::with_capacity(len as usize);
+        f.read_to_end(&mut bytes)?;
+        Ok(ImageBytes::Memory(bytes))
+    }
+}
+
+impl ReadAt for ImageBytes {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        match self {
+            ImageBytes::Memory(b) => b.read_exact_at(buf, offset),
+            ImageBytes::File(f) => ReadAt::read_exact_at(f, buf, offset),
+        }
+    }
+    fn size(&self) -> std::io::Result<u64> {
+        match self {
+            ImageBytes::Memory(b) => b.size(),
+            ImageBytes::File(f) => ReadAt::size(f),
+        }
+    }
+}
+
 /// Where the data blobs (device slots 1..) of an image are read from.
 pub trait BlobSource {
     fn read_blob(&self, device_id: u16, buf: &mut [u8], offset: u64) -> std::io::Result<()>;
@@ -1165,5 +1208,38 @@ fn check_order(nid: u64, prev: &[u8], name: &[u8]) -> Result<()> {
                 show(prev)
             ),
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Small bootstraps are read into memory, large ones read through
+    /// their file; both give the same bytes and refuse reads past the end.
+    #[test]
+    fn image_bytes_in_memory_or_from_the_file() {
+        let dir = std::env::temp_dir().join(format!("shoal-image-bytes-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (small, large) = (dir.join("small"), dir.join("large"));
+        std::fs::write(&small, b"0123456789").unwrap();
+        let f = File::create(&large).unwrap();
+        f.set_len(ImageBytes::IN_MEMORY_MAX + 4096).unwrap(); // sparse
+        FileExt::write_all_at(&f, b"abc", ImageBytes::IN_MEMORY_MAX).unwrap();
+        let s = ImageBytes::open(&small).unwrap();
+        let l = ImageBytes::open(&large).unwrap();
+        assert!(matches!(s, ImageBytes::Memory(_)));
+        assert!(matches!(l, ImageBytes::File(_)));
+        let mut buf = [0u8; 3];
+        s.read_exact_at(&mut buf, 7).unwrap();
+        assert_eq!(&buf, b"789");
+        l.read_exact_at(&mut buf, ImageBytes::IN_MEMORY_MAX)
+            .unwrap();
+        assert_eq!(&buf, b"abc");
+        assert_eq!(s.size().unwrap(), 10);
+        assert_eq!(l.size().unwrap(), ImageBytes::IN_MEMORY_MAX + 4096);
+        assert!(s.read_exact_at(&mut buf, 8).is_err());
+        assert!(l.read_exact_at(&mut buf, l.size().unwrap() - 1).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

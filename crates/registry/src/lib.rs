@@ -21,6 +21,7 @@ pub use client::{BlobReader, Client, OpenBlob, Repository, Upload};
 pub use error::RemoteError;
 pub use manifest::{Descriptor, ImageConfig, Index, Manifest, Platform};
 pub use net::{
-    agent, classify, read_range, stream_range, url_host, HttpOptions, Mirror, MirrorCapability,
+    agent, classify, read_range, stream_range, url_host, warm_tls, HttpOptions, Mirror,
+    MirrorCapability,
 };
 pub use reference::{Digest, Reference};

@@ -140,6 +140,17 @@ pub fn agent(opts: &HttpOptions, host: &str) -> ureq::Agent {
     b.build()
 }
 
+/// Load the TLS roots in the background now. ureq builds its TLS
+/// configuration (the system's root certificates, read and parsed) when
+/// the first agent of a process is built, even for plain-HTTP registries;
+/// a long-running service calls this at startup so that its first pull or
+/// fetch, on the path a container start waits on, does not pay for it.
+pub fn warm_tls() {
+    let _ = std::thread::Builder::new()
+        .name("tls-roots".into())
+        .spawn(|| drop(ureq::AgentBuilder::new()));
+}
+
 /// Classify a ureq error: statuses 5xx/429/408 and transport failures are
 /// transient; other statuses are permanent.
 pub fn classify(url: &str, what: &str, e: ureq::Error) -> RemoteError {

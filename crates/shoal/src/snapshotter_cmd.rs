@@ -95,6 +95,7 @@ fn policy(s: &str) -> Result<DomainPolicy> {
 }
 
 pub fn run(a: SnapshotterArgs) -> Result<()> {
+    shoal_registry::warm_tls();
     let cfg =
         crate::daemon::Config::load(crate::daemon::Config::path(a.settings.clone()).as_deref())?;
     let opts = SnapshotterOptions {

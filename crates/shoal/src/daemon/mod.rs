@@ -42,6 +42,7 @@ type Shared = Arc<Daemon>;
 /// restored, bindings before events are answered, mounts before the socket
 /// exists (so a client that can connect sees them).
 pub fn run(socket: &Path, work_dir: &Path, cfg: &Config) -> Result<()> {
+    shoal_registry::warm_tls();
     // Absolute, because the fanotify pump (another process, its own cwd)
     // and clients are handed paths below it.
     let work_dir = &std::path::absolute(work_dir)
