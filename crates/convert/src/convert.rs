@@ -33,6 +33,8 @@ pub struct ConvertOptions {
     pub compress: erofs::Compression,
     /// A read order for the top layer's blob (see `BuildOptions::order`).
     pub order: Option<PathBuf>,
+    /// The zstd level of the recorded start's frames (`BuildOptions::start_level`).
+    pub start_level: i32,
     pub progress: bool,
 }
 
@@ -321,6 +323,7 @@ pub fn convert(
         fingerprints: opts.fingerprints,
         compress: opts.compress,
         order: opts.order.clone(),
+        start_level: opts.start_level,
         ..BuildOptions::default()
     };
     let current = Current::default();

@@ -23,7 +23,7 @@ pub fn pull_bootstrap(
     http: &HttpOptions,
 ) -> Result<(PathBuf, String), CoreError> {
     let r = Reference::parse(reference).map_err(|e| bad_ref(reference, e))?;
-    let repo = Client::new(http.clone()).repository(&r);
+    let repo = Client::shared(http).repository(&r);
     let (m, _) = repo.resolve(&Platform::host())?;
     let boot = shoal::find_bootstrap(&m).ok_or_else(|| {
         bad_ref(

@@ -34,6 +34,9 @@ struct Draft {
     entries: Vec<ChunkEntry>,
     /// For new blobs, where each entry came from (parallel to `entries`).
     origins: Vec<Origin>,
+    /// Holds chunks of a layer given a read order (`set_order`), which
+    /// lead its layout.
+    ordered: bool,
 }
 
 /// The file (of the layer that introduced it) a chunk was first stored
@@ -57,6 +60,9 @@ pub struct FinalBlob {
     pub blocks: u32,
     /// Whether this build wrote it (false: reused from an earlier image).
     pub written: bool,
+    /// Laid out by a read order given for its layer: its recorded start is
+    /// its own, at its beginning (see [`crate::compress::Levels`]).
+    pub ordered: bool,
     pub entries: Vec<ChunkEntry>,
 }
 
@@ -196,6 +202,7 @@ impl ChunkStore {
             blocks,
             entries: entries.to_vec(),
             origins: Vec::new(),
+            ordered: false,
         });
     }
 
@@ -270,6 +277,7 @@ impl ChunkStore {
                     blocks: 0,
                     entries: Vec::new(),
                     origins: Vec::new(),
+                    ordered: false,
                 });
                 let b = self.blobs.len() as u32 - 1;
                 self.current = Some(b);
@@ -277,6 +285,7 @@ impl ChunkStore {
             }
         };
         let draft = &mut self.blobs[blob as usize];
+        draft.ordered |= self.order.is_some();
         let nblocks = (padded_len / BLOCK_SIZE) as u32;
         let blkaddr = draft.blocks;
         draft.blocks = blkaddr
@@ -352,7 +361,7 @@ impl ChunkStore {
         let Body::New { file } = draft.body else {
             unreachable!("finish_new is for new blobs")
         };
-        let draft_len = draft.entries.len();
+        let (draft_len, ordered) = (draft.entries.len(), draft.ordered);
         let first_blocks: Vec<u32> = draft.entries.iter().map(|e| e.blkaddr.get()).collect();
         let (tmp, f, hash) = file.expect("new blobs with chunks have a file").finish()?;
         // The chunks to keep, in read order.
@@ -387,6 +396,7 @@ impl ChunkStore {
             tag,
             blocks,
             written: true,
+            ordered,
             entries,
         };
         Ok((blob, moved))
@@ -483,6 +493,7 @@ fn finish_reused(draft: Draft, used: &HashSet<u32>) -> (FinalBlob, Vec<(u32, u32
         tag: draft.tag.unwrap(),
         blocks: draft.blocks,
         written: false,
+        ordered: false,
         entries,
     };
     (blob, moved)

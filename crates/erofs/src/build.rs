@@ -1,7 +1,7 @@
 //! `build`: sources → tree + blobs → bootstrap, written atomically.
 
 use crate::blob::{ChunkStore, FinalBlob, Placement, StoreStats};
-use crate::compress::{compress_image, known_frames, Compression, ObjectReport};
+use crate::compress::{compress_image, known_frames, Compression, Levels, ObjectReport};
 use crate::error::BuildError;
 use crate::frames::BlobFrames;
 use crate::ingest::{apply_dir, apply_tar, apply_tar_stream};
@@ -37,6 +37,9 @@ pub struct BuildOptions {
     /// A read order for the top layer's blob: a file of absolute paths,
     /// one per line, most wanted first (see [`read_order`]).
     pub order: Option<PathBuf>,
+    /// The zstd level of the frames holding the recorded start of the
+    /// blob `order` lays out (see [`Levels::start`]).
+    pub start_level: i32,
 }
 
 impl Default for BuildOptions {
@@ -52,6 +55,7 @@ impl Default for BuildOptions {
             compress: Compression::None,
             threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
             order: None,
+            start_level: crate::compress::START_LEVEL,
         }
     }
 }
@@ -197,7 +201,16 @@ pub fn build_sources(
     let mut img = write_image(&tree, &blobs, &placement, &wopts)?;
     let mut objects = Vec::new();
     if let Compression::Zstd { level } = opts.compress {
-        (img, objects) = compress_image(&img, blob_dir, &known, level, opts.threads)?;
+        let levels = Levels {
+            level,
+            ordered: blobs
+                .iter()
+                .filter(|b| b.ordered)
+                .map(|b| b.tag.clone())
+                .collect(),
+            start: opts.start_level,
+        };
+        (img, objects) = compress_image(&img, blob_dir, &known, &levels, opts.threads)?;
     }
     write_atomic(output, &img)?;
     Ok(BuildReport {

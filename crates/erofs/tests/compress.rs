@@ -137,6 +137,110 @@ fn reused_blobs_keep_their_object() {
     assert_eq!(reused.tag, a.objects[0].tag);
 }
 
+/// Text of words drawn from a small vocabulary: compressible, and more so
+/// at a higher level (unlike a repeated line, which every level flattens).
+fn words(seed: u32, len: usize) -> Vec<u8> {
+    const VOCAB: [&str; 12] = [
+        "erofs ", "chunk ", "blob ", "domain ", "fsid ", "cookie ", "frame ", "lazy ", "start\n",
+        "kernel ", "cache ", "device ",
+    ];
+    let mut x = 0x2545_f491u32 ^ seed;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 17;
+        x ^= x << 5;
+        out.extend_from_slice(VOCAB[(x % 12) as usize].as_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+#[test]
+fn recorded_start_frames_take_the_start_level_and_lower_layers_do_not() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (base, top) = (tmp.path().join("base"), tmp.path().join("top"));
+    std::fs::create_dir_all(&base).unwrap();
+    std::fs::create_dir_all(top.join("app")).unwrap();
+    for i in 0..3u32 {
+        std::fs::write(base.join(format!("lib{i}")), words(i, 900_000)).unwrap();
+        std::fs::write(top.join(format!("app/{i}")), words(10 + i, 900_000)).unwrap();
+    }
+    // The start reads a top file and a base file.
+    let order = tmp.path().join("order");
+    std::fs::write(&order, "/app/2\n/lib1\n").unwrap();
+    let build = |name: &str, start_level: i32| {
+        let out = tmp.path().join(format!("{name}.boot"));
+        let opts = BuildOptions {
+            compress: Compression::Zstd { level: 1 },
+            layer_blobs: true,
+            order: Some(order.clone()),
+            start_level,
+            source_date_epoch: Some(1_700_000_000),
+            ..Default::default()
+        };
+        let blobs = tmp.path().join(format!("{name}.blobs"));
+        erofs::build(&[base.clone(), top.clone()], &blobs, &out, &opts).unwrap();
+        (
+            Image::open(std::fs::File::open(&out).unwrap()).unwrap(),
+            blobs,
+        )
+    };
+    let (hot, hot_blobs) = build("hot", 19);
+    let (flat, flat_blobs) = build("flat", 1);
+    let (ht, ft) = (
+        hot.chunk_table.as_ref().unwrap(),
+        flat.chunk_table.as_ref().unwrap(),
+    );
+    // The base layer's object is the same bytes whatever the start level:
+    // images built on it share it.
+    assert_eq!(hot.device_tag(1), flat.device_tag(1));
+    assert_eq!(
+        ht.frames(1).unwrap().object_name(),
+        ft.frames(1).unwrap().object_name()
+    );
+    // The top layer: frames holding start blocks are compressed at 19,
+    // the others at 1, byte for byte.
+    let start = ht
+        .starts
+        .iter()
+        .find(|s| s.device_id == 2)
+        .expect("top start");
+    let f = ht.frames(2).unwrap();
+    let blob = std::fs::read(hot_blobs.join(hot.device_tag(2).unwrap())).unwrap();
+    let object = std::fs::read(hot_blobs.join(f.object_name())).unwrap();
+    let (mut hot_frames, mut cold_frames) = (0, 0);
+    for fr in &f.frames {
+        let (b, e) = (fr.blkaddr.get(), fr.blkaddr.get() + fr.nblocks.get());
+        let in_start = start
+            .ranges
+            .iter()
+            .any(|r| r.blkaddr.get() < e && u64::from(b) < r.end());
+        let raw = &blob[b as usize * 4096..e as usize * 4096];
+        let level = if in_start { 19 } else { 1 };
+        let got = &object[fr.coffset.get() as usize..fr.coffset_end() as usize];
+        assert_eq!(
+            got,
+            erofs::frames::compress_frame(level, raw).unwrap(),
+            "frame at {b}"
+        );
+        if in_start {
+            hot_frames += 1;
+            assert!(got.len() < erofs::frames::compress_frame(1, raw).unwrap().len());
+        } else {
+            cold_frames += 1;
+        }
+    }
+    assert!(
+        hot_frames > 0 && cold_frames > 0,
+        "{hot_frames} hot, {cold_frames} cold"
+    );
+    // Same blob for the kernel either way; only the remote object differs.
+    assert_eq!(hot.device_tag(2), flat.device_tag(2));
+    let flat_object = flat_blobs.join(ft.frames(2).unwrap().object_name());
+    assert!(object.len() < std::fs::metadata(flat_object).unwrap().len() as usize);
+}
+
 /// Replace the frame section of a compressed bootstrap with `edit`'s
 /// result and re-seal the table digest (as a hostile builder would).
 fn tamper(boot: &[u8], edit: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {

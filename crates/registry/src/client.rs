@@ -75,6 +75,23 @@ impl Client {
         }
     }
 
+    /// The process's client for `opts`, made on first use. A daemon binds
+    /// many images of few registries: one pool means the connection that
+    /// fetched a manifest carries the blob requests that follow instead of
+    /// each remote paying a TCP (and TLS) handshake, and a bearer token
+    /// fetched once serves every repository it covers instead of each
+    /// remote repeating the 401-token-retry round trips.
+    pub fn shared(opts: &HttpOptions) -> Client {
+        static CLIENTS: Mutex<Vec<Client>> = Mutex::new(Vec::new());
+        let mut all = CLIENTS.lock().unwrap();
+        if let Some(c) = all.iter().find(|c| c.shared.opts == *opts) {
+            return c.clone();
+        }
+        let c = Client::new(opts.clone());
+        all.push(c.clone());
+        c
+    }
+
     /// Use `creds` for `host` (instead of the Docker config's).
     pub fn set_credentials(&self, host: &str, creds: Credentials) {
         self.shared.creds.lock().unwrap().insert(host.into(), creds);

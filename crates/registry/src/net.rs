@@ -51,7 +51,7 @@ impl Mirror {
     }
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HttpOptions {
     pub connect_timeout: Duration,
     /// Longest silence while reading a reply.

@@ -182,6 +182,7 @@ fn convert_base(dir: &Path, corpus: &Path, host: &str) -> Result<String> {
         fingerprints: true,
         compress: erofs::Compression::ZSTD,
         order: None,
+        start_level: erofs::compress::START_LEVEL,
         progress: false,
     };
     let src = shoal_convert::SourceRef::parse(&format!("oci-layout:{}:base", layout.display()))?;

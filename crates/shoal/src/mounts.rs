@@ -316,13 +316,15 @@ impl Mounts {
         // failing remote.
         shoal_core::remote::open(&remote, reg.http_options())
             .map_err(|e| MountError::Invalid(format!("remote {remote}: {e}")))?;
-        Ok(reg.bind(BindSpec {
+        let img = reg.bind(BindSpec {
             domain: req.domain,
             fsid: req.fsid,
             bootstrap,
             remote,
             reference: req.reference,
-        })?)
+        })?;
+        fetch_recorded_start(&img);
+        Ok(img)
     }
 
     /// `frontend` as this kernel can serve it (`auto` resolved).
@@ -611,4 +613,19 @@ impl Mounts {
 /// EBUSY, as `std::io::Error::raw_os_error` reports it.
 fn libc_ebusy() -> i32 {
     rustix::io::Errno::BUSY.raw_os_error()
+}
+
+/// An image built with a recorded start (`--order`) has its start fetched
+/// the moment it is bound, in parallel runs: before the kernel mount and the
+/// frontend are set up (a mount waits for nothing the stream needs), so the
+/// workload's first reads find the bytes ready or in flight.
+fn fetch_recorded_start(img: &Arc<BoundImage>) {
+    if !img.has_start() {
+        return;
+    }
+    let img = img.clone();
+    std::thread::spawn(move || match img.prefetch_start(4) {
+        Ok(bytes) => tracing::info!(fsid = %img.spec.fsid, bytes, "recorded start fetched"),
+        Err(e) => tracing::warn!(fsid = %img.spec.fsid, error = %e, "recorded start not fetched"),
+    });
 }

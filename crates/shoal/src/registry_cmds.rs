@@ -83,6 +83,10 @@ pub struct ConvertArgs {
     /// as `shoal build --order` does; lower layers are never reordered.
     #[arg(long, value_name = "FILE")]
     order: Option<PathBuf>,
+    /// The zstd level of the frames a recorded start (`--order`) fetches
+    /// first at every cold start: worth more compressor time than the rest.
+    #[arg(long, default_value_t = erofs::compress::START_LEVEL, value_parser = clap::value_parser!(i32).range(1..=19))]
+    start_level: i32,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
@@ -121,6 +125,7 @@ pub fn convert(a: ConvertArgs) -> Result<()> {
         fingerprints: !a.no_fingerprints,
         compress: a.compress,
         order: a.order.clone(),
+        start_level: a.start_level,
         progress: !a.json,
     };
     let r = shoal_convert::convert(&client, &src, &dst, &opts)
@@ -232,9 +237,14 @@ fn compressed_bootstrap(
         return Ok(None);
     }
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let (out, objects) =
-        erofs::compress::compress_image(&bytes, blob_dir, &Default::default(), level, threads)
-            .with_context(|| format!("compressing the blobs of {}", image.display()))?;
+    let (out, objects) = erofs::compress::compress_image(
+        &bytes,
+        blob_dir,
+        &Default::default(),
+        &erofs::compress::Levels::uniform(level),
+        threads,
+    )
+    .with_context(|| format!("compressing the blobs of {}", image.display()))?;
     if objects.is_empty() {
         return Ok(None);
     }

@@ -508,6 +508,25 @@ fn bearer_token_auth_on_oci_remote() {
         d.ok(&["read", "--domain", "d", "demo", "usr/bin/hello"]),
         want
     );
+    assert_eq!(srv.requests_for("token"), 1);
+    // Another domain's image on the same registry fetches its own copy but
+    // no new token: the daemon's remotes share one client (its connection
+    // pools and its tokens), not one each.
+    d.ok(&[
+        "bind",
+        "--domain",
+        "e",
+        "--fsid",
+        "demo",
+        img.to_str().unwrap(),
+        "--remote",
+        &remote,
+    ]);
+    assert_eq!(
+        d.ok(&["read", "--domain", "e", "demo", "usr/bin/hello"]),
+        want
+    );
+    assert_eq!(srv.requests_for("token"), 1, "the token is fetched once");
 }
 
 #[test]

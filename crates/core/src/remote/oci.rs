@@ -12,7 +12,7 @@ pub struct OciRemote {
 impl OciRemote {
     pub fn new(r: &Reference, opts: &HttpOptions) -> Self {
         OciRemote {
-            repo: Client::new(opts.clone()).repository(r),
+            repo: Client::shared(opts).repository(r),
             multi: Default::default(),
         }
     }

@@ -101,7 +101,6 @@ async fn bind(
 ) -> Result<Json<ImageReply>, ApiError> {
     blocking(move || {
         let img = d.mounts.bind(req)?;
-        prefetch_start(&img);
         Ok(Json(ImageReply::from(&*img)))
     })
     .await
@@ -115,27 +114,12 @@ async fn mount(
 ) -> Result<Json<MountReply>, ApiError> {
     blocking(move || {
         let (img, frontend) = d.mounts.mount(req)?;
-        prefetch_start(&img);
         Ok(Json(MountReply {
             image: ImageReply::from(&*img),
             frontend,
         }))
     })
     .await
-}
-
-/// An image built with a recorded start (`--order`) has its start fetched
-/// as soon as it is bound or mounted, in parallel runs, while the workload starts:
-/// its first reads then find the bytes ready or in flight.
-fn prefetch_start(img: &std::sync::Arc<shoal_core::BoundImage>) {
-    if !img.has_start() {
-        return;
-    }
-    let img = img.clone();
-    std::thread::spawn(move || match img.prefetch_start(4) {
-        Ok(bytes) => tracing::info!(fsid = %img.spec.fsid, bytes, "recorded start fetched"),
-        Err(e) => tracing::warn!(fsid = %img.spec.fsid, error = %e, "recorded start not fetched"),
-    });
 }
 
 async fn umount(
