@@ -261,10 +261,25 @@ impl ChunkStore {
             None => Sha256::digest(padded).into(),
         };
         if let Some(&(blob, blkaddr)) = self.dict.get(&digest) {
-            if matches!(self.blobs[blob as usize].body, Body::Reused) {
+            let draft = &mut self.blobs[blob as usize];
+            if matches!(draft.body, Body::Reused) {
                 self.stats.chunks_reused += 1;
             } else {
                 self.stats.chunks_deduped += 1;
+            }
+            // A chunk two files of the layer being applied share is laid
+            // out for the one a walk meets first, whichever the source
+            // listed first: the blob stays a function of its layer's
+            // content, not of a tar's entry order. A lower layer's blob is
+            // left as that layer laid it out: images built on it share it.
+            if self.current == Some(blob) {
+                let i = draft
+                    .entries
+                    .binary_search_by_key(&blkaddr, |e| e.blkaddr.get())
+                    .expect("a new blob's chunks are in block order");
+                if origin < draft.origins[i] {
+                    draft.origins[i] = origin;
+                }
             }
             return Ok(Some(ChunkRef { blob, blkaddr }));
         }

@@ -206,11 +206,12 @@ fn cached_once(directio: bool) {
         in_erofs / 1024,
         in_cache / 1024
     );
-    // All of it, but for what reclaim may take back under load (seen
-    // once in CI with the 7.2 VM running beside: 128 KiB short); a second
-    // copy in the cache file is what this test is after.
+    // All of it, but for what reclaim may take back under load (seen in
+    // CI with the 7.2 VM running beside: 128 KiB short; with a build
+    // beside: 768 KiB); a second copy in the cache file is what this test
+    // is after.
     assert!(
-        in_erofs + 512 * 1024 >= SHARED_LEN as u64,
+        in_erofs + MIB >= SHARED_LEN as u64,
         "erofs file holds only {in_erofs} bytes"
     );
     assert!(
