@@ -23,6 +23,10 @@ pub struct BoundImage {
     pub page_cache_share: Result<(), String>,
     /// The fingerprints it added to its domain's, released on unbind.
     pub(crate) fingerprints: HashMap<Vec<u8>, crate::fingerprint::ContentProof>,
+    /// Set when it leaves its domain: a prefetch still running for it (a
+    /// recorded start, `shoal prefetch`) stops at its next request instead
+    /// of downloading the rest of an image nobody mounts.
+    pub(crate) unbound: std::sync::atomic::AtomicBool,
 }
 
 /// A chunk as (device id, block address).
@@ -216,9 +220,14 @@ impl BoundImage {
         self.fetch_runs(&items, threads, START_RUN)
     }
 
+    /// Whether it is still bound (see [`BoundImage::prefetch`]).
+    pub fn is_bound(&self) -> bool {
+        !self.unbound.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Make every run of `items` ready on `threads` threads, each run with
     /// requests of at most `max_run` bytes. The first error, else the
-    /// bytes covered.
+    /// bytes covered; [`CoreError::NotBound`] once the image is unbound.
     fn fetch_runs(
         &self,
         items: &[(u16, Vec<ChunkEntry>)],
@@ -235,6 +244,16 @@ impl BoundImage {
                         break;
                     };
                     if first_err.lock().unwrap().is_some() {
+                        break;
+                    }
+                    if !self.is_bound() {
+                        first_err
+                            .lock()
+                            .unwrap()
+                            .get_or_insert(CoreError::NotBound {
+                                domain: self.key.to_string(),
+                                fsid: self.spec.fsid.clone(),
+                            });
                         break;
                     }
                     let b = self.blob(*dev).expect("device of a queued chunk");

@@ -130,6 +130,7 @@ impl Domain {
             access: Mutex::new(AccessLog::default()),
             page_cache_share,
             fingerprints,
+            unbound: false.into(),
         });
         st.images.insert(spec.fsid, bound.clone());
         Ok(bound)
@@ -450,6 +451,8 @@ impl Registry {
         let d = domains.get(key).cloned().ok_or_else(not_bound)?;
         let mut st = d.state.lock().unwrap();
         let img = st.images.remove(fsid).ok_or_else(not_bound)?;
+        img.unbound
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         st.fingerprints.release(&img.fingerprints);
         for b in &img.blobs {
             if let Err(e) = b.cache.flush() {
@@ -742,8 +745,14 @@ mod tests {
         assert_eq!(reg.status()[0].blobs[0].refs, 2);
         // Cached bytes take room (a sparse file with none takes none).
         assert!(img.prefetch(&[], 1).unwrap() > 0);
-        drop(img);
         reg.unbind(Some("d"), "a").unwrap();
+        // A prefetch of an unbound image stops before its first request.
+        assert!(!img.is_bound());
+        assert!(matches!(
+            img.prefetch(&[], 1),
+            Err(CoreError::NotBound { .. })
+        ));
+        drop(img);
         assert_eq!(reg.status()[0].blobs[0].refs, 1);
         assert!(reg.gc(0).unwrap().evicted.is_empty(), "in use");
         reg.unbind(Some("d"), "b").unwrap();
